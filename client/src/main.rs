@@ -1,0 +1,5 @@
+//! `client` — placeholder binary; the streaming overlay arrives in a later issue.
+
+fn main() -> anyhow::Result<()> {
+    anyhow::bail!("the client is not implemented yet (see the project's issues)")
+}

@@ -1,0 +1,10 @@
+//! # common — the Pessi Streamer protocol core
+//!
+//! Everything servers, nodes, clients and the bootstrapper share. Protocol logic here is
+//! I/O-free (fed `(now, event)`, asked for `poll_transmit`/`poll_timeout`), so it is tested
+//! with a fake clock and a seeded lossy network; the thin tokio drivers live beside it.
+
+pub mod id;
+pub mod rng;
+
+pub use id::NodeId;
