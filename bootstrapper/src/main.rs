@@ -1,1 +1,72 @@
-fn main() {}
+//! `bootstrapper` — tells every server and node its neighbours (see the library docs).
+
+use anyhow::Context;
+use clap::Parser;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Hands every server and node of the overlay its id and neighbour list from a TOML topology.
+///
+/// The topology file maps each host IP to its neighbours' IPs, e.g.
+/// `"127.0.0.2" = ["127.0.0.1", "127.0.0.3"]`. It is watched: valid edits apply to later
+/// requests, invalid edits are logged and ignored.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// IP address to listen on.
+    #[arg(long = "bind-ip", visible_alias = "bind_ip", env = "BOOTSTRAPPER_IP", default_value = "127.0.0.1")]
+    bind_ip: IpAddr,
+    /// TCP port to listen on.
+    #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
+    port: u16,
+    /// Topology file.
+    #[arg(long, default_value = "topologies/neighbours.toml")]
+    config: PathBuf,
+    /// UDP port of the overlay hosts, used in the neighbour addresses handed out.
+    #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
+    overlay_port: u16,
+    /// Deadline for one whole exchange with a host (e.g. `5s`, `500ms`).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    io_timeout: Duration,
+    /// Most connections served at once.
+    #[arg(long, default_value_t = 4096)]
+    max_connections: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    common::runtime::init_tracing();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")?;
+    rt.block_on(async_main(args))
+}
+
+async fn async_main(args: Args) -> anyhow::Result<()> {
+    let shutdown = common::runtime::shutdown_on_signals();
+    let topology = bootstrapper::load_topology(&args.config)
+        .context("cannot start without a valid topology")?;
+    tracing::info!(
+        path = %args.config.display(),
+        hosts = topology.len(),
+        links = topology.edge_count(),
+        "topology loaded"
+    );
+    let (topology, _watch) =
+        bootstrapper::watch_topology(&args.config, topology, shutdown.clone())?;
+    let addr = SocketAddr::new(args.bind_ip, args.port);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot listen on {addr}"))?;
+    let config = bootstrapper::Config {
+        io_timeout: args.io_timeout,
+        max_connections: args.max_connections,
+        overlay_port: args.overlay_port,
+    };
+    bootstrapper::run(listener, topology, config, shutdown)
+        .await
+        .context("bootstrapper failed")
+}

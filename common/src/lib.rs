@@ -4,8 +4,10 @@
 //! I/O-free (fed `(now, event)`, asked for `poll_transmit`/`poll_timeout`), so it is tested
 //! with a fake clock and a seeded lossy network; the thin tokio drivers live beside it.
 
+pub mod bootstrap;
 pub mod id;
 pub mod rng;
+pub mod runtime;
 pub mod wire;
 
 pub use id::NodeId;

@@ -1,0 +1,306 @@
+//! The bootstrap protocol's framing and its client side ([`fetch_neighbours`]).
+//!
+//! A server or node opens a TCP connection *from its own overlay IP* to the bootstrapper,
+//! sends one [`BootstrapRequest`] frame and reads one [`BootstrapResponse`] frame. A frame is a
+//! 4-byte big-endian length followed by a wire header and a bincode body (see [`crate::wire`]).
+//! Lengths above [`MAX_FRAME_LEN`] are refused before anything is allocated.
+
+use crate::id::NodeId;
+use crate::rng::Rng;
+use crate::wire::{
+    decode_as, encode_with_limit, BootstrapRequest, BootstrapResponse, Header, PathHop,
+    WireError, MAX_FRAME_LEN,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpSocket;
+use tokio_util::sync::CancellationToken;
+
+/// How long one bootstrap exchange (connect, request, answer) may take, on either side.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Why a frame could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum FrameError {
+    /// The connection failed or closed early.
+    #[error("connection error: {0}")]
+    Io(#[from] io::Error),
+    /// The length prefix announced more than the cap.
+    #[error("frame of {size} bytes exceeds the limit of {limit}")]
+    TooLarge {
+        /// Announced length.
+        size: usize,
+        /// The cap.
+        limit: usize,
+    },
+    /// The frame did not decode.
+    #[error("malformed frame: {0}")]
+    Wire(#[from] WireError),
+}
+
+/// Writes one frame: length prefix, header, body.
+pub async fn write_frame<W, B>(w: &mut W, header: &Header, body: &B) -> Result<(), FrameError>
+where
+    W: AsyncWrite + Unpin,
+    B: Serialize,
+{
+    let bytes = encode_with_limit(header, body, MAX_FRAME_LEN)?;
+    let mut out = Vec::with_capacity(4 + bytes.len());
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(&bytes);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+/// Reads one frame, whatever the split of the bytes over TCP segments. A length above
+/// `max_len` is refused before allocating.
+pub async fn read_frame<R, B>(r: &mut R, max_len: usize) -> Result<(Header, B), FrameError>
+where
+    R: AsyncRead + Unpin,
+    B: DeserializeOwned,
+{
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let size = u32::from_be_bytes(len) as usize;
+    if size > max_len {
+        return Err(FrameError::TooLarge {
+            size,
+            limit: max_len,
+        });
+    }
+    let mut buf = vec![0u8; size];
+    r.read_exact(&mut buf).await?;
+    Ok(decode_as(&buf)?)
+}
+
+/// What the bootstrapper told us.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Neighbours {
+    /// Our stable id.
+    pub id: NodeId,
+    /// Our overlay address.
+    pub addr: SocketAddr,
+    /// Our neighbours and their overlay addresses.
+    pub neighbours: Vec<PathHop>,
+}
+
+/// Why [`fetch_neighbours`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// Our own IP cannot be bound (not an address of this machine?).
+    #[error("cannot bind local address {ip}: {source}")]
+    Bind {
+        /// The IP we tried to speak from.
+        ip: IpAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The bootstrapper could not be reached.
+    #[error("cannot connect to the bootstrapper at {addr}: {source}")]
+    Connect {
+        /// Where we tried.
+        addr: SocketAddr,
+        /// Why.
+        source: io::Error,
+    },
+    /// The exchange did not finish within [`IO_TIMEOUT`].
+    #[error("the bootstrapper at {0} did not answer within {IO_TIMEOUT:?}")]
+    Timeout(SocketAddr),
+    /// The exchange failed midway.
+    #[error("bootstrap exchange with {addr} failed: {source}")]
+    Frame {
+        /// The bootstrapper.
+        addr: SocketAddr,
+        /// What went wrong.
+        source: FrameError,
+    },
+    /// The bootstrapper refused us (e.g. our IP is not in the topology). Not retried.
+    #[error("the bootstrapper refused: {0}")]
+    Refused(String),
+    /// Shutdown was requested while waiting to retry.
+    #[error("cancelled")]
+    Cancelled,
+}
+
+impl FetchError {
+    /// Whether trying again later may help (network trouble), as opposed to a definite answer.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Connect { .. } | FetchError::Timeout(_) | FetchError::Frame { .. }
+        )
+    }
+}
+
+/// One attempt: connect from `local_ip` to `bootstrapper`, ask, and return the answer.
+pub async fn fetch_neighbours(
+    bootstrapper: SocketAddr,
+    local_ip: IpAddr,
+) -> Result<Neighbours, FetchError> {
+    let socket = match local_ip {
+        IpAddr::V4(_) => TcpSocket::new_v4(),
+        IpAddr::V6(_) => TcpSocket::new_v6(),
+    }
+    .map_err(|source| FetchError::Bind {
+        ip: local_ip,
+        source,
+    })?;
+    socket
+        .bind(SocketAddr::new(local_ip, 0))
+        .map_err(|source| FetchError::Bind {
+            ip: local_ip,
+            source,
+        })?;
+    let exchange = async {
+        let mut stream =
+            socket
+                .connect(bootstrapper)
+                .await
+                .map_err(|source| FetchError::Connect {
+                    addr: bootstrapper,
+                    source,
+                })?;
+        let frame_err = |source| FetchError::Frame {
+            addr: bootstrapper,
+            source,
+        };
+        write_frame(
+            &mut stream,
+            &Header::new(NodeId(0)),
+            &BootstrapRequest::Neighbours,
+        )
+        .await
+        .map_err(frame_err)?;
+        let (_, resp): (Header, BootstrapResponse) = read_frame(&mut stream, MAX_FRAME_LEN)
+            .await
+            .map_err(frame_err)?;
+        match resp {
+            BootstrapResponse::Neighbours {
+                id,
+                addr,
+                neighbours,
+            } => Ok(Neighbours {
+                id,
+                addr,
+                neighbours,
+            }),
+            BootstrapResponse::Refused { reason } => Err(FetchError::Refused(reason)),
+        }
+    };
+    tokio::time::timeout(IO_TIMEOUT, exchange)
+        .await
+        .map_err(|_| FetchError::Timeout(bootstrapper))?
+}
+
+/// Like [`fetch_neighbours`], retrying transient failures with jittered exponential backoff
+/// (0.5 s doubling to a 30 s cap) until it succeeds, is refused, or `shutdown` fires.
+pub async fn fetch_neighbours_retrying(
+    bootstrapper: SocketAddr,
+    local_ip: IpAddr,
+    shutdown: &CancellationToken,
+) -> Result<Neighbours, FetchError> {
+    let mut backoff = Backoff::new(
+        Duration::from_millis(500),
+        Duration::from_secs(30),
+        Rng::from_entropy(),
+    );
+    loop {
+        let attempt = tokio::select! {
+            _ = shutdown.cancelled() => return Err(FetchError::Cancelled),
+            r = fetch_neighbours(bootstrapper, local_ip) => r,
+        };
+        match attempt {
+            Err(e) if e.is_transient() => {
+                let wait = backoff.next_delay();
+                tracing::warn!(%bootstrapper, error = %e, retry_in = ?wait, "bootstrap failed; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Err(FetchError::Cancelled),
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Jittered exponential backoff: the n-th delay is uniform in `[base/2, base]` where `base`
+/// starts at `initial` and doubles up to `cap` ("equal jitter": spreads retries of many
+/// daemons restarted together, never waits less than half the nominal delay).
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    base: Duration,
+    cap: Duration,
+    rng: Rng,
+}
+
+impl Backoff {
+    /// A backoff starting at `initial`, capped at `cap`, jittered by `rng`.
+    pub fn new(initial: Duration, cap: Duration, rng: Rng) -> Backoff {
+        Backoff {
+            base: initial.min(cap),
+            cap,
+            rng,
+        }
+    }
+
+    /// The next delay to wait.
+    pub fn next_delay(&mut self) -> Duration {
+        let half = self.base / 2;
+        let jitter = half.mul_f64(self.rng.next_f64());
+        let d = half + jitter;
+        self.base = (self.base * 2).min(self.cap);
+        d
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_with_jitter_up_to_the_cap() {
+        let mut b = Backoff::new(
+            Duration::from_millis(500),
+            Duration::from_secs(30),
+            Rng::seeded(3),
+        );
+        let mut nominal = Duration::from_millis(500);
+        for _ in 0..20 {
+            let d = b.next_delay();
+            assert!(d >= nominal / 2 && d <= nominal, "{d:?} vs {nominal:?}");
+            nominal = (nominal * 2).min(Duration::from_secs(30));
+        }
+        // After enough attempts it sits at the cap (jittered in [15 s, 30 s]).
+        let d = b.next_delay();
+        assert!(d >= Duration::from_secs(15) && d <= Duration::from_secs(30));
+        // Two daemons with different seeds do not retry in lockstep.
+        let mut x = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Rng::seeded(1));
+        let mut y = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Rng::seeded(2));
+        assert_ne!(x.next_delay(), y.next_delay());
+    }
+
+    #[tokio::test]
+    async fn frames_survive_any_split_and_refuse_oversize() {
+        let (mut a, mut b) = tokio::io::duplex(7); // tiny buffer: many partial reads/writes
+        let h = Header::new(NodeId(9));
+        let resp = BootstrapResponse::Refused {
+            reason: "x".repeat(300),
+        };
+        let r2 = resp.clone();
+        let w = tokio::spawn(async move { write_frame(&mut a, &h, &r2).await });
+        let (h2, got): (Header, BootstrapResponse) = read_frame(&mut b, MAX_FRAME_LEN).await.unwrap();
+        w.await.unwrap().unwrap();
+        assert_eq!((h2, got), (h, resp));
+
+        let mut big: &[u8] = &[0xFF, 0xFF, 0xFF, 0xFF, 1, 2, 3];
+        let e = read_frame::<_, BootstrapResponse>(&mut big, MAX_FRAME_LEN)
+            .await
+            .unwrap_err();
+        assert!(matches!(e, FrameError::TooLarge { .. }), "{e}");
+    }
+}
