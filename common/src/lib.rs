@@ -8,6 +8,7 @@ pub mod bootstrap;
 pub mod id;
 pub mod rng;
 pub mod runtime;
+pub mod topology;
 pub mod wire;
 
 pub use id::NodeId;
