@@ -6,6 +6,7 @@
 
 pub mod bootstrap;
 pub mod id;
+pub mod impair;
 pub mod rng;
 pub mod runtime;
 pub mod topology;
