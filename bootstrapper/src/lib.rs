@@ -52,14 +52,10 @@ impl Default for Config {
 /// Why the bootstrapper could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BootstrapperError {
-    /// The topology file could not be loaded or is invalid.
-    #[error("topology {path}: {source}")]
-    Topology {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong with it.
-        source: common::topology::TopologyError,
-    },
+    /// The topology file could not be loaded or is invalid (the message names the file, the
+    /// line and the offending entry).
+    #[error("{0}")]
+    Topology(common::topology::TopologyError),
     /// The file watcher could not be set up.
     #[error("cannot watch {path}: {source}")]
     Watch {
@@ -73,10 +69,7 @@ pub enum BootstrapperError {
 /// Loads and validates the topology file, logging its warnings.
 pub fn load_topology(path: &Path) -> Result<Topology, BootstrapperError> {
     let (topology, warnings) =
-        Topology::load(path).map_err(|source| BootstrapperError::Topology {
-            path: path.to_owned(),
-            source,
-        })?;
+        Topology::load(path).map_err(BootstrapperError::Topology)?;
     for w in &warnings {
         warn!(path = %path.display(), "topology: {w}");
     }
