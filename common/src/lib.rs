@@ -6,5 +6,6 @@
 
 pub mod id;
 pub mod rng;
+pub mod ts;
 
 pub use id::NodeId;
