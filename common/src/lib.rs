@@ -10,6 +10,7 @@ pub mod impair;
 pub mod rng;
 pub mod runtime;
 pub mod topology;
+pub mod ts;
 pub mod wire;
 
 pub use id::NodeId;
