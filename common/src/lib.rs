@@ -5,7 +5,9 @@
 //! with a fake clock and a seeded lossy network; the thin tokio drivers live beside it.
 
 pub mod id;
+pub mod reliable;
 pub mod rng;
+pub mod transport;
 pub mod wire;
 
 pub use id::NodeId;
