@@ -7,9 +7,11 @@
 pub mod bootstrap;
 pub mod id;
 pub mod impair;
+pub mod reliable;
 pub mod rng;
 pub mod runtime;
 pub mod topology;
+pub mod transport;
 pub mod ts;
 pub mod wire;
 
