@@ -68,8 +68,7 @@ pub enum BootstrapperError {
 
 /// Loads and validates the topology file, logging its warnings.
 pub fn load_topology(path: &Path) -> Result<Topology, BootstrapperError> {
-    let (topology, warnings) =
-        Topology::load(path).map_err(BootstrapperError::Topology)?;
+    let (topology, warnings) = Topology::load(path).map_err(BootstrapperError::Topology)?;
     for w in &warnings {
         warn!(path = %path.display(), "topology: {w}");
     }
@@ -211,8 +210,7 @@ pub async fn run(
         let span = tracing::info_span!("conn", %peer);
         tasks.spawn(
             async move {
-                match tokio::time::timeout(cfg.io_timeout, serve(stream, peer, &topo, &cfg)).await
-                {
+                match tokio::time::timeout(cfg.io_timeout, serve(stream, peer, &topo, &cfg)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => debug!(error = %e, "exchange failed"),
                     Err(_) => debug!(timeout = ?cfg.io_timeout, "exchange timed out; dropped"),

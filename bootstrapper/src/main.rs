@@ -15,7 +15,12 @@ use std::time::Duration;
 #[command(version)]
 struct Args {
     /// IP address to listen on.
-    #[arg(long = "bind-ip", visible_alias = "bind_ip", env = "BOOTSTRAPPER_IP", default_value = "127.0.0.1")]
+    #[arg(
+        long = "bind-ip",
+        visible_alias = "bind_ip",
+        env = "BOOTSTRAPPER_IP",
+        default_value = "127.0.0.1"
+    )]
     bind_ip: IpAddr,
     /// TCP port to listen on.
     #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]

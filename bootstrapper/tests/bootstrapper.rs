@@ -220,7 +220,10 @@ async fn slow_loris_and_silent_clients_are_dropped_within_the_timeout() {
     assert!(dropped_at >= Duration::from_millis(4500), "{dropped_at:?}");
     assert!(dropped_at < Duration::from_secs(9), "{dropped_at:?}");
     let (closed, at) = silent.await.unwrap();
-    assert!(closed && at < Duration::from_secs(9), "silent client: {at:?}");
+    assert!(
+        closed && at < Duration::from_secs(9),
+        "silent client: {at:?}"
+    );
     b.stop().await;
 }
 
@@ -274,7 +277,10 @@ async fn reload_applies_valid_changes_and_keeps_the_old_topology_on_invalid_ones
     let (rx, _guard) = watch_topology(&path, initial, shutdown.clone()).unwrap();
     let b = start(37, rx.clone(), shutdown).await;
     let me = ip("127.0.37.3");
-    assert_eq!(fetch_neighbours(b.addr, me).await.unwrap().neighbours.len(), 1);
+    assert_eq!(
+        fetch_neighbours(b.addr, me).await.unwrap().neighbours.len(),
+        1
+    );
 
     // Invalid edit (a self-loop): rejected, previous topology still answered.
     write_file(
@@ -283,7 +289,10 @@ async fn reload_applies_valid_changes_and_keeps_the_old_topology_on_invalid_ones
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     assert_eq!(rx.borrow().len(), 3, "invalid topology was applied");
-    assert_eq!(fetch_neighbours(b.addr, me).await.unwrap().neighbours.len(), 1);
+    assert_eq!(
+        fetch_neighbours(b.addr, me).await.unwrap().neighbours.len(),
+        1
+    );
 
     // Valid edit: host .3 gains neighbour .4, which is new.
     write_file(
@@ -388,6 +397,10 @@ fn the_binary_serves_the_default_topology_and_stops_on_sigterm() {
         std::thread::sleep(Duration::from_millis(20));
     };
     let n = got.expect("the bootstrapper binary never answered");
-    assert_eq!(n.neighbours.len(), 3, "127.0.0.2 has 3 neighbours in the default topology");
+    assert_eq!(
+        n.neighbours.len(),
+        3,
+        "127.0.0.2 has 3 neighbours in the default topology"
+    );
     assert!(status.success(), "exit status {status}");
 }

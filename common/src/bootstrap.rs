@@ -8,8 +8,8 @@
 use crate::id::NodeId;
 use crate::rng::Rng;
 use crate::wire::{
-    decode_as, encode_with_limit, BootstrapRequest, BootstrapResponse, Header, PathHop,
-    WireError, MAX_FRAME_LEN,
+    decode_as, encode_with_limit, BootstrapRequest, BootstrapResponse, Header, PathHop, WireError,
+    MAX_FRAME_LEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -279,8 +279,16 @@ mod tests {
         let d = b.next_delay();
         assert!(d >= Duration::from_secs(15) && d <= Duration::from_secs(30));
         // Two daemons with different seeds do not retry in lockstep.
-        let mut x = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Rng::seeded(1));
-        let mut y = Backoff::new(Duration::from_secs(1), Duration::from_secs(30), Rng::seeded(2));
+        let mut x = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Rng::seeded(1),
+        );
+        let mut y = Backoff::new(
+            Duration::from_secs(1),
+            Duration::from_secs(30),
+            Rng::seeded(2),
+        );
         assert_ne!(x.next_delay(), y.next_delay());
     }
 
@@ -293,7 +301,8 @@ mod tests {
         };
         let r2 = resp.clone();
         let w = tokio::spawn(async move { write_frame(&mut a, &h, &r2).await });
-        let (h2, got): (Header, BootstrapResponse) = read_frame(&mut b, MAX_FRAME_LEN).await.unwrap();
+        let (h2, got): (Header, BootstrapResponse) =
+            read_frame(&mut b, MAX_FRAME_LEN).await.unwrap();
         w.await.unwrap().unwrap();
         assert_eq!((h2, got), (h, resp));
 

@@ -506,3 +506,16 @@ impl Driver {
         }
     }
 }
+
+/// The impairment shim plugs into the send path as-is (`--impair`).
+impl SendShim for crate::impair::Impairment {
+    fn push(&mut self, now: Instant, peer: SocketAddr, bytes: Bytes) {
+        crate::impair::Impairment::push(self, now, peer, bytes)
+    }
+    fn poll_transmit(&mut self, now: Instant) -> Option<(SocketAddr, Bytes)> {
+        crate::impair::Impairment::poll_transmit(self, now)
+    }
+    fn poll_timeout(&self) -> Option<Instant> {
+        crate::impair::Impairment::poll_timeout(self)
+    }
+}

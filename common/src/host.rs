@@ -1,0 +1,180 @@
+//! What every overlay daemon (server, node) does to join: its shared command-line flags, binding
+//! its UDP socket, asking the bootstrapper for its id and neighbours, and starting the transport
+//! with the optional impairment shim on the send path. Also a neighbour prober that keeps the
+//! reliable layer's per-link RTT estimate fresh and reports unreachable neighbours.
+
+use crate::bootstrap::{fetch_neighbours_retrying, FetchError, Neighbours};
+use crate::impair::{ImpairConfig, Impairment};
+use crate::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
+use crate::wire::{Message, DEFAULT_PORT};
+use anyhow::Context;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Flags shared by every overlay daemon.
+#[derive(Debug, Clone, clap::Args)]
+pub struct OverlayArgs {
+    /// This host's overlay IP address; it must be a host of the bootstrapper's topology.
+    #[arg(long)]
+    pub ip: IpAddr,
+    /// UDP port of the overlay (every host uses the same one).
+    #[arg(long, default_value_t = DEFAULT_PORT)]
+    pub port: u16,
+    /// IP address of the bootstrapper.
+    #[arg(long, env = "BOOTSTRAPPER_IP", default_value = "127.0.0.1")]
+    pub bootstrapper: IpAddr,
+    /// TCP port of the bootstrapper.
+    #[arg(long, env = "BOOTSTRAPPER_PORT", default_value_t = DEFAULT_PORT)]
+    pub bootstrapper_port: u16,
+    /// TESTING AID: impair this host's outgoing UDP traffic, e.g.
+    /// `loss=5%,delay=20ms,jitter=5ms,dup=1%,reorder=2%,seed=7`; `to=IP` limits a rule to one
+    /// peer; repeat the flag or separate rules with `;`. Keys: loss, burst, ge, delay, jitter,
+    /// dup, reorder, gap, corrupt, blackout=AT+DUR[/EVERY], seed, to.
+    #[arg(long = "impair", value_name = "SPEC")]
+    pub impair: Vec<String>,
+}
+
+impl OverlayArgs {
+    /// The bootstrapper's address.
+    pub fn bootstrapper_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.bootstrapper, self.bootstrapper_port)
+    }
+
+    /// The parsed `--impair` rules.
+    pub fn impair_config(&self) -> anyhow::Result<ImpairConfig> {
+        ImpairConfig::parse_many(&self.impair).context("invalid --impair")
+    }
+}
+
+/// A daemon that has joined the overlay.
+pub struct Joined {
+    /// Our id, address and neighbours, as the bootstrapper told us.
+    pub me: Neighbours,
+    /// Handle to the transport task.
+    pub transport: Transport,
+    /// Messages, video and timeouts arriving for us.
+    pub incoming: mpsc::Receiver<Incoming>,
+    /// The transport task (ends on shutdown).
+    pub task: JoinHandle<()>,
+}
+
+/// Binds `ip:port`, fetches our neighbours (retrying while the bootstrapper is unreachable) and
+/// starts the transport, with the `--impair` shim on the send path if one was given.
+pub async fn join_overlay(
+    args: &OverlayArgs,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<Joined> {
+    let impair = args.impair_config()?;
+    let bind = SocketAddr::new(args.ip, args.port);
+    let socket = UdpSocket::bind(bind).await.with_context(|| {
+        format!(
+            "cannot bind UDP {bind} (is {} an address of this machine, and the port free?)",
+            args.ip
+        )
+    })?;
+    let me = match fetch_neighbours_retrying(args.bootstrapper_addr(), args.ip, shutdown).await {
+        Ok(me) => me,
+        Err(FetchError::Refused(reason)) => {
+            anyhow::bail!(
+                "the bootstrapper at {} refused {}: {reason}",
+                args.bootstrapper_addr(),
+                args.ip
+            )
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!(
+                    "cannot get neighbours from the bootstrapper at {}",
+                    args.bootstrapper_addr()
+                )
+            })
+        }
+    };
+    info!(
+        id = %me.id,
+        addr = %me.addr,
+        neighbours = ?me.neighbours.iter().map(|h| h.addr).collect::<Vec<_>>(),
+        "joined the overlay"
+    );
+    let shim: Box<dyn SendShim> = if impair.is_passthrough() {
+        Box::new(Direct::default())
+    } else {
+        warn!(impair = %impair, "TESTING AID: impairing outgoing traffic");
+        Box::new(Impairment::new(impair, Instant::now()))
+    };
+    let session = crate::rng::Rng::from_entropy().next_u64();
+    let (transport, incoming, task) = Transport::spawn_with_shim(
+        socket,
+        me.id,
+        session,
+        TransportConfig::default(),
+        shutdown.clone(),
+        shim,
+    )
+    .context("starting the UDP transport")?;
+    Ok(Joined {
+        me,
+        transport,
+        incoming,
+        task,
+    })
+}
+
+/// Keeps every neighbour link measured until `shutdown`: a reliable `Ping` to each neighbour
+/// every `interval` (its ack feeds the RTT estimator), answers to pings, and a log line per
+/// neighbour when it becomes unreachable or reachable again, and periodically with its RTT.
+/// The placeholder main loop of the daemons until the overlay protocol takes over.
+pub async fn probe_neighbours(mut joined: Joined, interval: Duration, shutdown: CancellationToken) {
+    let peers: Vec<SocketAddr> = joined.me.neighbours.iter().map(|h| h.addr).collect();
+    let mut reachable = vec![None::<bool>; peers.len()];
+    let mut tick = tokio::time::interval(interval);
+    let mut report = tokio::time::interval(interval * 10);
+    let mut nonce = 0u64;
+    loop {
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            item = joined.incoming.recv() => match item {
+                None => break,
+                Some(Incoming::Message { from, msg: Message::Ping { nonce }, .. }) => {
+                    let _ = joined.transport.send_unreliable(from, Message::Pong { nonce }).await;
+                    if let Some(i) = peers.iter().position(|p| *p == from) {
+                        if reachable[i] != Some(true) {
+                            info!(peer = %from, "neighbour reachable");
+                            reachable[i] = Some(true);
+                        }
+                    }
+                }
+                Some(Incoming::TimedOut { peer, .. }) => {
+                    if let Some(i) = peers.iter().position(|p| *p == peer) {
+                        if reachable[i] != Some(false) {
+                            warn!(%peer, "neighbour unreachable");
+                            reachable[i] = Some(false);
+                        }
+                    }
+                }
+                Some(_) => {}
+            },
+            _ = tick.tick() => {
+                for p in &peers {
+                    nonce += 1;
+                    let _ = joined.transport.send_reliable(*p, Message::Ping { nonce }).await;
+                }
+            }
+            _ = report.tick() => {
+                for p in &peers {
+                    if let Ok(Some(rtt)) = joined.transport.rtt(*p).await {
+                        info!(peer = %p, srtt = ?rtt.srtt, rttvar = ?rtt.rttvar, samples = rtt.samples, "link");
+                    }
+                }
+            }
+        }
+    }
+    shutdown.cancel();
+    let _ = joined.task.await;
+}
