@@ -18,19 +18,11 @@ impl NodeId {
     /// The id the bootstrapper assigns to the host at `ip`: FNV-1a (64 bit) over a domain tag
     /// and the address bytes. Stable across restarts, reloads and machines.
     pub fn for_ip(ip: IpAddr) -> NodeId {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        let mut eat = |b: u8| {
-            h ^= u64::from(b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        };
-        for b in b"pessi-node-id/v1" {
-            eat(*b);
-        }
-        match ip {
-            IpAddr::V4(v4) => v4.octets().into_iter().for_each(&mut eat),
-            IpAddr::V6(v6) => v6.octets().into_iter().for_each(&mut eat),
-        }
-        NodeId(h)
+        let tag = b"pessi-node-id/v1".iter().copied();
+        NodeId(match ip {
+            IpAddr::V4(v4) => crate::rng::fnv1a64(tag.chain(v4.octets())),
+            IpAddr::V6(v6) => crate::rng::fnv1a64(tag.chain(v6.octets())),
+        })
     }
 
     /// A random id, for clients (which are not in the topology).

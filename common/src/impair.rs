@@ -774,16 +774,9 @@ fn mix(a: u64, b: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// FNV-1a, stable across Rust versions (unlike `DefaultHasher`).
-fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
-    })
-}
-
 impl RuleState {
     fn new(spec: ImpairSpec, peer: Option<&PeerMatch>) -> Self {
-        let identity = peer.map_or(0, |m| fnv1a(&m.to_string()));
+        let identity = peer.map_or(0, |m| crate::rng::fnv1a64(m.to_string().bytes()));
         let rule_seed = mix(spec.seed, identity);
         let stream = |purpose: u64| Rng::seeded(mix(rule_seed, purpose));
         let loss_model = match (spec.ge, spec.burst) {

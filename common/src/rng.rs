@@ -4,6 +4,14 @@
 //! *same* sequence for the same seed on every machine and across dependency upgrades, which
 //! `rand`'s `StdRng` does not promise. Not for cryptography.
 
+/// FNV-1a (64 bit) over `bytes`: a tiny hash that is stable across Rust versions, platforms and
+/// processes (unlike `DefaultHasher`), for ids derived from names and for seed derivation.
+pub fn fnv1a64(bytes: impl IntoIterator<Item = u8>) -> u64 {
+    bytes.into_iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
 /// Deterministic PRNG. Same seed → same sequence, forever.
 #[derive(Debug, Clone)]
 pub struct Rng {

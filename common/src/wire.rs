@@ -252,12 +252,9 @@ pub struct ChannelId(pub u64);
 impl ChannelId {
     /// The id of the channel called `name` (FNV-1a 64 over a domain tag and the UTF-8 name).
     pub fn of_name(name: &str) -> ChannelId {
-        let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-        for b in b"pessi-channel/v1\0".iter().chain(name.as_bytes()) {
-            h ^= u64::from(*b);
-            h = h.wrapping_mul(0x0100_0000_01b3);
-        }
-        ChannelId(h)
+        ChannelId(crate::rng::fnv1a64(
+            b"pessi-channel/v1\0".iter().chain(name.as_bytes()).copied(),
+        ))
     }
 }
 
