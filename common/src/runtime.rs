@@ -49,3 +49,32 @@ async fn wait_for_signal() {
 async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
+
+/// A `tokio::process::Command` for a child that must not outlive us: it is killed when its
+/// handle is dropped, and (Linux) the kernel sends it SIGKILL if this process dies, even by
+/// SIGKILL. Note: `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits, so
+/// spawn from long-lived threads (tokio workers or the main thread), not from `spawn_blocking`.
+pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.kill_on_drop(true);
+    #[cfg(target_os = "linux")]
+    let parent = std::process::id() as libc::pid_t;
+    #[cfg(target_os = "linux")]
+    // SAFETY: `prctl` and `getppid` are async-signal-safe; nothing else runs between fork and
+    // exec here.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // The parent may have died between fork and prctl: then we must not run at all.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::other(
+                    "parent exited before the child started",
+                ));
+            }
+            Ok(())
+        });
+    }
+    cmd
+}

@@ -1,0 +1,248 @@
+//! # lab — a whole Pessi Streamer overlay on one machine
+//!
+//! Reads a topology, gives each host a role (servers, relay nodes, the client's PoPs), starts the
+//! real binaries on their `127.0.0.x` addresses — bootstrapper, servers, nodes, then a client —
+//! and supervises them. Without videos the server plays a built-in test channel (an FFmpeg test
+//! pattern with a running clock and a tone), so the demo needs no files. A scenario file can kill,
+//! restart and impair hosts at given times, for the tests and benchmarks.
+
+pub mod process;
+pub mod scenario;
+pub mod stats;
+
+use anyhow::Context;
+use common::topology::Topology;
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::ffi::OsString;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Name of the built-in test channel.
+pub const DEMO_CHANNEL: &str = "demo";
+
+/// The built-in live source: a test pattern with a frame counter and clock, and a 440 Hz tone
+/// (the server's `--source NAME=lavfi:VIDEO|AUDIO` syntax).
+pub const DEMO_SOURCE: &str =
+    "lavfi:testsrc2=size=640x360:rate=25|sine=frequency=440:sample_rate=48000";
+
+/// Who runs where.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The topology file (handed to the bootstrapper).
+    pub topology_path: PathBuf,
+    /// Its content.
+    pub topology: Topology,
+    /// Where the bootstrapper listens (TCP).
+    pub bootstrapper: SocketAddr,
+    /// Hosts that run a server.
+    pub servers: Vec<IpAddr>,
+    /// Hosts that run a relay node (every other host).
+    pub nodes: Vec<IpAddr>,
+    /// The client's points of presence.
+    pub pops: Vec<IpAddr>,
+}
+
+impl Plan {
+    /// Builds a plan: `servers` defaults to the first host of the file, `pops` to the hosts
+    /// farthest (in hops) from any server, so the stream crosses the most relays.
+    pub fn new(
+        topology_path: PathBuf,
+        servers: Vec<IpAddr>,
+        pops: Vec<IpAddr>,
+        bootstrapper_ip: Option<IpAddr>,
+        port: u16,
+    ) -> anyhow::Result<Plan> {
+        let (topology, warnings) = Topology::load(&topology_path)?;
+        for w in warnings {
+            tracing::warn!("topology: {w}");
+        }
+        let servers = if servers.is_empty() {
+            vec![topology.hosts().next().context("empty topology")?]
+        } else {
+            servers
+        };
+        for s in servers.iter().chain(&pops) {
+            anyhow::ensure!(
+                topology.contains(*s),
+                "{s} is not a host of {}",
+                topology_path.display()
+            );
+        }
+        let nodes: Vec<IpAddr> = topology.hosts().filter(|h| !servers.contains(h)).collect();
+        let pops = if pops.is_empty() {
+            farthest_from(&topology, &servers)
+        } else {
+            pops
+        };
+        anyhow::ensure!(!pops.is_empty(), "no host can serve as the client's PoP");
+        let bootstrapper_ip = match bootstrapper_ip {
+            Some(ip) => ip,
+            None => free_loopback_ip(&topology)?,
+        };
+        Ok(Plan {
+            topology_path,
+            topology,
+            bootstrapper: SocketAddr::new(bootstrapper_ip, port),
+            servers,
+            nodes,
+            pops,
+        })
+    }
+}
+
+/// Hosts at the largest hop distance from the nearest server (servers excluded).
+pub fn farthest_from(topology: &Topology, servers: &[IpAddr]) -> Vec<IpAddr> {
+    let mut dist: HashMap<IpAddr, usize> = HashMap::new();
+    let mut queue: VecDeque<IpAddr> = servers.iter().copied().collect();
+    for s in servers {
+        dist.insert(*s, 0);
+    }
+    while let Some(h) = queue.pop_front() {
+        let d = dist[&h];
+        for n in topology.neighbours(h).unwrap_or(&[]) {
+            if !dist.contains_key(n) {
+                dist.insert(*n, d + 1);
+                queue.push_back(*n);
+            }
+        }
+    }
+    let max = dist
+        .iter()
+        .filter(|(h, _)| !servers.contains(h))
+        .map(|(_, d)| *d)
+        .max();
+    let mut out: Vec<IpAddr> = dist
+        .iter()
+        .filter(|(h, d)| Some(**d) == max && !servers.contains(h))
+        .map(|(h, _)| *h)
+        .collect();
+    out.sort();
+    out
+}
+
+/// A loopback address that is not a host of `topology`, for the bootstrapper.
+fn free_loopback_ip(topology: &Topology) -> anyhow::Result<IpAddr> {
+    let taken: BTreeSet<IpAddr> = topology.hosts().collect();
+    (1..=254u8)
+        .rev()
+        .map(|i| IpAddr::from([127, 0, 0, i]))
+        .find(|ip| !taken.contains(ip))
+        .context("no free 127.0.0.x address for the bootstrapper")
+}
+
+/// What the servers serve.
+#[derive(Debug, Clone, Default)]
+pub struct Media {
+    /// A videos folder (every server serves it), if any.
+    pub videos: Option<PathBuf>,
+    /// Live sources `NAME=INPUT` (the built-in demo channel when neither is given).
+    pub sources: Vec<String>,
+}
+
+/// Process names used by the supervisor (and by scenario files).
+pub fn process_name(role: &str, ip: IpAddr) -> String {
+    format!("{role}-{ip}")
+}
+
+/// Arguments of the bootstrapper.
+pub fn bootstrapper_args(plan: &Plan) -> Vec<OsString> {
+    vec![
+        "--bind-ip".into(),
+        plan.bootstrapper.ip().to_string().into(),
+        "--port".into(),
+        plan.bootstrapper.port().to_string().into(),
+        "--config".into(),
+        plan.topology_path.clone().into(),
+    ]
+}
+
+/// Arguments shared by servers and nodes.
+pub fn host_args(plan: &Plan, ip: IpAddr, impair: Option<&str>) -> Vec<OsString> {
+    let mut a: Vec<OsString> = vec![
+        "--ip".into(),
+        ip.to_string().into(),
+        "--bootstrapper".into(),
+        plan.bootstrapper.ip().to_string().into(),
+        "--bootstrapper-port".into(),
+        plan.bootstrapper.port().to_string().into(),
+    ];
+    if let Some(spec) = impair {
+        a.push("--impair".into());
+        a.push(spec.into());
+    }
+    a
+}
+
+/// Arguments of a server.
+pub fn server_args(plan: &Plan, ip: IpAddr, media: &Media, impair: Option<&str>) -> Vec<OsString> {
+    let mut a = host_args(plan, ip, impair);
+    if let Some(v) = &media.videos {
+        a.push("--videos".into());
+        a.push(v.clone().into());
+    }
+    let sources: Vec<String> = if media.videos.is_none() && media.sources.is_empty() {
+        vec![format!("{DEMO_CHANNEL}={DEMO_SOURCE}")]
+    } else {
+        media.sources.clone()
+    };
+    for s in sources {
+        a.push("--source".into());
+        a.push(s.into());
+    }
+    a
+}
+
+/// Waits until `addr` accepts TCP connections (the bootstrapper is up), up to `within`.
+pub async fn wait_for_tcp(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
+    let t0 = std::time::Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(addr).await.is_ok() {
+            return Ok(());
+        }
+        if t0.elapsed() > within {
+            anyhow::bail!("nothing listens on {addr} after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topo(name: &str) -> PathBuf {
+        PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../topologies")).join(name)
+    }
+
+    #[test]
+    fn default_plan_of_the_shipped_topology() {
+        let p = Plan::new(topo("neighbours.toml"), vec![], vec![], None, 8010).unwrap();
+        assert_eq!(p.servers, vec!["127.0.0.1".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.nodes.len(), 4);
+        // 127.0.0.5 is three hops from the server: the farthest.
+        assert_eq!(p.pops, vec!["127.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert!(!p.topology.contains(p.bootstrapper.ip()));
+    }
+
+    #[test]
+    fn grid_pops_are_the_far_corner() {
+        let s: IpAddr = "127.0.1.100".parse().unwrap();
+        let p = Plan::new(topo("grid4x5.toml"), vec![s], vec![], None, 8010).unwrap();
+        assert_eq!(p.pops, vec!["127.0.1.101".parse::<IpAddr>().unwrap()]);
+        assert_eq!(p.nodes.len(), 21);
+    }
+
+    #[test]
+    fn unknown_hosts_are_named() {
+        let e = Plan::new(
+            topo("neighbours.toml"),
+            vec!["127.0.0.99".parse().unwrap()],
+            vec![],
+            None,
+            8010,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("127.0.0.99 is not a host"), "{e}");
+    }
+}

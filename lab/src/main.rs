@@ -1,0 +1,290 @@
+//! `lab` — runs a whole Pessi Streamer overlay on this machine: `cargo run --release -p lab`.
+
+use anyhow::Context;
+use clap::Parser;
+use lab::process::{Binaries, Supervisor};
+use lab::scenario::{Action, Scenario};
+use lab::stats::Summary;
+use lab::{Media, Plan};
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// Runs a whole overlay locally: bootstrapper, servers and relay nodes on their 127.0.0.x
+/// addresses from a topology file, then a client (a window if a display is available, headless
+/// with a running summary otherwise). Ctrl-C stops everything, child processes included.
+#[derive(Debug, Parser)]
+#[command(version)]
+struct Args {
+    /// Topology file.
+    #[arg(long, default_value = "topologies/neighbours.toml")]
+    topology: PathBuf,
+    /// Hosts that run a server (default: the first host of the topology).
+    #[arg(long, value_delimiter = ',')]
+    servers: Vec<IpAddr>,
+    /// The client's points of presence (default: the hosts farthest from the servers).
+    #[arg(long, value_delimiter = ',')]
+    pops: Vec<IpAddr>,
+    /// Videos folder served by every server. Without it (and without --source) the servers play
+    /// a built-in test channel named `demo`.
+    #[arg(long)]
+    videos: Option<PathBuf>,
+    /// Live source `NAME=INPUT` for the servers (repeatable), e.g. `cam=/dev/video0`.
+    #[arg(long = "source")]
+    sources: Vec<String>,
+    /// Streams the client plays at start (default: `demo` when the built-in channel is used).
+    #[arg(long = "stream")]
+    streams: Vec<String>,
+    /// No window: the client runs headless and the lab prints a summary every 5 s.
+    #[arg(long)]
+    headless: bool,
+    /// Player of the client: mpv, ffplay or none.
+    #[arg(long, default_value = "mpv")]
+    video_player: String,
+    /// Scenario file (timed kills, restarts, impairments); see lab/src/scenario.rs.
+    #[arg(long)]
+    scenario: Option<PathBuf>,
+    /// Stop after this long (e.g. `30s`); default: run until ctrl-c.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    duration: Option<Duration>,
+    /// Folder for the processes' logs and the client's stats.
+    #[arg(long, default_value = "target/lab")]
+    log_dir: PathBuf,
+    /// Bootstrapper IP (default: a 127.0.0.x address not in the topology).
+    #[arg(long)]
+    bootstrapper_ip: Option<IpAddr>,
+    /// Port of the bootstrapper (TCP) and of the overlay hosts (UDP).
+    #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
+    port: u16,
+    /// Do not start a client.
+    #[arg(long)]
+    no_client: bool,
+    /// Extra argument for the client (repeatable), e.g. `--client-arg=--latency=300ms`.
+    #[arg(long = "client-arg", allow_hyphen_values = true)]
+    client_args: Vec<String>,
+    /// Do not run `cargo build` for the other binaries first.
+    #[arg(long)]
+    no_build: bool,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    common::runtime::init_tracing();
+    let shutdown = common::runtime::shutdown_on_signals();
+    if !args.no_build {
+        build_siblings()?;
+    }
+    let bins = Binaries::locate()?;
+    let scenario = match &args.scenario {
+        Some(p) => Scenario::load(p)?,
+        None => Scenario::default(),
+    };
+    let plan = Plan::new(
+        args.topology.clone(),
+        args.servers.clone(),
+        args.pops.clone(),
+        args.bootstrapper_ip,
+        args.port,
+    )?;
+    info!(
+        servers = ?plan.servers,
+        nodes = plan.nodes.len(),
+        pops = ?plan.pops,
+        bootstrapper = %plan.bootstrapper,
+        "starting the overlay"
+    );
+    let media = Media {
+        videos: args.videos.clone(),
+        sources: args.sources.clone(),
+    };
+    let mut sup = Supervisor::new(args.log_dir.clone())?;
+    let result = run(&args, &bins, &plan, &media, &scenario, &mut sup, &shutdown).await;
+    sup.stop_all(Duration::from_secs(3)).await;
+    let stats = args.log_dir.join("client-stats.jsonl");
+    if stats.exists() {
+        println!("\n== summary ==\n{}", Summary::load(&stats));
+    }
+    println!("logs: {}", args.log_dir.display());
+    result
+}
+
+async fn run(
+    args: &Args,
+    bins: &Binaries,
+    plan: &Plan,
+    media: &Media,
+    scenario: &Scenario,
+    sup: &mut Supervisor,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    sup.spawn(
+        "bootstrapper",
+        bins.path("bootstrapper"),
+        lab::bootstrapper_args(plan),
+    )?;
+    lab::wait_for_tcp(plan.bootstrapper, Duration::from_secs(10))
+        .await
+        .context("the bootstrapper did not start (see its log)")?;
+    let impair_of = |ip: &IpAddr| scenario.impair.get(ip).map(String::as_str);
+    for ip in &plan.servers {
+        sup.spawn(
+            &lab::process_name("server", *ip),
+            bins.path("server"),
+            lab::server_args(plan, *ip, media, impair_of(ip)),
+        )?;
+    }
+    for ip in &plan.nodes {
+        sup.spawn(
+            &lab::process_name("node", *ip),
+            bins.path("node"),
+            lab::host_args(plan, *ip, impair_of(ip)),
+        )?;
+    }
+    // Let the first flood rounds build the tree before the client asks for channels.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    let stats_path = args.log_dir.join("client-stats.jsonl");
+    let _ = std::fs::remove_file(&stats_path);
+    let display =
+        std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
+    let headless = args.headless || !display;
+    if !args.no_client {
+        let mut c: Vec<OsString> = vec![
+            "--servers".into(),
+            plan.pops
+                .iter()
+                .map(|p| p.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+                .into(),
+            "--port".into(),
+            plan.bootstrapper.port().to_string().into(),
+            "--stats".into(),
+            stats_path.clone().into(),
+            "--video-player".into(),
+            args.video_player.clone().into(),
+        ];
+        let streams: Vec<String> =
+            if args.streams.is_empty() && media.videos.is_none() && media.sources.is_empty() {
+                vec![lab::DEMO_CHANNEL.to_owned()]
+            } else {
+                args.streams.clone()
+            };
+        for s in streams {
+            c.push("--stream".into());
+            c.push(s.into());
+        }
+        if headless {
+            if !args.headless {
+                info!("no display (DISPLAY/WAYLAND_DISPLAY unset): the client runs headless");
+            }
+            c.push("--headless".into());
+        }
+        c.extend(args.client_args.iter().map(OsString::from));
+        sup.spawn("client", bins.path("client"), c)?;
+    }
+
+    let t0 = Instant::now();
+    let duration = args.duration.or(scenario.duration);
+    let mut steps = scenario.steps.iter().peekable();
+    let mut report = tokio::time::interval(Duration::from_secs(5));
+    report.tick().await;
+    loop {
+        let next_step = steps.peek().map(|s| t0 + s.at);
+        let deadline = [next_step, duration.map(|d| t0 + d)]
+            .into_iter()
+            .flatten()
+            .min();
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = sleep_until_opt(deadline) => {
+                let now = Instant::now();
+                if duration.is_some_and(|d| now >= t0 + d) {
+                    info!("duration reached");
+                    break;
+                }
+                while let Some(step) = steps.next_if(|s| now >= t0 + s.at) {
+                    let name = if plan.servers.contains(&step.host) {
+                        lab::process_name("server", step.host)
+                    } else {
+                        lab::process_name("node", step.host)
+                    };
+                    info!(at = ?step.at, action = ?step.action, host = %step.host, "scenario step");
+                    match step.action {
+                        Action::Kill => sup.kill(&name).await?,
+                        Action::Stop => sup.stop(&name, Duration::from_secs(3)).await?,
+                        Action::Restart => {
+                            let extra: Vec<String> = step
+                                .impair
+                                .iter()
+                                .flat_map(|s| ["--impair".to_owned(), s.clone()])
+                                .collect();
+                            sup.restart(&name, &extra).await?
+                        }
+                    }
+                }
+            }
+            _ = report.tick() => {
+                for (name, status) in sup.exited() {
+                    warn!(process = %name, %status, log = %sup.log_path(&name).display(), "process exited");
+                    if name == "client" {
+                        info!("the client exited; stopping the overlay");
+                        return Ok(());
+                    }
+                }
+                if headless && !args.no_client {
+                    println!("{}", Summary::load(&stats_path));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When started by `cargo run`, builds the other binaries of the workspace (same profile) so
+/// the demo is one command. Skipped when not run through cargo.
+fn build_siblings() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let exe = std::env::current_exe()?;
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "bootstrapper",
+        "-p",
+        "server",
+        "-p",
+        "node",
+        "-p",
+        "client",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    info!(
+        "building the overlay's binaries (cargo build{})",
+        if release { " --release" } else { "" }
+    );
+    let status = cmd.status().context("running cargo build")?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo build of the overlay's binaries failed"
+    );
+    Ok(())
+}
