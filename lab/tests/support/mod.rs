@@ -1,0 +1,254 @@
+//! Harness for the end-to-end tests: real binaries (from `target/<profile>/`, built by
+//! `cargo test --workspace`), real FFmpeg clips, loopback addresses. Each test uses its own
+//! `127.0.N.x` block so tests run in parallel.
+
+#![allow(dead_code)]
+
+use lab::process::{Binaries, Supervisor};
+use lab::stats::Summary;
+use lab::{Media, Plan};
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// A running overlay and its scratch folder.
+pub struct Overlay {
+    /// Drives the supervisor's child processes.
+    pub rt: tokio::runtime::Runtime,
+    pub dir: tempfile::TempDir,
+    pub sup: Supervisor,
+    pub plan: Plan,
+    pub bins: Binaries,
+}
+
+pub fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+/// Fails clearly when ffmpeg is missing (CI installs it; never skip silently).
+pub fn require_ffmpeg() {
+    let ok = Command::new("ffmpeg")
+        .arg("-version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        ok,
+        "ffmpeg is required by the end-to-end tests: `sudo apt-get install ffmpeg` (scripts/test.sh does it)"
+    );
+}
+
+/// Makes a `secs`-second H.264/AAC clip with a keyframe every second.
+pub fn make_clip(path: &Path, secs: u32, pattern: &str) {
+    require_ffmpeg();
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
+        .arg(format!("{pattern}=size=320x240:rate=25:duration={secs}"))
+        .args(["-f", "lavfi", "-i"])
+        .arg(format!("sine=frequency=440:sample_rate=48000:duration={secs}"))
+        .args([
+            "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p", "-c:a",
+            "aac", "-shortest",
+        ])
+        .arg(path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "ffmpeg failed making {}: {}",
+        path.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Overlay {
+    /// Writes `topology` and starts the bootstrapper, the servers (serving `media`) and every
+    /// other host as a node.
+    pub fn start(topology: &str, servers: &[&str], media: Media) -> Overlay {
+        Overlay::start_with(topology, servers, media, |_| None)
+    }
+
+    /// Like [`Overlay::start`], with `--impair` per host.
+    pub fn start_with(
+        topology: &str,
+        servers: &[&str],
+        media: Media,
+        impair: impl Fn(IpAddr) -> Option<String>,
+    ) -> Overlay {
+        let dir = tempfile::tempdir().unwrap();
+        let topo = dir.path().join("topology.toml");
+        std::fs::write(&topo, topology).unwrap();
+        let servers: Vec<IpAddr> = servers.iter().map(|s| ip(s)).collect();
+        let plan = Plan::new(topo, servers, vec![], None, 8010).unwrap();
+        let bins = Binaries::locate().expect("binaries (run `cargo test --workspace`)");
+        let mut sup = Supervisor::new(dir.path().join("logs")).unwrap();
+        let rt = runtime();
+        let _g = rt.enter();
+        sup.spawn("bootstrapper", bins.path("bootstrapper"), lab::bootstrapper_args(&plan))
+            .unwrap();
+        rt.block_on(lab::wait_for_tcp(plan.bootstrapper, Duration::from_secs(20)))
+            .unwrap();
+        for s in &plan.servers {
+            let imp = impair(*s);
+            sup.spawn(
+                &lab::process_name("server", *s),
+                bins.path("server"),
+                lab::server_args(&plan, *s, &media, imp.as_deref()),
+            )
+            .unwrap();
+        }
+        for n in &plan.nodes {
+            let imp = impair(*n);
+            sup.spawn(
+                &lab::process_name("node", *n),
+                bins.path("node"),
+                lab::host_args(&plan, *n, imp.as_deref()),
+            )
+            .unwrap();
+        }
+        drop(_g);
+        Overlay {
+            rt,
+            dir,
+            sup,
+            plan,
+            bins,
+        }
+    }
+
+    /// Starts a headless client with `--stats` into the scratch folder; returns the stats path.
+    pub fn client(&mut self, name: &str, pops: &[&str], extra: &[&str]) -> PathBuf {
+        let stats = self.dir.path().join(format!("{name}-stats.jsonl"));
+        let mut args: Vec<OsString> = vec![
+            "--servers".into(),
+            pops.join(",").into(),
+            "--headless".into(),
+            "--video-player".into(),
+            "none".into(),
+            "--stats".into(),
+            stats.clone().into(),
+        ];
+        args.extend(extra.iter().map(OsString::from));
+        let _g = self.rt.enter();
+        self.sup.spawn(name, self.bins.path("client"), args).unwrap();
+        stats
+    }
+
+    /// Path for a scratch file.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// The log of process `name` so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.sup.log_path(name)).unwrap_or_default()
+    }
+
+    /// All logs, for failure messages.
+    pub fn all_logs(&self) -> String {
+        let mut out = String::new();
+        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("logs")) {
+            let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+            paths.sort();
+            for p in paths {
+                let text = std::fs::read_to_string(&p).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(40).collect();
+                out.push_str(&format!("\n===== {} (last 40 lines)\n", p.display()));
+                for l in tail.into_iter().rev() {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+            }
+        }
+        out
+    }
+
+    /// Kills (SIGKILL) the process `name`.
+    pub fn kill(&mut self, name: &str) {
+        self.rt.block_on(self.sup.kill(name)).unwrap();
+    }
+
+    /// Waits until `pred` holds for the stats file at `stats`, or panics with the logs.
+    pub fn wait_stats(
+        &self,
+        stats: &Path,
+        within: Duration,
+        what: &str,
+        pred: impl Fn(&Summary) -> bool,
+    ) -> Summary {
+        let t0 = Instant::now();
+        loop {
+            let s = Summary::load(stats);
+            if pred(&s) {
+                return s;
+            }
+            if t0.elapsed() > within {
+                panic!(
+                    "timed out after {within:?} waiting for: {what}\nsummary:\n{s}\nlogs:{}",
+                    self.all_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the log of `name` contains every one of `parts` on one line.
+    pub fn wait_log(&self, name: &str, parts: &[&str], within: Duration) -> String {
+        let t0 = Instant::now();
+        loop {
+            if let Some(l) = self
+                .log(name)
+                .lines()
+                .find(|l| parts.iter().all(|p| l.contains(p)))
+            {
+                return l.to_owned();
+            }
+            if t0.elapsed() > within {
+                panic!(
+                    "timed out after {within:?} waiting for {parts:?} in the log of {name}; logs:{}",
+                    self.all_logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops everything (SIGTERM, then SIGKILL).
+    pub fn stop(mut self) {
+        self.rt.block_on(self.sup.stop_all(Duration::from_secs(5)));
+    }
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Cuts a recorded MPEG-TS at its first keyframe and asks FFmpeg to decode all of it; returns
+/// FFmpeg's error output (empty = clean) and the number of bytes kept.
+pub fn decode_errors_after_first_keyframe(rec: &Path) -> (String, usize) {
+    let data = std::fs::read(rec).unwrap();
+    let mut start = None;
+    for (i, chunk) in data.chunks(188).enumerate() {
+        if let Ok(p) = common::ts::TsPacket::parse(chunk) {
+            if p.random_access_indicator() {
+                start = Some(i * 188);
+                break;
+            }
+        }
+    }
+    let start = start.unwrap_or_else(|| panic!("no keyframe in {} ({} bytes)", rec.display(), data.len()));
+    let cut = rec.with_extension("cut.ts");
+    std::fs::write(&cut, &data[start..]).unwrap();
+    let out = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&cut)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    (String::from_utf8_lossy(&out.stderr).into_owned(), data.len() - start)
+}
