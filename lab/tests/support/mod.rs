@@ -46,10 +46,21 @@ pub fn make_clip(path: &Path, secs: u32, pattern: &str) {
         .args(["-v", "error", "-y", "-f", "lavfi", "-i"])
         .arg(format!("{pattern}=size=320x240:rate=25:duration={secs}"))
         .args(["-f", "lavfi", "-i"])
-        .arg(format!("sine=frequency=440:sample_rate=48000:duration={secs}"))
+        .arg(format!(
+            "sine=frequency=440:sample_rate=48000:duration={secs}"
+        ))
         .args([
-            "-c:v", "libx264", "-preset", "ultrafast", "-g", "25", "-pix_fmt", "yuv420p", "-c:a",
-            "aac", "-shortest",
+            "-c:v",
+            "libx264",
+            "-preset",
+            "ultrafast",
+            "-g",
+            "25",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-shortest",
         ])
         .arg(path)
         .output()
@@ -85,10 +96,17 @@ impl Overlay {
         let mut sup = Supervisor::new(dir.path().join("logs")).unwrap();
         let rt = runtime();
         let _g = rt.enter();
-        sup.spawn("bootstrapper", bins.path("bootstrapper"), lab::bootstrapper_args(&plan))
-            .unwrap();
-        rt.block_on(lab::wait_for_tcp(plan.bootstrapper, Duration::from_secs(20)))
-            .unwrap();
+        sup.spawn(
+            "bootstrapper",
+            bins.path("bootstrapper"),
+            lab::bootstrapper_args(&plan),
+        )
+        .unwrap();
+        rt.block_on(lab::wait_for_tcp(
+            plan.bootstrapper,
+            Duration::from_secs(20),
+        ))
+        .unwrap();
         for s in &plan.servers {
             let imp = impair(*s);
             sup.spawn(
@@ -131,7 +149,9 @@ impl Overlay {
         ];
         args.extend(extra.iter().map(OsString::from));
         let _g = self.rt.enter();
-        self.sup.spawn(name, self.bins.path("client"), args).unwrap();
+        self.sup
+            .spawn(name, self.bins.path("client"), args)
+            .unwrap();
         stats
     }
 
@@ -241,7 +261,8 @@ pub fn decode_errors_after_first_keyframe(rec: &Path) -> (String, usize) {
             }
         }
     }
-    let start = start.unwrap_or_else(|| panic!("no keyframe in {} ({} bytes)", rec.display(), data.len()));
+    let start =
+        start.unwrap_or_else(|| panic!("no keyframe in {} ({} bytes)", rec.display(), data.len()));
     let cut = rec.with_extension("cut.ts");
     std::fs::write(&cut, &data[start..]).unwrap();
     let out = Command::new("ffmpeg")
@@ -250,5 +271,8 @@ pub fn decode_errors_after_first_keyframe(rec: &Path) -> (String, usize) {
         .args(["-f", "null", "-"])
         .output()
         .unwrap();
-    (String::from_utf8_lossy(&out.stderr).into_owned(), data.len() - start)
+    (
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        data.len() - start,
+    )
 }
