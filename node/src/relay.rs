@@ -178,7 +178,12 @@ impl Relay {
     /// [`limits::CHANNELS`] are announced. Returns once the engine has applied it.
     pub async fn set_local_channels(&self, channels: Vec<ChannelInfo>) {
         let (reply, rx) = oneshot::channel();
-        if self.cmd.send(Command::SetLocal(channels, reply)).await.is_ok() {
+        if self
+            .cmd
+            .send(Command::SetLocal(channels, reply))
+            .await
+            .is_ok()
+        {
             let _ = rx.await;
         }
     }
@@ -187,7 +192,8 @@ impl Relay {
     /// first subscriber arrives, `(channel, false)` when its last leaves. Each call returns a
     /// new receiver that first gets `(channel, true)` for every local channel watched at the
     /// time it is registered, then every transition (so nothing is missed whenever it is
-    /// called). Events are dropped (and logged) if the receiver lags by more than 1024.
+    /// called). Events are dropped (and logged) if the receiver lags by more than 1024. Call it
+    /// within the tokio runtime (it spawns a task if the command queue happens to be full).
     pub fn local_demand(&self) -> mpsc::Receiver<(ChannelId, bool)> {
         let (tx, rx) = mpsc::channel(DEMAND_QUEUE);
         match self.cmd.try_send(Command::Demand(tx)) {
@@ -463,8 +469,7 @@ impl Engine {
                 self.video(t, from, packet).await;
             }
             Incoming::TimedOut { peer, .. } => {
-                if self.routing.is_neighbour(peer) || self.subs.upstream_hosts().contains(&peer)
-                {
+                if self.routing.is_neighbour(peer) || self.subs.upstream_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
                         self.routing.mark_dead(peer);
                         self.peer_dead(t, peer, "reliable message timed out").await;
@@ -549,7 +554,11 @@ impl Engine {
             self.stats.malformed += 1;
             return;
         }
-        let cost = self.link_cost.get(&from).copied().unwrap_or(DEFAULT_LINK_COST);
+        let cost = self
+            .link_cost
+            .get(&from)
+            .copied()
+            .unwrap_or(DEFAULT_LINK_COST);
         let verdict = self.routing.handle_flood(t, from, sender, &flood, cost);
         if let Some(fwd) = verdict.forward {
             match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
@@ -566,7 +575,9 @@ impl Engine {
         }
         let mut changed = false;
         for info in &flood.channels {
-            self.names.entry(info.id).or_insert_with(|| info.name.clone());
+            self.names
+                .entry(info.id)
+                .or_insert_with(|| info.name.clone());
             if let Some(best) = self.routing.best_route(info.id, &[]) {
                 if self.best_via.get(&info.id) != Some(&best.via) {
                     self.best_via.insert(info.id, best.via);
@@ -771,7 +782,8 @@ impl Engine {
     /// Finds a new upstream for `channel`, whose upstream `dead` died.
     async fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
         if let Some(r) = self.choose(channel, &[dead]) {
-            self.switch(channel, r.via, r.cost_us, "upstream lost").await;
+            self.switch(channel, r.via, r.cost_us, "upstream lost")
+                .await;
             return;
         }
         // Catastrophic: no neighbour has a route. Go to the dead node's own upstream, taken
@@ -786,7 +798,9 @@ impl Engine {
             path[..idx]
                 .iter()
                 .rev()
-                .find(|h| h.addr != self.me.addr && h.id != self.me.id && self.routing.is_alive(h.addr))
+                .find(|h| {
+                    h.addr != self.me.addr && h.id != self.me.id && self.routing.is_alive(h.addr)
+                })
                 .copied()
         });
         match (parent, path) {
@@ -841,7 +855,10 @@ impl Engine {
                         continue;
                     }
                     match self.routing.route_via(ch, u) {
-                        None => self.switch(ch, b.via, b.cost_us, "route via upstream gone").await,
+                        None => {
+                            self.switch(ch, b.via, b.cost_us, "route via upstream gone")
+                                .await
+                        }
                         Some(cur) => {
                             if b.cost_us.saturating_mul(100)
                                 <= cur.cost_us.saturating_mul(self.cfg.switch_percent)
@@ -900,7 +917,8 @@ impl Engine {
         match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(flood))).encode() {
             Ok(bytes) => {
                 self.stats.floods_originated += 1;
-                let to: Vec<SocketAddr> = self.routing.neighbours().iter().map(|n| n.addr).collect();
+                let to: Vec<SocketAddr> =
+                    self.routing.neighbours().iter().map(|n| n.addr).collect();
                 for n in to {
                     let _ = self.transport.send_bytes(n, bytes.clone()).await;
                 }
@@ -932,7 +950,8 @@ impl Engine {
                 let _ = self.transport.send_unreliable(p, msg).await;
             }
             if let Ok(Some(rtt)) = self.transport.rtt(p).await {
-                self.link_cost.insert(p, rtt.srtt.max(Duration::from_micros(1)));
+                self.link_cost
+                    .insert(p, rtt.srtt.max(Duration::from_micros(1)));
             }
         }
     }

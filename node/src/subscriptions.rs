@@ -231,7 +231,12 @@ impl Subscriptions {
             .collect();
         let mut out = Expired::default();
         for peer in silent {
-            for ch in self.peers.get(&peer).map(|p| p.channels.clone()).unwrap_or_default() {
+            for ch in self
+                .peers
+                .get(&peer)
+                .map(|p| p.channels.clone())
+                .unwrap_or_default()
+            {
                 out.dropped.push((ch, peer));
             }
             out.actions.extend(self.drop_peer(peer));
@@ -254,7 +259,11 @@ impl Subscriptions {
     /// Sets the upstream of a watched, non-local `channel` (`None`: no way to get it for now).
     /// Emits `Unsubscribe` to the former upstream and `Subscribe` to the new one when it
     /// changes; does nothing for a local or unwatched channel.
-    pub fn set_upstream(&mut self, channel: ChannelId, upstream: Option<SocketAddr>) -> Vec<SubAction> {
+    pub fn set_upstream(
+        &mut self,
+        channel: ChannelId,
+        upstream: Option<SocketAddr>,
+    ) -> Vec<SubAction> {
         let Some(state) = self.channels.get_mut(&channel) else {
             return Vec::new();
         };
@@ -369,9 +378,18 @@ mod tests {
         assert_eq!(a, vec![SubAction::Subscribe(ch, addr(1))]);
         assert_eq!(s.upstream(ch), Some(Upstream::Node(addr(1))));
         // Second subscriber: nothing to do.
-        assert!(s.subscribe(t, addr(4), ch, Some(addr(2))).unwrap().is_empty());
-        assert!(s.subscribe(t, addr(4), ch, Some(addr(2))).unwrap().is_empty());
-        assert_eq!(s.subscribers(ch).collect::<Vec<_>>(), vec![addr(3), addr(4)]);
+        assert!(s
+            .subscribe(t, addr(4), ch, Some(addr(2)))
+            .unwrap()
+            .is_empty());
+        assert!(s
+            .subscribe(t, addr(4), ch, Some(addr(2)))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            s.subscribers(ch).collect::<Vec<_>>(),
+            vec![addr(3), addr(4)]
+        );
         assert_eq!(s.fed_by(addr(1)), vec![ch]);
         assert!(s.unsubscribe(addr(3), ch).is_empty());
         assert_eq!(
@@ -403,10 +421,16 @@ mod tests {
                 SubAction::Subscribe(ch, addr(2))
             ]
         );
-        assert_eq!(s.upstream_hosts().into_iter().collect::<Vec<_>>(), vec![addr(2)]);
+        assert_eq!(
+            s.upstream_hosts().into_iter().collect::<Vec<_>>(),
+            vec![addr(2)]
+        );
         // A subscriber never becomes its own upstream.
         let ch2 = ChannelId(3);
-        assert!(s.subscribe(t, addr(5), ch2, Some(addr(5))).unwrap().is_empty());
+        assert!(s
+            .subscribe(t, addr(5), ch2, Some(addr(5)))
+            .unwrap()
+            .is_empty());
         // Unwatched channels have no upstream to set.
         assert!(s.set_upstream(ChannelId(99), Some(addr(1))).is_empty());
     }
@@ -442,10 +466,16 @@ mod tests {
         );
         assert_eq!(s.upstream(ch), Some(Upstream::Local));
         assert!(s.subscribe(t, addr(4), ch, None).unwrap().is_empty());
-        assert!(s.set_upstream(ch, Some(addr(9))).is_empty(), "local stays local");
+        assert!(
+            s.set_upstream(ch, Some(addr(9))).is_empty(),
+            "local stays local"
+        );
         assert!(s.drop_peer(addr(3)).is_empty());
         assert_eq!(s.demanded_local(), vec![ch]);
-        assert_eq!(s.drop_peer(addr(4)), vec![SubAction::LocalDemand(ch, false)]);
+        assert_eq!(
+            s.drop_peer(addr(4)),
+            vec![SubAction::LocalDemand(ch, false)]
+        );
         // A relayed channel that becomes local: unsubscribe upstream, demand at once.
         s.subscribe(t, addr(5), other, Some(addr(1))).unwrap();
         assert_eq!(
@@ -456,7 +486,10 @@ mod tests {
             ]
         );
         // A local channel removed: its subscribers are dropped.
-        assert_eq!(s.set_local(&[ch]), vec![SubAction::LocalDemand(other, false)]);
+        assert_eq!(
+            s.set_local(&[ch]),
+            vec![SubAction::LocalDemand(other, false)]
+        );
         assert!(!s.is_subscriber(addr(5), other));
         assert!(s.snapshot().is_empty());
     }

@@ -143,7 +143,11 @@ impl Sim {
             let r = self.tables[&at]
                 .best_route(channel, &[])
                 .unwrap_or_else(|| panic!("{at} has no route to {channel:?} (path {seen:?})"));
-            assert!(!self.dead.contains(&r.via), "{at} routes via dead {}", r.via);
+            assert!(
+                !self.dead.contains(&r.via),
+                "{at} routes via dead {}",
+                r.via
+            );
             at = r.via;
             assert!(!seen.contains(&at), "loop: {seen:?} then {at}");
             seen.push(at);
@@ -161,7 +165,10 @@ fn grid_floods_cost_at_most_one_message_per_directed_edge_and_build_loop_free_ro
     for _ in 0..5 {
         let counts = sim.round();
         for c in &counts {
-            assert!(*c <= 2 * edges, "{c} flood messages for one origin > 2 × {edges}");
+            assert!(
+                *c <= 2 * edges,
+                "{c} flood messages for one origin > 2 × {edges}"
+            );
         }
         per_round.push(counts);
     }
@@ -206,8 +213,7 @@ fn grid_heals_around_a_dead_node() {
         .tables
         .iter()
         .filter(|(a, t)| {
-            !sim.servers().contains(a)
-                && t.best_route(left, &[]).is_some_and(|r| r.via == victim)
+            !sim.servers().contains(a) && t.best_route(left, &[]).is_some_and(|r| r.via == victim)
         })
         .map(|(a, _)| *a)
         .collect();
@@ -241,7 +247,10 @@ fn grid_heals_around_a_dead_node() {
         if *a == victim || sim.servers().contains(a) {
             continue;
         }
-        assert!(t.routes().all(|r| r.via != victim), "{a} still routes via {victim}");
+        assert!(
+            t.routes().all(|r| r.via != victim),
+            "{a} still routes via {victim}"
+        );
         assert!(!t.routes().any(|r| r.path.iter().any(|h| h.addr == victim)));
         for name in ["news", "left", "right"] {
             let path = sim.follow(*a, ChannelId::of_name(name));
