@@ -1,9 +1,9 @@
-//! `node` — an overlay relay. For now it joins the overlay (neighbours from the bootstrapper)
-//! and keeps its links measured; relaying streams arrives with the streaming milestone.
+//! `node` — an overlay relay: joins the overlay (neighbours from the bootstrapper) and runs the
+//! relay engine (`node::relay`) with no local channel until SIGTERM / ctrl-c.
 
 use clap::Parser;
-use common::host::{join_overlay, probe_neighbours, OverlayArgs};
-use std::time::Duration;
+use common::host::{join_overlay, OverlayArgs};
+use node::{Relay, RelayConfig};
 
 /// A Pessi Streamer relay node.
 #[derive(Debug, Parser)]
@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
     common::runtime::init_tracing();
     let shutdown = common::runtime::shutdown_on_signals();
     let joined = join_overlay(&args.overlay, &shutdown).await?;
-    probe_neighbours(joined, Duration::from_secs(1), shutdown).await;
+    let (_relay, task) = Relay::spawn(joined, RelayConfig::default(), shutdown);
+    task.await?;
     Ok(())
 }

@@ -124,11 +124,11 @@ fn nodes_join_measure_links_and_stop_on_sigterm() {
     );
     // Each sees the other through reliable pings (through a's 10 % loss).
     a.expect(
-        &["neighbour reachable", "127.0.40.3:18040"],
+        &["neighbour up", "127.0.40.3:18040"],
         Duration::from_secs(10),
     );
     b.expect(
-        &["neighbour reachable", "127.0.40.2:18040"],
+        &["neighbour up", "127.0.40.2:18040"],
         Duration::from_secs(10),
     );
     assert!(a.sigterm_and_wait(Duration::from_secs(5)).success());

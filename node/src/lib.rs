@@ -1,0 +1,16 @@
+//! # node — the overlay relay
+//!
+//! * [`routing`]: the I/O-free routing table (floods → routes, duplicate suppression, loop
+//!   check, neighbour liveness) and [`routing::FloodOrigin`] for servers.
+//! * [`subscriptions`]: the I/O-free subscription state (downstream subscribers as soft state,
+//!   one upstream per watched channel, local demand for servers).
+//! * [`relay`]: the tokio engine that drives both over a [`common::transport::Transport`]; the
+//!   `node` binary runs it with no local channel, servers use its [`relay::Relay`] handle.
+//!
+//! The protocol is described in `report/protocol.md`.
+
+pub mod relay;
+pub mod routing;
+pub mod subscriptions;
+
+pub use relay::{Relay, RelayConfig, RelayStats};

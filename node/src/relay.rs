@@ -1,0 +1,987 @@
+//! The relay engine: one tokio task that owns a host's [`Transport`] (from [`Joined`]), its
+//! [`RoutingTable`] and [`Subscriptions`], and every timer (floods, pings, expiry, healing).
+//! Nodes run it with no local channel; servers also announce their own channels and feed their
+//! video through the [`Relay`] handle.
+//!
+//! # Log lines (info unless said otherwise; fields in parentheses)
+//!
+//! * `"route changed"` (`channel`, `via`, `cost_us`, `hops`): the best route of a channel now
+//!   goes through another neighbour (or exists for the first time).
+//! * `"subscriber added"` / `"subscriber removed"` / `"subscriber expired"` (`channel`, `peer`).
+//! * `"subscribe upstream"` / `"unsubscribe upstream"` (`channel`, `upstream`).
+//! * `"local demand"` (`channel`, `watched`): a server's own channel became (un)watched.
+//! * `"neighbour down"` / `"neighbour up"` (`peer`).
+//! * `"upstream lost"` (warn; `channel`, `upstream`, `reason`), then either
+//!   `"resubscribed"` (`channel`, `from`, `to`, `cost_us`, `reason`) or
+//!   `"catastrophic fallback"` (warn; `channel`, `dead`, `parent`) or `"no route"` (warn).
+//! * `"flood_stats"` (debug, once per flood interval: `received`, `forwarded`, `messages_out`,
+//!   `suppressed`, `loops`).
+//!
+//! Every line is inside the span `relay{node=<addr>}`.
+
+use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
+use crate::subscriptions::{SubAction, Subscriptions, Upstream};
+use bytes::Bytes;
+use common::host::Joined;
+use common::transport::{Incoming, Transport};
+use common::wire::{
+    limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
+    VideoPacket,
+};
+use common::NodeId;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+/// Tuning of a [`Relay`]. [`Default`] is the protocol's values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// How often a server floods its channels. Default 1 s.
+    pub flood_interval: Duration,
+    /// Routes not refreshed for this long are dropped. Default 3.5 s.
+    pub route_ttl: Duration,
+    /// A neighbour (or fallback upstream) silent this long is dead. Default 3 s.
+    pub neighbour_timeout: Duration,
+    /// A subscriber silent this long is dropped. Default 5 s.
+    pub subscriber_timeout: Duration,
+    /// How often neighbours and upstreams are pinged (liveness, RTT, keep-alive of our
+    /// subscriptions). Default 500 ms.
+    pub ping_interval: Duration,
+    /// Granularity of the timers (expiry, death detection, reconciliation). Default 50 ms.
+    pub tick: Duration,
+    /// An upstream that sent nothing of a channel for this long is sent `Subscribe` again (it
+    /// may have lost our subscription). Default 2 s.
+    pub resubscribe_after: Duration,
+    /// A better route replaces a working one only if it costs at most this percentage of the
+    /// current one. Default 80 (hysteresis against RTT jitter).
+    pub switch_percent: u64,
+    /// Capacity of the handle → engine command queue. Default 1024.
+    pub command_queue: usize,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            flood_interval: Duration::from_secs(1),
+            route_ttl: Duration::from_millis(3500),
+            neighbour_timeout: Duration::from_secs(3),
+            subscriber_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_millis(500),
+            tick: Duration::from_millis(50),
+            resubscribe_after: Duration::from_secs(2),
+            switch_percent: 80,
+            command_queue: 1024,
+        }
+    }
+}
+
+/// Counters and state of a relay, for tests and diagnostics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Flood counters of the routing table.
+    pub floods: FloodStats,
+    /// Floods this host originated (servers).
+    pub floods_originated: u64,
+    /// Video datagrams received.
+    pub video_in: u64,
+    /// Video datagrams sent (one per subscriber per datagram).
+    pub video_out: u64,
+    /// Local video chunks the server handed in.
+    pub local_video_in: u64,
+    /// Video from a peer that is not our upstream for its channel (dropped).
+    pub video_not_upstream: u64,
+    /// Messages that make no sense (e.g. a flood from a non-neighbour, local video for a
+    /// channel that is not local, unencodable data), dropped.
+    pub malformed: u64,
+    /// Messages we do not expect (e.g. `Channels` or `Nack`), dropped.
+    pub unexpected: u64,
+    /// Upstreams declared dead while feeding channels.
+    pub upstream_losses: u64,
+    /// Channels moved to another upstream (healing or a better route).
+    pub resubscriptions: u64,
+    /// Catastrophic fallbacks (subscriptions to a dead node's parent).
+    pub fallbacks: u64,
+    /// Subscribes refused (subscriber limits).
+    pub subscribes_refused: u64,
+    /// Routes currently held.
+    pub routes: usize,
+    /// Per watched channel, its subscribers.
+    pub subscribers: BTreeMap<ChannelId, Vec<SocketAddr>>,
+    /// Per watched channel, its upstream (absent: none yet).
+    pub upstreams: BTreeMap<ChannelId, Upstream>,
+}
+
+enum Command {
+    SetLocal(Vec<ChannelInfo>, oneshot::Sender<()>),
+    Video {
+        channel: ChannelId,
+        payload: Bytes,
+        keyframe: bool,
+    },
+    Stats(oneshot::Sender<RelayStats>),
+    Demand(mpsc::Sender<(ChannelId, bool)>),
+}
+
+/// Handle to a running relay engine. Cheap to clone; every method is a no-op (or returns
+/// defaults) once the engine has stopped.
+#[derive(Debug, Clone)]
+pub struct Relay {
+    cmd: mpsc::Sender<Command>,
+    local: PathHop,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::SetLocal(..) => "SetLocal",
+            Command::Video { .. } => "Video",
+            Command::Stats(_) => "Stats",
+            Command::Demand(_) => "Demand",
+        })
+    }
+}
+
+/// Capacity of each local-demand channel.
+const DEMAND_QUEUE: usize = 1024;
+
+impl Relay {
+    /// Starts the engine on the current tokio runtime. It runs until `shutdown` is cancelled
+    /// (the transport of `joined` stops on its own token), then waits for the transport task.
+    pub fn spawn(
+        joined: Joined,
+        cfg: RelayConfig,
+        shutdown: CancellationToken,
+    ) -> (Relay, JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(cfg.command_queue.max(1));
+        let me = PathHop {
+            id: joined.me.id,
+            addr: joined.me.addr,
+        };
+        let span = info_span!("relay", node = %me.addr);
+        let engine = Engine::new(joined, cfg, rx);
+        let task = tokio::spawn(engine.run(shutdown).instrument(span));
+        (Relay { cmd: tx, local: me }, task)
+    }
+
+    /// This host's id and overlay address.
+    pub fn local(&self) -> PathHop {
+        self.local
+    }
+
+    /// Server only: the channels this host originates, flooded with `origin` = own id every
+    /// flood interval (the first flood leaves at once). Replaces the previous set; removed
+    /// channels stop being announced and their subscribers are dropped. At most
+    /// [`limits::CHANNELS`] are announced. Returns once the engine has applied it.
+    pub async fn set_local_channels(&self, channels: Vec<ChannelInfo>) {
+        let (reply, rx) = oneshot::channel();
+        if self
+            .cmd
+            .send(Command::SetLocal(channels, reply))
+            .await
+            .is_ok()
+        {
+            let _ = rx.await;
+        }
+    }
+
+    /// Server only: a new receiver of demand for local channels: `(channel, true)` when its
+    /// first subscriber arrives, `(channel, false)` when its last leaves. Each call returns a
+    /// new receiver that first gets `(channel, true)` for every local channel watched at the
+    /// time it is registered, then every transition (so nothing is missed whenever it is
+    /// called). Events are dropped (and logged) if the receiver lags by more than 1024. Call it
+    /// within the tokio runtime (it spawns a task if the command queue happens to be full).
+    pub fn local_demand(&self) -> mpsc::Receiver<(ChannelId, bool)> {
+        let (tx, rx) = mpsc::channel(DEMAND_QUEUE);
+        match self.cmd.try_send(Command::Demand(tx)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(c)) => {
+                let cmd = self.cmd.clone();
+                tokio::spawn(async move {
+                    let _ = cmd.send(c).await;
+                });
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+        rx
+    }
+
+    /// Server only: one chunk (normally 1316 bytes, 7 TS packets) of a local channel's MPEG-TS.
+    /// The relay assigns the channel's next sequence number (from 0), sets
+    /// [`video_flags::KEYFRAME`] if `keyframe`, encodes the datagram once and sends the same
+    /// `Bytes` to every subscriber. Chunks of a channel that is not local are counted as
+    /// malformed and dropped. Waits only if the engine's queue is full.
+    pub async fn send_local_video(&self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+        let _ = self
+            .cmd
+            .send(Command::Video {
+                channel,
+                payload,
+                keyframe,
+            })
+            .await;
+    }
+
+    /// The engine's counters and subscription state (defaults if it has stopped).
+    pub async fn stats(&self) -> RelayStats {
+        let (reply, rx) = oneshot::channel();
+        if self.cmd.send(Command::Stats(reply)).await.is_err() {
+            return RelayStats::default();
+        }
+        rx.await.unwrap_or_default()
+    }
+}
+
+/// A catastrophic fallback in force for a channel.
+#[derive(Debug, Clone)]
+struct Fallback {
+    /// The flood path (origin first) the parent was taken from.
+    path: Vec<PathHop>,
+    /// The host we subscribed to.
+    parent: SocketAddr,
+}
+
+struct Engine {
+    me: PathHop,
+    cfg: RelayConfig,
+    transport: Transport,
+    incoming: mpsc::Receiver<Incoming>,
+    transport_task: JoinHandle<()>,
+    cmd_rx: mpsc::Receiver<Command>,
+    routing: RoutingTable,
+    subs: Subscriptions,
+    origin: FloodOrigin,
+    local: Vec<ChannelInfo>,
+    local_seq: HashMap<ChannelId, u64>,
+    /// Names of channels we carry (for listing while routes are gone but video still flows).
+    names: HashMap<ChannelId, String>,
+    link_cost: HashMap<SocketAddr, Duration>,
+    demand: Vec<mpsc::Sender<(ChannelId, bool)>>,
+    fallback: HashMap<ChannelId, Fallback>,
+    /// Former upstream per channel, accepted until the new one's first datagram.
+    previous: HashMap<ChannelId, SocketAddr>,
+    last_video: HashMap<ChannelId, Instant>,
+    last_subscribe: HashMap<ChannelId, Instant>,
+    /// Rate limit of `Unsubscribe`s to peers that send unwanted video.
+    unwanted: HashMap<(ChannelId, SocketAddr), Instant>,
+    best_via: HashMap<ChannelId, SocketAddr>,
+    next_flood: Instant,
+    next_ping: Instant,
+    next_stats: Instant,
+    nonce: u64,
+    stats: RelayStats,
+}
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+impl Engine {
+    fn new(joined: Joined, cfg: RelayConfig, cmd_rx: mpsc::Receiver<Command>) -> Engine {
+        let t = now();
+        let me = PathHop {
+            id: joined.me.id,
+            addr: joined.me.addr,
+        };
+        let routing = RoutingTable::new(
+            t,
+            me,
+            &joined.me.neighbours,
+            RoutingConfig {
+                route_ttl: cfg.route_ttl,
+                neighbour_timeout: cfg.neighbour_timeout,
+                ..RoutingConfig::default()
+            },
+        );
+        // A random start, so a restarted server is not taken for a duplicate of its old self;
+        // 2^32 rounds of headroom before wrapping.
+        let first_seq = common::rng::Rng::from_entropy().next_u64() >> 32;
+        Engine {
+            me,
+            transport: joined.transport,
+            incoming: joined.incoming,
+            transport_task: joined.task,
+            cmd_rx,
+            routing,
+            subs: Subscriptions::new(cfg.subscriber_timeout),
+            origin: FloodOrigin::new(me, first_seq),
+            local: Vec::new(),
+            local_seq: HashMap::new(),
+            names: HashMap::new(),
+            link_cost: HashMap::new(),
+            demand: Vec::new(),
+            fallback: HashMap::new(),
+            previous: HashMap::new(),
+            last_video: HashMap::new(),
+            last_subscribe: HashMap::new(),
+            unwanted: HashMap::new(),
+            best_via: HashMap::new(),
+            next_flood: t,
+            next_ping: t,
+            next_stats: t + cfg.flood_interval,
+            nonce: 0,
+            stats: RelayStats::default(),
+            cfg,
+        }
+    }
+
+    async fn run(mut self, shutdown: CancellationToken) {
+        info!(
+            id = %self.me.id,
+            neighbours = ?self.routing.neighbours().iter().map(|n| n.addr).collect::<Vec<_>>(),
+            "relay started"
+        );
+        let mut tick = tokio::time::interval(self.cfg.tick.max(Duration::from_millis(1)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut commands_open = true;
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                cmd = self.cmd_rx.recv(), if commands_open => match cmd {
+                    Some(c) => self.command(c).await,
+                    None => commands_open = false,
+                },
+                item = self.incoming.recv() => match item {
+                    Some(item) => self.incoming_item(item).await,
+                    None => break,
+                },
+                _ = tick.tick() => self.housekeeping().await,
+            }
+        }
+        info!("relay stopped");
+        shutdown.cancel();
+        let _ = (&mut self.transport_task).await;
+    }
+
+    // ----- commands from the handle -------------------------------------------------------
+
+    async fn command(&mut self, c: Command) {
+        match c {
+            Command::SetLocal(mut channels, reply) => {
+                channels.sort_by_key(|c| c.id);
+                channels.dedup_by_key(|c| c.id);
+                if channels.len() > limits::CHANNELS {
+                    warn!(
+                        count = channels.len(),
+                        max = limits::CHANNELS,
+                        "too many local channels; only the first are announced"
+                    );
+                    channels.truncate(limits::CHANNELS);
+                }
+                for c in &channels {
+                    self.names.insert(c.id, c.name.clone());
+                }
+                let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
+                info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
+                self.local = channels;
+                let actions = self.subs.set_local(&ids);
+                for id in &ids {
+                    self.fallback.remove(id);
+                    self.previous.remove(id);
+                }
+                self.apply(actions).await;
+                self.next_flood = now();
+                self.flood_if_due(now()).await;
+                let _ = reply.send(());
+            }
+            Command::Video {
+                channel,
+                payload,
+                keyframe,
+            } => self.local_video(channel, payload, keyframe).await,
+            Command::Stats(reply) => {
+                let mut s = self.stats.clone();
+                s.floods = self.routing.stats();
+                s.routes = self.routing.routes().count();
+                for (ch, (subs, up)) in self.subs.snapshot() {
+                    s.subscribers.insert(ch, subs);
+                    if let Some(up) = up {
+                        s.upstreams.insert(ch, up);
+                    }
+                }
+                let _ = reply.send(s);
+            }
+            Command::Demand(tx) => {
+                for ch in self.subs.demanded_local() {
+                    let _ = tx.try_send((ch, true));
+                }
+                self.demand.push(tx);
+            }
+        }
+    }
+
+    async fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+        self.stats.local_video_in += 1;
+        if !self.subs.is_local(channel) {
+            self.stats.malformed += 1;
+            return;
+        }
+        let seq = self.local_seq.entry(channel).or_insert(0);
+        let packet = VideoPacket {
+            channel,
+            seq: *seq,
+            flags: if keyframe { video_flags::KEYFRAME } else { 0 },
+            payload,
+        };
+        *seq += 1;
+        if self.subs.subscribers(channel).next().is_none() {
+            return;
+        }
+        match Datagram::new(self.me.id, Body::Video(packet)).encode() {
+            Ok(bytes) => self.fan_out(channel, bytes).await,
+            Err(e) => {
+                self.stats.malformed += 1;
+                debug!(%channel, error = %e, "local video chunk cannot be encoded; dropped");
+            }
+        }
+    }
+
+    /// Sends one encoded video datagram to every subscriber of `channel`.
+    async fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
+        let subscribers: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+        for s in subscribers {
+            self.stats.video_out += 1;
+            let _ = self.transport.send_bytes(s, bytes.clone()).await;
+        }
+    }
+
+    // ----- what the network sends ---------------------------------------------------------
+
+    async fn incoming_item(&mut self, item: Incoming) {
+        let t = now();
+        match item {
+            Incoming::Message {
+                from, sender, msg, ..
+            } => {
+                self.heard(t, from).await;
+                self.message(t, from, sender, msg).await;
+            }
+            Incoming::Video {
+                from,
+                sender: _,
+                packet,
+            } => {
+                self.heard(t, from).await;
+                self.video(t, from, packet).await;
+            }
+            Incoming::TimedOut { peer, .. } => {
+                if self.routing.is_neighbour(peer) || self.subs.upstream_hosts().contains(&peer) {
+                    if self.routing.is_alive(peer) {
+                        self.routing.mark_dead(peer);
+                        self.peer_dead(t, peer, "reliable message timed out").await;
+                    }
+                } else {
+                    // A client or non-neighbour subscriber that stopped acknowledging.
+                    let actions = self.subs.drop_peer(peer);
+                    self.apply(actions).await;
+                    let _ = self.transport.forget_peer(peer).await;
+                }
+            }
+        }
+    }
+
+    /// Liveness and soft-state refresh for any datagram from `from`.
+    async fn heard(&mut self, t: Instant, from: SocketAddr) {
+        self.subs.touch(t, from);
+        if self.routing.heard_from(t, from) {
+            info!(peer = %from, "neighbour up");
+            self.reconcile(t).await;
+        }
+    }
+
+    async fn message(&mut self, t: Instant, from: SocketAddr, sender: NodeId, msg: Message) {
+        match msg {
+            Message::Flood(flood) => self.flood(t, from, sender, flood).await,
+            Message::Subscribe { channel } => {
+                let fresh = !self.subs.is_subscriber(from, channel);
+                let hint = if self.subs.upstream(channel).is_none() {
+                    self.choose(channel, &[from]).map(|r| r.via)
+                } else {
+                    None
+                };
+                match self.subs.subscribe(t, from, channel, hint) {
+                    Ok(actions) => {
+                        if fresh {
+                            info!(%channel, peer = %from, "subscriber added");
+                        }
+                        self.apply(actions).await;
+                        if self.subs.upstream(channel).is_none() {
+                            self.reconcile(t).await;
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.subscribes_refused += 1;
+                        debug!(%channel, peer = %from, error = %e, "subscribe refused");
+                    }
+                }
+            }
+            Message::Unsubscribe { channel } => {
+                if self.subs.is_subscriber(from, channel) {
+                    info!(%channel, peer = %from, "subscriber removed");
+                }
+                let actions = self.subs.unsubscribe(from, channel);
+                self.apply(actions).await;
+            }
+            Message::ListChannels => self.list_channels(from).await,
+            Message::Ping { nonce } => {
+                let _ = self
+                    .transport
+                    .send_unreliable(from, Message::Pong { nonce })
+                    .await;
+            }
+            Message::Pong { .. } => {}
+            Message::Goodbye => {
+                debug!(peer = %from, "goodbye");
+                let actions = self.subs.drop_peer(from);
+                self.apply(actions).await;
+                if (self.routing.is_neighbour(from) || self.subs.upstream_hosts().contains(&from))
+                    && self.routing.is_alive(from)
+                {
+                    self.routing.mark_dead(from);
+                    self.peer_dead(t, from, "goodbye").await;
+                }
+            }
+            Message::Channels { .. } | Message::Nack { .. } => self.stats.unexpected += 1,
+        }
+    }
+
+    async fn flood(&mut self, t: Instant, from: SocketAddr, sender: NodeId, flood: Flood) {
+        if !self.routing.is_neighbour(from) {
+            self.stats.malformed += 1;
+            return;
+        }
+        let cost = self
+            .link_cost
+            .get(&from)
+            .copied()
+            .unwrap_or(DEFAULT_LINK_COST);
+        let verdict = self.routing.handle_flood(t, from, sender, &flood, cost);
+        if let Some(fwd) = verdict.forward {
+            match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
+                Ok(bytes) => {
+                    for to in verdict.to {
+                        let _ = self.transport.send_bytes(to, bytes.clone()).await;
+                    }
+                }
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    debug!(error = %e, "flood cannot be forwarded (too large)");
+                }
+            }
+        }
+        let mut changed = false;
+        for info in &flood.channels {
+            self.names
+                .entry(info.id)
+                .or_insert_with(|| info.name.clone());
+            if let Some(best) = self.routing.best_route(info.id, &[]) {
+                if self.best_via.get(&info.id) != Some(&best.via) {
+                    self.best_via.insert(info.id, best.via);
+                    info!(channel = %info.id, name = %info.name, via = %best.via,
+                        cost_us = best.cost_us, hops = best.hops, "route changed");
+                    changed = true;
+                }
+            }
+        }
+        if changed || flood.channels.iter().any(|c| self.needs_upstream(c.id)) {
+            self.reconcile(t).await;
+        }
+    }
+
+    fn needs_upstream(&self, channel: ChannelId) -> bool {
+        self.subs.is_watched(channel) && self.subs.upstream(channel).is_none()
+    }
+
+    async fn list_channels(&mut self, to: SocketAddr) {
+        let mut all: BTreeMap<ChannelId, String> = BTreeMap::new();
+        for c in &self.local {
+            all.insert(c.id, c.name.clone());
+        }
+        for c in self.routing.channels() {
+            all.entry(c.id).or_insert(c.name);
+        }
+        // Channels still flowing to us (e.g. through a fallback) while their routes are gone.
+        for (ch, _) in self.subs.snapshot() {
+            if let Some(name) = self.names.get(&ch) {
+                all.entry(ch).or_insert_with(|| name.clone());
+            }
+        }
+        let list: Vec<ChannelInfo> = all
+            .into_iter()
+            .map(|(id, name)| ChannelInfo { id, name })
+            .collect();
+        let pages: Vec<&[ChannelInfo]> = if list.is_empty() {
+            vec![&[]]
+        } else {
+            list.chunks(limits::CHANNELS).collect()
+        };
+        let n = u16::try_from(pages.len()).unwrap_or(u16::MAX);
+        for (i, page) in pages.into_iter().enumerate().take(n as usize) {
+            let msg = Message::Channels {
+                page: i as u16,
+                pages: n,
+                channels: page.to_vec(),
+            };
+            if let Err(e) = self.transport.send_unreliable(to, msg).await {
+                debug!(peer = %to, error = %e, "channel list page not sent");
+            }
+        }
+    }
+
+    async fn video(&mut self, t: Instant, from: SocketAddr, packet: VideoPacket) {
+        self.stats.video_in += 1;
+        let ch = packet.channel;
+        let accepted = match self.subs.upstream(ch) {
+            Some(Upstream::Node(u)) if u == from => {
+                self.previous.remove(&ch);
+                true
+            }
+            Some(Upstream::Node(_)) => self.previous.get(&ch) == Some(&from),
+            _ => false,
+        };
+        if !accepted {
+            self.stats.video_not_upstream += 1;
+            // Tell a sender that feeds us for nothing to stop (rate-limited), unless it is a
+            // transition in progress.
+            if !self.subs.is_watched(ch) || self.subs.is_local(ch) {
+                let due = self
+                    .unwanted
+                    .get(&(ch, from))
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= Duration::from_secs(1));
+                if due {
+                    if self.unwanted.len() > 1024 {
+                        self.unwanted.clear();
+                    }
+                    self.unwanted.insert((ch, from), t);
+                    let _ = self
+                        .transport
+                        .send_unreliable(from, Message::Unsubscribe { channel: ch })
+                        .await;
+                }
+            }
+            return;
+        }
+        self.last_video.insert(ch, t);
+        // Re-stamp the header with our id: decode (done by the transport) + encode once.
+        match Datagram::new(self.me.id, Body::Video(packet)).encode() {
+            Ok(bytes) => self.fan_out(ch, bytes).await,
+            Err(_) => self.stats.malformed += 1,
+        }
+    }
+
+    // ----- subscriptions, upstream choice, healing ------------------------------------------
+
+    /// Carries out subscription actions.
+    async fn apply(&mut self, actions: Vec<SubAction>) {
+        let t = now();
+        for a in actions {
+            match a {
+                SubAction::Subscribe(channel, up) => {
+                    info!(%channel, upstream = %up, "subscribe upstream");
+                    self.last_subscribe.insert(channel, t);
+                    self.last_video.remove(&channel);
+                    if !self.routing.is_neighbour(up) {
+                        self.routing.watch(t, up);
+                    }
+                    if let Err(e) = self
+                        .transport
+                        .send_reliable(up, Message::Subscribe { channel })
+                        .await
+                    {
+                        debug!(%channel, upstream = %up, error = %e, "subscribe not sent");
+                    }
+                }
+                SubAction::Unsubscribe(channel, up) => {
+                    info!(%channel, upstream = %up, "unsubscribe upstream");
+                    if self.subs.upstream(channel).is_none() {
+                        self.fallback.remove(&channel);
+                        self.previous.remove(&channel);
+                        self.last_subscribe.remove(&channel);
+                        self.last_video.remove(&channel);
+                    }
+                    if self.routing.is_alive(up) {
+                        let _ = self
+                            .transport
+                            .send_reliable(up, Message::Unsubscribe { channel })
+                            .await;
+                    }
+                }
+                SubAction::LocalDemand(channel, watched) => {
+                    info!(%channel, watched, "local demand");
+                    self.demand.retain(|tx| match tx.try_send((channel, watched)) {
+                        Ok(()) => true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            warn!(%channel, watched, "local demand receiver lags; event dropped");
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    });
+                }
+            }
+        }
+        self.unwatch_unused(t);
+    }
+
+    /// Stops watching non-neighbour hosts that are no longer upstream of anything.
+    fn unwatch_unused(&mut self, _t: Instant) {
+        let ups = self.subs.upstream_hosts();
+        for a in self.routing.watched_non_neighbours() {
+            if !ups.contains(&a) {
+                self.routing.unwatch(a);
+            }
+        }
+    }
+
+    /// The best route for `channel`, never through one of its subscribers (that would be a
+    /// loop) nor through `exclude`.
+    fn choose(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<crate::routing::Route> {
+        let mut ex: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+        ex.extend_from_slice(exclude);
+        self.routing.best_route(channel, &ex)
+    }
+
+    /// Moves `channel` to `to` (from its current upstream).
+    async fn switch(&mut self, channel: ChannelId, to: SocketAddr, cost_us: u64, reason: &str) {
+        let from = match self.subs.upstream(channel) {
+            Some(Upstream::Node(u)) => Some(u),
+            _ => None,
+        };
+        if from == Some(to) {
+            return;
+        }
+        let actions = self.subs.set_upstream(channel, Some(to));
+        if let Some(f) = from {
+            info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
+            self.stats.resubscriptions += 1;
+            if self.routing.is_alive(f) {
+                self.previous.insert(channel, f);
+            }
+        }
+        self.fallback.remove(&channel);
+        self.apply(actions).await;
+    }
+
+    /// A watched peer died: every channel it fed moves elsewhere; its subscriptions go.
+    async fn peer_dead(&mut self, t: Instant, peer: SocketAddr, reason: &str) {
+        info!(%peer, reason, "neighbour down");
+        let _ = self.transport.forget_peer(peer).await;
+        let actions = self.subs.drop_peer(peer);
+        self.apply(actions).await;
+        for ch in self.subs.fed_by(peer) {
+            self.stats.upstream_losses += 1;
+            warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
+            self.previous.remove(&ch);
+            self.heal(t, ch, peer).await;
+        }
+    }
+
+    /// Finds a new upstream for `channel`, whose upstream `dead` died.
+    async fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
+        if let Some(r) = self.choose(channel, &[dead]) {
+            self.switch(channel, r.via, r.cost_us, "upstream lost")
+                .await;
+            return;
+        }
+        // Catastrophic: no neighbour has a route. Go to the dead node's own upstream, taken
+        // from the last flood path seen through it (or, if the dead one was itself a fallback
+        // parent, from the path that fallback came from).
+        let path = match self.fallback.get(&channel) {
+            Some(fb) if fb.parent == dead => Some(fb.path.clone()),
+            _ => self.routing.upstream_of(dead, channel),
+        };
+        let parent = path.as_ref().and_then(|path| {
+            let idx = path.iter().position(|h| h.addr == dead)?;
+            path[..idx]
+                .iter()
+                .rev()
+                .find(|h| {
+                    h.addr != self.me.addr && h.id != self.me.id && self.routing.is_alive(h.addr)
+                })
+                .copied()
+        });
+        match (parent, path) {
+            (Some(p), Some(path)) => {
+                warn!(%channel, dead = %dead, parent = %p.addr, "catastrophic fallback");
+                self.stats.fallbacks += 1;
+                self.routing.watch(t, p.addr);
+                let actions = self.subs.set_upstream(channel, Some(p.addr));
+                self.fallback.insert(
+                    channel,
+                    Fallback {
+                        path,
+                        parent: p.addr,
+                    },
+                );
+                self.apply(actions).await;
+            }
+            _ => {
+                warn!(%channel, dead = %dead, "no route");
+                let actions = self.subs.set_upstream(channel, None);
+                self.fallback.remove(&channel);
+                self.apply(actions).await;
+            }
+        }
+    }
+
+    /// Makes every watched channel's upstream match the routes: a channel without upstream
+    /// gets the best route; a fallback gives way to a normal route as soon as one exists; a
+    /// working upstream gives way to a clearly better route (or to any route if its own route
+    /// is gone).
+    async fn reconcile(&mut self, t: Instant) {
+        for ch in self.subs.wanted() {
+            let best = self.choose(ch, &[]);
+            match self.subs.upstream(ch) {
+                Some(Upstream::Local) => {}
+                None => {
+                    if let Some(b) = best {
+                        self.switch(ch, b.via, b.cost_us, "route found").await;
+                    }
+                }
+                Some(Upstream::Node(u)) => {
+                    if !self.routing.is_alive(u) {
+                        self.heal(t, ch, u).await;
+                        continue;
+                    }
+                    let Some(b) = best else { continue };
+                    if b.via == u {
+                        continue;
+                    }
+                    if self.fallback.contains_key(&ch) {
+                        self.switch(ch, b.via, b.cost_us, "normal route back").await;
+                        continue;
+                    }
+                    match self.routing.route_via(ch, u) {
+                        None => {
+                            self.switch(ch, b.via, b.cost_us, "route via upstream gone")
+                                .await
+                        }
+                        Some(cur) => {
+                            if b.cost_us.saturating_mul(100)
+                                <= cur.cost_us.saturating_mul(self.cfg.switch_percent)
+                            {
+                                self.switch(ch, b.via, b.cost_us, "better route").await;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- timers -------------------------------------------------------------------------
+
+    async fn housekeeping(&mut self) {
+        let t = now();
+        self.routing.expire(t);
+        for peer in self.routing.poll_dead(t) {
+            self.peer_dead(t, peer, "silent").await;
+        }
+        let expired = self.subs.expire(t);
+        for (channel, peer) in &expired.dropped {
+            info!(%channel, %peer, "subscriber expired");
+        }
+        self.apply(expired.actions).await;
+        self.flood_if_due(t).await;
+        if t >= self.next_ping {
+            self.next_ping = t + self.cfg.ping_interval;
+            self.ping(t).await;
+        }
+        self.reconcile(t).await;
+        self.resubscribe_stalled(t).await;
+        if t >= self.next_stats {
+            self.next_stats = t + self.cfg.flood_interval;
+            let s = self.routing.stats();
+            debug!(
+                received = s.received,
+                forwarded = s.forwarded,
+                messages_out = s.messages_out,
+                suppressed = s.suppressed,
+                loops = s.loops,
+                originated = self.stats.floods_originated,
+                routes = self.routing.routes().count(),
+                "flood_stats"
+            );
+        }
+    }
+
+    async fn flood_if_due(&mut self, t: Instant) {
+        if self.local.is_empty() || t < self.next_flood {
+            return;
+        }
+        self.next_flood = t + self.cfg.flood_interval;
+        let flood = self.origin.next_flood(&self.local);
+        match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(flood))).encode() {
+            Ok(bytes) => {
+                self.stats.floods_originated += 1;
+                let to: Vec<SocketAddr> =
+                    self.routing.neighbours().iter().map(|n| n.addr).collect();
+                for n in to {
+                    let _ = self.transport.send_bytes(n, bytes.clone()).await;
+                }
+            }
+            Err(e) => {
+                self.stats.malformed += 1;
+                warn!(error = %e, "flood too large to send; shorten channel names");
+            }
+        }
+    }
+
+    /// Pings neighbours (reliably while alive: the ack feeds the RTT estimate, the pong proves
+    /// liveness; once if dead, to notice a return) and every upstream that is not a neighbour
+    /// (the pings also keep our subscriptions there alive). Refreshes the cached link costs.
+    async fn ping(&mut self, _t: Instant) {
+        let mut targets: Vec<SocketAddr> =
+            self.routing.neighbours().iter().map(|n| n.addr).collect();
+        for u in self.subs.upstream_hosts() {
+            if !targets.contains(&u) {
+                targets.push(u);
+            }
+        }
+        for p in targets {
+            self.nonce = self.nonce.wrapping_add(1);
+            let msg = Message::Ping { nonce: self.nonce };
+            if self.routing.is_alive(p) {
+                let _ = self.transport.send_reliable(p, msg).await;
+            } else {
+                let _ = self.transport.send_unreliable(p, msg).await;
+            }
+            if let Ok(Some(rtt)) = self.transport.rtt(p).await {
+                self.link_cost
+                    .insert(p, rtt.srtt.max(Duration::from_micros(1)));
+            }
+        }
+    }
+
+    /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.
+    async fn resubscribe_stalled(&mut self, t: Instant) {
+        let after = self.cfg.resubscribe_after;
+        let mut stalled = Vec::new();
+        for ch in self.subs.wanted() {
+            if let Some(Upstream::Node(u)) = self.subs.upstream(ch) {
+                let quiet = self
+                    .last_video
+                    .get(&ch)
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
+                let not_recent = self
+                    .last_subscribe
+                    .get(&ch)
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
+                if quiet && not_recent && self.routing.is_alive(u) {
+                    stalled.push((ch, u));
+                }
+            }
+        }
+        for (channel, u) in stalled {
+            debug!(%channel, upstream = %u, "no video lately; subscribe again");
+            self.last_subscribe.insert(channel, t);
+            let _ = self
+                .transport
+                .send_reliable(u, Message::Subscribe { channel })
+                .await;
+        }
+    }
+}

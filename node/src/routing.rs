@@ -1,0 +1,661 @@
+//! The routing table: what floods taught this host about the way to each channel. I/O-free.
+//!
+//! [`RoutingTable::handle_flood`] implements the flood rules of `report/protocol.md`:
+//! loop check (own id on the path → ignore), one *route* per `(channel, via neighbour, origin)`
+//! with its cost, hop count and path, and duplicate suppression by `(origin, seq)` so that a
+//! flood round costs at most one message per directed edge. Routes expire after
+//! [`RoutingConfig::route_ttl`] without refresh ([`RoutingTable::expire`]).
+//!
+//! The table also tracks the liveness of its neighbours (and of any other peer the relay asks it
+//! to watch, such as a catastrophic-fallback upstream): [`RoutingTable::heard_from`] on every
+//! datagram, [`RoutingTable::poll_dead`] to learn who went silent. And it remembers, per
+//! neighbour and channel, the path of the last flood seen through that neighbour, so that when
+//! the neighbour dies the relay can reach *its* parent ([`RoutingTable::upstream_of`]).
+//!
+//! [`FloodOrigin`] builds a server's periodic floods.
+
+use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
+use common::NodeId;
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// The cost of a link whose RTT has not been measured yet (`DEFAULT_LINK_COST` in the protocol).
+pub const DEFAULT_LINK_COST: Duration = Duration::from_millis(1);
+
+/// How many flood rounds behind the newest one a `(origin, seq)` is still remembered exactly.
+const SEQ_WINDOW: u64 = 64;
+
+/// A sequence number this far *below* the newest one of its origin means the origin restarted
+/// (with a fresh sequence start): the window is reset instead of suppressing its floods.
+const SEQ_RESTART_GAP: u64 = 1024;
+
+/// Tuning of a [`RoutingTable`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutingConfig {
+    /// A route not refreshed by a flood for this long is dropped (3.5 × the flood interval).
+    pub route_ttl: Duration,
+    /// A watched peer not heard from for this long is declared dead.
+    pub neighbour_timeout: Duration,
+    /// Most origins whose flood sequence numbers are remembered (duplicate suppression memory);
+    /// past it the least recently heard origin is forgotten.
+    pub max_origins: usize,
+    /// Most routes stored; floods that would add more are still forwarded, but their new routes
+    /// are not recorded (and counted in [`FloodStats::routes_refused`]).
+    pub max_routes: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            route_ttl: Duration::from_millis(3500),
+            neighbour_timeout: Duration::from_secs(3),
+            max_origins: 1024,
+            max_routes: 16 * 1024,
+        }
+    }
+}
+
+/// One way to a channel: through neighbour `via`, towards the server `origin`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Route {
+    /// The channel.
+    pub channel: ChannelId,
+    /// The neighbour the flood came from (where to subscribe).
+    pub via: SocketAddr,
+    /// That neighbour's id.
+    pub via_id: NodeId,
+    /// The server that originated the flood.
+    pub origin: NodeId,
+    /// Path cost to the origin, in microseconds (sum of link RTTs, our link to `via` included).
+    pub cost_us: u64,
+    /// Hops to the origin (`path.len()`).
+    pub hops: usize,
+    /// The flood's path, origin first, `via` last.
+    pub path: Vec<PathHop>,
+    /// When a flood last refreshed it.
+    pub last_seen: Instant,
+}
+
+impl Route {
+    /// The ordering key of routes: lower is better. Load is not measured yet, so ties on
+    /// `(cost, hops)` are broken by the neighbour's address, to stay deterministic.
+    pub fn key(&self) -> (u64, usize, SocketAddr) {
+        (self.cost_us, self.hops, self.via)
+    }
+}
+
+/// What to do with a received flood.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct FloodVerdict {
+    /// The flood to forward (cost updated to ours, ourselves appended to the path), or `None`
+    /// (duplicate, loop, malformed, path full).
+    pub forward: Option<Flood>,
+    /// Where to send `forward`: every neighbour except the sender and those on the path.
+    pub to: Vec<SocketAddr>,
+}
+
+/// Flood counters of a [`RoutingTable`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FloodStats {
+    /// Floods handed to [`RoutingTable::handle_flood`].
+    pub received: u64,
+    /// Floods forwarded (one per `(origin, seq)` at most).
+    pub forwarded: u64,
+    /// Flood messages sent (sum of the verdicts' `to` lengths).
+    pub messages_out: u64,
+    /// Duplicates of an `(origin, seq)` already forwarded (routes were still refreshed).
+    pub suppressed: u64,
+    /// Floods whose path already held our id.
+    pub loops: u64,
+    /// Floods that make no sense (empty path, path not ending with the sender, origin not first,
+    /// from a host that is not a neighbour).
+    pub malformed: u64,
+    /// Floods not forwarded because their path is full ([`limits::FLOOD_PATH`]).
+    pub path_full: u64,
+    /// New routes not recorded because the table is full.
+    pub routes_refused: u64,
+}
+
+/// Per-origin duplicate memory: the newest sequence number and a bitmap of the ones below it.
+#[derive(Debug, Clone, Copy)]
+struct SeqWindow {
+    highest: u64,
+    /// Bit `d` set: `highest - d` was seen.
+    mask: u64,
+    last: Instant,
+}
+
+impl SeqWindow {
+    fn new(seq: u64, now: Instant) -> SeqWindow {
+        SeqWindow {
+            highest: seq,
+            mask: 1,
+            last: now,
+        }
+    }
+
+    /// Records `seq`; `true` if it was new.
+    fn check(&mut self, seq: u64, now: Instant) -> bool {
+        self.last = now;
+        if seq > self.highest {
+            let shift = seq - self.highest;
+            self.mask = if shift >= SEQ_WINDOW {
+                0
+            } else {
+                self.mask << shift
+            };
+            self.mask |= 1;
+            self.highest = seq;
+            return true;
+        }
+        let d = self.highest - seq;
+        if d < SEQ_WINDOW {
+            let bit = 1u64 << d;
+            let new = self.mask & bit == 0;
+            self.mask |= bit;
+            new
+        } else if d > SEQ_RESTART_GAP {
+            // The origin restarted with another sequence start.
+            *self = SeqWindow::new(seq, now);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    last_heard: Instant,
+    alive: bool,
+    /// A topology neighbour (never forgotten), or a peer watched on request.
+    neighbour: bool,
+    /// Heard from at least once.
+    heard: bool,
+}
+
+#[derive(Debug, Clone)]
+struct LastPath {
+    path: Vec<PathHop>,
+    seen: Instant,
+}
+
+/// The routing table of one host (see the module documentation).
+#[derive(Debug, Clone)]
+pub struct RoutingTable {
+    me: PathHop,
+    cfg: RoutingConfig,
+    neighbours: Vec<PathHop>,
+    peers: HashMap<SocketAddr, Liveness>,
+    origins: HashMap<NodeId, SeqWindow>,
+    routes: HashMap<(ChannelId, SocketAddr, NodeId), Route>,
+    names: BTreeMap<ChannelId, String>,
+    last_paths: HashMap<(SocketAddr, ChannelId), LastPath>,
+    stats: FloodStats,
+}
+
+impl RoutingTable {
+    /// A table for the host `me` with the topology `neighbours`, all presumed alive at `now`.
+    pub fn new(now: Instant, me: PathHop, neighbours: &[PathHop], cfg: RoutingConfig) -> Self {
+        let mut nbrs: Vec<PathHop> = Vec::new();
+        for n in neighbours {
+            if n.addr != me.addr && !nbrs.iter().any(|m| m.addr == n.addr) {
+                nbrs.push(*n);
+            }
+        }
+        let peers = nbrs
+            .iter()
+            .map(|n| {
+                (
+                    n.addr,
+                    Liveness {
+                        last_heard: now,
+                        alive: true,
+                        neighbour: true,
+                        heard: false,
+                    },
+                )
+            })
+            .collect();
+        RoutingTable {
+            me,
+            cfg,
+            neighbours: nbrs,
+            peers,
+            origins: HashMap::new(),
+            routes: HashMap::new(),
+            names: BTreeMap::new(),
+            last_paths: HashMap::new(),
+            stats: FloodStats::default(),
+        }
+    }
+
+    /// This host.
+    pub fn me(&self) -> PathHop {
+        self.me
+    }
+
+    /// The topology neighbours.
+    pub fn neighbours(&self) -> &[PathHop] {
+        &self.neighbours
+    }
+
+    /// Whether `addr` is a topology neighbour.
+    pub fn is_neighbour(&self, addr: SocketAddr) -> bool {
+        self.neighbours.iter().any(|n| n.addr == addr)
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> FloodStats {
+        self.stats
+    }
+
+    /// Handles a flood received from neighbour `from` (id `from_id`) over a link of cost
+    /// `link_cost` (its smoothed RTT, or [`DEFAULT_LINK_COST`]): records the routes it
+    /// announces and says whether and where to forward it. Never panics on hostile input.
+    pub fn handle_flood(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        from_id: NodeId,
+        flood: &Flood,
+        link_cost: Duration,
+    ) -> FloodVerdict {
+        self.stats.received += 1;
+        let (Some(first), Some(last)) = (flood.path.first(), flood.path.last()) else {
+            self.stats.malformed += 1;
+            return FloodVerdict::default();
+        };
+        if last.id != from_id || first.id != flood.origin || !self.is_neighbour(from) {
+            self.stats.malformed += 1;
+            return FloodVerdict::default();
+        }
+        if flood
+            .path
+            .iter()
+            .any(|h| h.id == self.me.id || h.addr == self.me.addr)
+        {
+            self.stats.loops += 1;
+            return FloodVerdict::default();
+        }
+        self.heard_from(now, from);
+        let link_us = u64::try_from(link_cost.as_micros())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let cost_us = flood.cost_us.saturating_add(link_us);
+        for info in &flood.channels {
+            let key = (info.id, from, flood.origin);
+            let route = Route {
+                channel: info.id,
+                via: from,
+                via_id: from_id,
+                origin: flood.origin,
+                cost_us,
+                hops: flood.path.len(),
+                path: flood.path.clone(),
+                last_seen: now,
+            };
+            if self.routes.len() >= self.cfg.max_routes && !self.routes.contains_key(&key) {
+                self.stats.routes_refused += 1;
+                continue;
+            }
+            self.routes.insert(key, route);
+            if !self.names.contains_key(&info.id) && self.names.len() < self.cfg.max_routes {
+                self.names.insert(info.id, info.name.clone());
+            }
+            self.last_paths.insert(
+                (from, info.id),
+                LastPath {
+                    path: flood.path.clone(),
+                    seen: now,
+                },
+            );
+        }
+        if !self.first_time(flood.origin, flood.seq, now) {
+            self.stats.suppressed += 1;
+            return FloodVerdict::default();
+        }
+        if flood.path.len() >= limits::FLOOD_PATH {
+            self.stats.path_full += 1;
+            return FloodVerdict::default();
+        }
+        let to: Vec<SocketAddr> = self
+            .neighbours
+            .iter()
+            .filter(|n| n.addr != from && !flood.path.iter().any(|h| h.id == n.id))
+            .map(|n| n.addr)
+            .collect();
+        if to.is_empty() {
+            return FloodVerdict::default();
+        }
+        let mut path = flood.path.clone();
+        path.push(self.me);
+        self.stats.forwarded += 1;
+        self.stats.messages_out += to.len() as u64;
+        FloodVerdict {
+            forward: Some(Flood {
+                origin: flood.origin,
+                seq: flood.seq,
+                cost_us,
+                path,
+                channels: flood.channels.clone(),
+            }),
+            to,
+        }
+    }
+
+    /// Records `(origin, seq)`; `true` the first time.
+    fn first_time(&mut self, origin: NodeId, seq: u64, now: Instant) -> bool {
+        if let Some(w) = self.origins.get_mut(&origin) {
+            return w.check(seq, now);
+        }
+        if self.origins.len() >= self.cfg.max_origins.max(1) {
+            if let Some(oldest) = self
+                .origins
+                .iter()
+                .min_by_key(|(_, w)| w.last)
+                .map(|(o, _)| *o)
+            {
+                self.origins.remove(&oldest);
+            }
+        }
+        self.origins.insert(origin, SeqWindow::new(seq, now));
+        true
+    }
+
+    /// Drops routes not refreshed for [`RoutingConfig::route_ttl`] (and remembered paths much
+    /// older than that); returns how many routes were dropped.
+    pub fn expire(&mut self, now: Instant) -> usize {
+        let ttl = self.cfg.route_ttl;
+        let before = self.routes.len();
+        self.routes
+            .retain(|_, r| now.saturating_duration_since(r.last_seen) <= ttl);
+        let keep_paths = ttl * 20;
+        self.last_paths
+            .retain(|_, p| now.saturating_duration_since(p.seen) <= keep_paths);
+        let live: std::collections::HashSet<ChannelId> =
+            self.routes.keys().map(|(c, _, _)| *c).collect();
+        self.names.retain(|c, _| live.contains(c));
+        before - self.routes.len()
+    }
+
+    /// The best route to `channel` not via any address of `exclude`: lowest
+    /// [`Route::key`] `(cost, hops, via)`. Routes via dead peers are removed when they die, so
+    /// they never show up here.
+    pub fn best_route(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<Route> {
+        self.routes
+            .values()
+            .filter(|r| r.channel == channel && !exclude.contains(&r.via))
+            .min_by_key(|r| r.key())
+            .cloned()
+    }
+
+    /// The best route to `channel` via the neighbour `via`, if any.
+    pub fn route_via(&self, channel: ChannelId, via: SocketAddr) -> Option<Route> {
+        self.routes
+            .values()
+            .filter(|r| r.channel == channel && r.via == via)
+            .min_by_key(|r| r.key())
+            .cloned()
+    }
+
+    /// Every route (for inspection and tests), in no particular order.
+    pub fn routes(&self) -> impl Iterator<Item = &Route> {
+        self.routes.values()
+    }
+
+    /// The channels this host can get through its routes (names as announced), by id.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let mut ids: Vec<ChannelId> = self.routes.keys().map(|(c, _, _)| *c).collect();
+        ids.sort();
+        ids.dedup();
+        ids.into_iter()
+            .map(|id| ChannelInfo {
+                id,
+                name: self.names.get(&id).cloned().unwrap_or_default(),
+            })
+            .collect()
+    }
+
+    /// The name announced for `channel`, if any route carries it.
+    pub fn channel_name(&self, channel: ChannelId) -> Option<&str> {
+        self.names.get(&channel).map(String::as_str)
+    }
+
+    /// The path (origin first, `via` last) of the last flood for `channel` seen through the
+    /// neighbour `via` — kept after `via` dies, so that the catastrophic fallback can find its
+    /// parent (`path[len - 2]`).
+    pub fn upstream_of(&self, via: SocketAddr, channel: ChannelId) -> Option<Vec<PathHop>> {
+        self.last_paths.get(&(via, channel)).map(|p| p.path.clone())
+    }
+
+    /// Records that `addr` was heard from at `now` (any datagram). Returns `true` if it is a
+    /// watched peer heard for the first time, or considered dead and now alive again.
+    pub fn heard_from(&mut self, now: Instant, addr: SocketAddr) -> bool {
+        match self.peers.get_mut(&addr) {
+            Some(l) => {
+                l.last_heard = l.last_heard.max(now);
+                let revived = !l.alive || !l.heard;
+                l.alive = true;
+                l.heard = true;
+                revived
+            }
+            None => false,
+        }
+    }
+
+    /// Starts watching the liveness of a peer that is not a topology neighbour (e.g. a
+    /// catastrophic-fallback upstream), presumed alive at `now`. No effect on a watched peer.
+    pub fn watch(&mut self, now: Instant, addr: SocketAddr) {
+        self.peers.entry(addr).or_insert(Liveness {
+            last_heard: now,
+            alive: true,
+            neighbour: false,
+            heard: false,
+        });
+    }
+
+    /// Stops watching a peer added with [`watch`](Self::watch) (neighbours stay watched).
+    pub fn unwatch(&mut self, addr: SocketAddr) {
+        if self.peers.get(&addr).is_some_and(|l| !l.neighbour) {
+            self.peers.remove(&addr);
+        }
+    }
+
+    /// The watched peers that are not topology neighbours.
+    pub fn watched_non_neighbours(&self) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, l)| !l.neighbour)
+            .map(|(a, _)| *a)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Whether a watched peer is alive (`true` for peers that are not watched: nothing says
+    /// otherwise).
+    pub fn is_alive(&self, addr: SocketAddr) -> bool {
+        self.peers.get(&addr).is_none_or(|l| l.alive)
+    }
+
+    /// Watched peers silent for more than the neighbour timeout at `now` (dead or about to be
+    /// declared so).
+    pub fn dead_neighbours(&self, now: Instant) -> Vec<SocketAddr> {
+        let mut v: Vec<SocketAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, l)| {
+                !l.alive || now.saturating_duration_since(l.last_heard) > self.cfg.neighbour_timeout
+            })
+            .map(|(a, _)| *a)
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Declares dead every watched peer silent for more than the neighbour timeout that was
+    /// still alive, removes the routes through it, and returns them (each death is reported
+    /// once; the peer is alive again as soon as it is heard from).
+    pub fn poll_dead(&mut self, now: Instant) -> Vec<SocketAddr> {
+        let timeout = self.cfg.neighbour_timeout;
+        let mut dead: Vec<SocketAddr> = self
+            .peers
+            .iter()
+            .filter(|(_, l)| l.alive && now.saturating_duration_since(l.last_heard) > timeout)
+            .map(|(a, _)| *a)
+            .collect();
+        dead.sort();
+        for a in &dead {
+            self.mark_dead(*a);
+        }
+        dead
+    }
+
+    /// Declares `addr` dead now (e.g. a reliable message to it timed out, or it said goodbye):
+    /// removes the routes through it. Returns `true` if it was alive (or not watched).
+    pub fn mark_dead(&mut self, addr: SocketAddr) -> bool {
+        self.routes.retain(|(_, via, _), _| *via != addr);
+        match self.peers.get_mut(&addr) {
+            Some(l) => std::mem::replace(&mut l.alive, false),
+            None => true,
+        }
+    }
+}
+
+/// Builds a server's periodic floods: `origin = me`, `cost_us = 0`, `path = [me]`, with a
+/// sequence number that increases by one per round.
+#[derive(Debug, Clone)]
+pub struct FloodOrigin {
+    me: PathHop,
+    seq: u64,
+}
+
+impl FloodOrigin {
+    /// Floods from `me`, the first with sequence number `first_seq`. Use a random start (the
+    /// relay does) so that a restarted server is not taken for a duplicate of its former self.
+    pub fn new(me: PathHop, first_seq: u64) -> FloodOrigin {
+        FloodOrigin { me, seq: first_seq }
+    }
+
+    /// The next round's flood announcing `channels` (at most [`limits::CHANNELS`] of them are
+    /// announced; the rest are cut).
+    pub fn next_flood(&mut self, channels: &[ChannelInfo]) -> Flood {
+        let seq = self.seq;
+        self.seq = self.seq.wrapping_add(1);
+        Flood {
+            origin: self.me.id,
+            seq,
+            cost_us: 0,
+            path: vec![self.me],
+            channels: channels.iter().take(limits::CHANNELS).cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hop(n: u8) -> PathHop {
+        let addr: SocketAddr = format!("127.0.0.{n}:8010").parse().unwrap();
+        PathHop {
+            id: NodeId(n as u64),
+            addr,
+        }
+    }
+
+    fn chan(name: &str) -> ChannelInfo {
+        ChannelInfo {
+            id: ChannelId::of_name(name),
+            name: name.into(),
+        }
+    }
+
+    #[test]
+    fn seq_window_suppresses_duplicates_and_accepts_restarts() {
+        let t = Instant::now();
+        let mut w = SeqWindow::new(100, t);
+        assert!(!w.check(100, t));
+        assert!(w.check(101, t));
+        assert!(w.check(99, t));
+        assert!(!w.check(99, t));
+        assert!(!w.check(101 - SEQ_WINDOW - 5, t), "too old");
+        assert!(w.check(1_000_000, t));
+        assert!(w.check(3, t), "restart");
+        assert!(!w.check(3, t));
+    }
+
+    #[test]
+    fn flood_is_recorded_forwarded_once_and_loops_ignored() {
+        let t = Instant::now();
+        // me = 2, neighbours 1 (server side), 3, 4.
+        let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3), hop(4)], Default::default());
+        let mut origin = FloodOrigin::new(hop(1), 7);
+        let f = origin.next_flood(&[chan("news")]);
+        let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, Duration::from_micros(300));
+        let fwd = v.forward.expect("forwarded");
+        assert_eq!(fwd.cost_us, 300);
+        assert_eq!(fwd.path, vec![hop(1), hop(2)]);
+        assert_eq!(v.to, vec![hop(3).addr, hop(4).addr]);
+        // Same round again via 3 (path 1,3): route recorded, not forwarded.
+        let mut f3 = f.clone();
+        f3.path.push(hop(3));
+        f3.cost_us = 500;
+        let v = rt.handle_flood(t, hop(3).addr, hop(3).id, &f3, Duration::from_micros(100));
+        assert!(v.forward.is_none());
+        assert_eq!(rt.stats().suppressed, 1);
+        let best = rt.best_route(chan("news").id, &[]).unwrap();
+        assert_eq!(best.via, hop(1).addr);
+        let alt = rt.best_route(chan("news").id, &[hop(1).addr]).unwrap();
+        assert_eq!((alt.via, alt.cost_us, alt.hops), (hop(3).addr, 600, 2));
+        // A flood that already went through us is a loop.
+        let mut lp = f.clone();
+        lp.path = vec![hop(1), hop(2), hop(4)];
+        rt.handle_flood(t, hop(4).addr, hop(4).id, &lp, DEFAULT_LINK_COST);
+        assert_eq!(rt.stats().loops, 1);
+        // Malformed: path does not end with the sender; sender not a neighbour.
+        rt.handle_flood(t, hop(4).addr, hop(4).id, &f, DEFAULT_LINK_COST);
+        let mut nb = f.clone();
+        nb.path.push(hop(9));
+        rt.handle_flood(t, hop(9).addr, hop(9).id, &nb, DEFAULT_LINK_COST);
+        assert_eq!(rt.stats().malformed, 2);
+        assert_eq!(rt.channels(), vec![chan("news")]);
+        assert_eq!(
+            rt.upstream_of(hop(3).addr, chan("news").id).unwrap(),
+            vec![hop(1), hop(3)]
+        );
+    }
+
+    #[test]
+    fn routes_expire_and_die_with_their_neighbour() {
+        let t = Instant::now();
+        let cfg = RoutingConfig::default();
+        let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], cfg.clone());
+        let f = FloodOrigin::new(hop(1), 0).next_flood(&[chan("a")]);
+        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        assert!(rt.best_route(chan("a").id, &[]).is_some());
+        assert_eq!(rt.expire(t + cfg.route_ttl), 0);
+        assert_eq!(rt.expire(t + cfg.route_ttl + Duration::from_millis(1)), 1);
+        assert!(rt.best_route(chan("a").id, &[]).is_none());
+        assert!(rt.channels().is_empty());
+        // Liveness: 3 stays silent, 1 keeps talking.
+        let later = t + cfg.neighbour_timeout + Duration::from_millis(1);
+        rt.heard_from(later, hop(1).addr);
+        assert_eq!(rt.dead_neighbours(later), vec![hop(3).addr]);
+        assert_eq!(rt.poll_dead(later), vec![hop(3).addr]);
+        assert!(rt.poll_dead(later).is_empty(), "reported once");
+        assert!(!rt.is_alive(hop(3).addr));
+        assert!(rt.heard_from(later, hop(3).addr), "revived");
+        assert!(rt.is_alive(hop(3).addr));
+        // Non-neighbours can be watched and unwatched.
+        rt.watch(later, hop(7).addr);
+        assert_eq!(rt.watched_non_neighbours(), vec![hop(7).addr]);
+        rt.unwatch(hop(7).addr);
+        rt.unwatch(hop(1).addr);
+        assert!(rt.watched_non_neighbours().is_empty());
+        assert!(rt.is_neighbour(hop(1).addr));
+    }
+}

@@ -1,0 +1,542 @@
+//! The relay end to end over loopback: the real bootstrapper `run()` in-process, real `node`
+//! binaries, a fake server in-process (`join_overlay` + `Relay` with a local channel fed with
+//! numbered chunks every 10 ms) and a fake client (a `Transport` speaking the wire protocol).
+//!
+//! Address blocks: 127.0.51.* (chain), 127.0.52.* (square failover), 127.0.53.* (catastrophic).
+
+use bytes::Bytes;
+use common::host::{join_overlay, OverlayArgs};
+use common::topology::Topology;
+use common::transport::{Incoming, Transport, TransportConfig};
+use common::wire::{ChannelId, ChannelInfo, Message};
+use common::NodeId;
+use node::{Relay, RelayConfig};
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const CHANNEL: &str = "testcard";
+
+/// Starts the bootstrapper on `<prefix>.250` (ephemeral port) for `topology`.
+fn start_bootstrapper(
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    topology: &str,
+    overlay_port: u16,
+) -> (u16, CancellationToken) {
+    let (topology, _) = Topology::parse(topology).unwrap();
+    let shutdown = CancellationToken::new();
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(format!("{prefix}.250:0")))
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = tokio::sync::watch::channel(Arc::new(topology));
+    std::mem::forget(tx);
+    rt.spawn(bootstrapper::run(
+        listener,
+        rx,
+        bootstrapper::Config {
+            overlay_port,
+            ..Default::default()
+        },
+        shutdown.clone(),
+    ));
+    (port, shutdown)
+}
+
+/// A real `node` process; killed when dropped.
+struct Daemon {
+    child: Child,
+    lines: std_mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Daemon {
+    fn start(ip: &str, port: u16, prefix: &str, bootstrapper_port: u16) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_node"))
+            .args(["--ip", ip, "--port", &port.to_string()])
+            .args(["--bootstrapper", &format!("{prefix}.250")])
+            .args(["--bootstrapper-port", &bootstrapper_port.to_string()])
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std_mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+        Daemon {
+            child,
+            lines,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a log line containing every one of `parts` (lines already seen count too).
+    fn expect(&mut self, parts: &[&str], within: Duration) -> String {
+        if let Some(l) = self
+            .seen
+            .iter()
+            .find(|l| parts.iter().all(|p| l.contains(p)))
+        {
+            return l.clone();
+        }
+        let t0 = Instant::now();
+        while t0.elapsed() < within {
+            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
+                self.seen.push(line.clone());
+                if parts.iter().all(|p| line.contains(p)) {
+                    return line;
+                }
+            }
+        }
+        panic!(
+            "no line with {parts:?} within {within:?}; saw:\n{}",
+            self.seen.join("\n")
+        );
+    }
+
+    fn drain(&mut self) {
+        while let Ok(line) = self.lines.try_recv() {
+            self.seen.push(line);
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        // RELAY_TEST_LOGS=1 prints every daemon's log (for diagnosing a failure or timing).
+        if std::env::var_os("RELAY_TEST_LOGS").is_some() {
+            self.drain();
+            for l in &self.seen {
+                println!("{l}");
+            }
+        }
+    }
+}
+
+/// The in-process server: a relay with one local channel, fed a numbered 1316-byte chunk
+/// every 10 ms (chunk `i` carries `i` in its first 8 bytes, and gets sequence number `i`).
+struct Server {
+    relay: Relay,
+    demand: mpsc::Receiver<(ChannelId, bool)>,
+}
+
+async fn start_server(
+    ip: &str,
+    port: u16,
+    prefix: &str,
+    bootstrapper_port: u16,
+    shutdown: &CancellationToken,
+) -> Server {
+    let args = OverlayArgs {
+        ip: ip.parse().unwrap(),
+        port,
+        bootstrapper: format!("{prefix}.250").parse().unwrap(),
+        bootstrapper_port,
+        impair: vec![],
+    };
+    let joined = join_overlay(&args, shutdown).await.unwrap();
+    let (relay, _task) = Relay::spawn(joined, RelayConfig::default(), shutdown.clone());
+    let demand = relay.local_demand();
+    relay
+        .set_local_channels(vec![ChannelInfo {
+            id: ChannelId::of_name(CHANNEL),
+            name: CHANNEL.into(),
+        }])
+        .await;
+    let feeder = relay.clone();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(10));
+        let mut i = 0u64;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    let mut chunk = vec![0x47u8; 1316];
+                    chunk[..8].copy_from_slice(&i.to_le_bytes());
+                    feeder.send_local_video(ChannelId::of_name(CHANNEL), Bytes::from(chunk), i % 50 == 0).await;
+                    i += 1;
+                }
+            }
+        }
+    });
+    Server { relay, demand }
+}
+
+/// A fake client: pings its PoP every 0.5 s (until `stop_pings`), lists, subscribes, and
+/// records `(arrival, seq, counter in payload, sender)` of every video datagram.
+struct Client {
+    transport: Transport,
+    incoming: mpsc::Receiver<Incoming>,
+    pop: SocketAddr,
+    stop_pings: CancellationToken,
+}
+
+impl Client {
+    async fn start(ip: &str, pop: SocketAddr, shutdown: &CancellationToken) -> Client {
+        let socket = tokio::net::UdpSocket::bind(format!("{ip}:0"))
+            .await
+            .unwrap();
+        let (transport, incoming, _task) = Transport::spawn(
+            socket,
+            NodeId::random(),
+            TransportConfig::default(),
+            shutdown.clone(),
+        )
+        .unwrap();
+        let stop_pings = shutdown.child_token();
+        let (t, stop) = (transport.clone(), stop_pings.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            let mut nonce = 0;
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tick.tick() => {
+                        nonce += 1;
+                        let _ = t.send_unreliable(pop, Message::Ping { nonce }).await;
+                    }
+                }
+            }
+        });
+        Client {
+            transport,
+            incoming,
+            pop,
+            stop_pings,
+        }
+    }
+
+    /// Lists channels until the PoP offers ours, then subscribes.
+    async fn list_and_subscribe(&mut self, within: Duration) -> Duration {
+        let t0 = Instant::now();
+        let ch = ChannelId::of_name(CHANNEL);
+        let mut got_pong = false;
+        loop {
+            assert!(
+                t0.elapsed() < within,
+                "{} never listed {CHANNEL} (pong seen: {got_pong})",
+                self.pop
+            );
+            self.transport
+                .send_unreliable(self.pop, Message::ListChannels)
+                .await
+                .unwrap();
+            let until = tokio::time::Instant::now() + Duration::from_millis(300);
+            while let Ok(Some(item)) = tokio::time::timeout_at(until, self.incoming.recv()).await {
+                match item {
+                    Incoming::Message {
+                        msg: Message::Pong { .. },
+                        ..
+                    } => got_pong = true,
+                    Incoming::Message {
+                        msg:
+                            Message::Channels {
+                                channels,
+                                page,
+                                pages,
+                            },
+                        ..
+                    } => {
+                        assert!(page < pages);
+                        if channels.iter().any(|c| c.id == ch && c.name == CHANNEL) {
+                            self.transport
+                                .send_reliable(self.pop, Message::Subscribe { channel: ch })
+                                .await
+                                .unwrap();
+                            return t0.elapsed();
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Receives video until `n` datagrams arrived (or `within` passed); returns
+    /// `(arrival, seq, counter, sender)` per datagram.
+    async fn receive(&mut self, n: usize, within: Duration) -> Vec<(Instant, u64, u64, NodeId)> {
+        let deadline = tokio::time::Instant::now() + within;
+        let mut out = Vec::new();
+        while out.len() < n {
+            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
+                Ok(Some(Incoming::Video { sender, packet, .. })) => {
+                    assert_eq!(packet.channel, ChannelId::of_name(CHANNEL));
+                    let mut c = [0u8; 8];
+                    c.copy_from_slice(&packet.payload[..8]);
+                    out.push((Instant::now(), packet.seq, u64::from_le_bytes(c), sender));
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+/// Asserts sequence numbers are increasing, equal to the payload counters, and the stream is
+/// nearly complete; returns the longest silence between two datagrams.
+fn check_stream(v: &[(Instant, u64, u64, NodeId)], pop_id: NodeId) -> Duration {
+    assert!(!v.is_empty());
+    let mut gap = Duration::ZERO;
+    for w in v.windows(2) {
+        assert!(w[1].1 > w[0].1, "out of order: {} then {}", w[0].1, w[1].1);
+        gap = gap.max(w[1].0 - w[0].0);
+    }
+    for (_, seq, counter, sender) in v {
+        assert_eq!(
+            seq, counter,
+            "the server's sequence numbers are kept end to end"
+        );
+        assert_eq!(
+            *sender, pop_id,
+            "the PoP re-stamps the header with its own id"
+        );
+    }
+    gap
+}
+
+/// The longest silence in a stream received after a kill (arrival times are taken as the test
+/// reads them, so only datagrams read after the kill are used, and the silence from the kill
+/// to the first of them counts), and when the stream came back
+/// relative to the kill.
+fn failover_gap(after: &[(Instant, u64, u64, NodeId)], killed: Instant) -> (Duration, Duration) {
+    let first = after.first().map(|a| a.0 - killed).unwrap_or_default();
+    let mut best = (first, first);
+    for w in after.windows(2) {
+        let g = w[1].0 - w[0].0;
+        if g > best.0 {
+            best = (g, w[1].0 - killed);
+        }
+    }
+    best
+}
+
+fn pop_id(ip: &str) -> NodeId {
+    NodeId::for_ip(ip.parse::<IpAddr>().unwrap())
+}
+
+#[test]
+fn chain_streams_in_order_and_a_silent_client_is_dropped() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const P: &str = "127.0.51";
+    const PORT: u16 = 18051;
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        P,
+        "\"127.0.51.1\" = [\"127.0.51.2\"]\n\
+         \"127.0.51.2\" = [\"127.0.51.1\", \"127.0.51.3\"]\n\
+         \"127.0.51.3\" = [\"127.0.51.2\"]\n",
+        PORT,
+    );
+    let shutdown = CancellationToken::new();
+    let mut n1 = Daemon::start("127.0.51.2", PORT, P, bport);
+    let mut n2 = Daemon::start("127.0.51.3", PORT, P, bport);
+    let mut server = rt.block_on(start_server("127.0.51.1", PORT, P, bport, &shutdown));
+    let pop: SocketAddr = format!("127.0.51.3:{PORT}").parse().unwrap();
+    let mut client = rt.block_on(Client::start("127.0.51.200", pop, &shutdown));
+    let listed = rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    println!("chain: channel listed at the PoP after {listed:?}");
+    let stream = rt.block_on(client.receive(200, Duration::from_secs(30)));
+    assert_eq!(stream.len(), 200, "stream stalled");
+    let gap = check_stream(&stream, pop_id("127.0.51.3"));
+    let span = stream.last().unwrap().1 - stream[0].1 + 1;
+    println!(
+        "chain: 200 datagrams in order, seq {}..={}, {} lost, longest gap {gap:?}",
+        stream[0].1,
+        stream.last().unwrap().1,
+        span - 200
+    );
+    assert!(span <= 220, "too many lost: {span} sent for 200 received");
+    n2.expect(
+        &["subscriber added", "127.0.51.200"],
+        Duration::from_secs(5),
+    );
+    n2.expect(
+        &["subscribe upstream", "127.0.51.2:18051"],
+        Duration::from_secs(5),
+    );
+    n1.expect(
+        &["subscribe upstream", "127.0.51.1:18051"],
+        Duration::from_secs(5),
+    );
+    let ch = ChannelId::of_name(CHANNEL);
+    rt.block_on(async {
+        let d = tokio::time::timeout(Duration::from_secs(5), server.demand.recv()).await;
+        assert_eq!(d.unwrap(), Some((ch, true)));
+    });
+    let stats = rt.block_on(server.relay.stats());
+    assert!(
+        stats.floods_originated > 0 && stats.video_out > 0,
+        "{stats:?}"
+    );
+
+    // The client goes silent: its PoP drops it (5 s), unsubscribes upstream, and so on up to
+    // the server, whose channel becomes unwatched.
+    client.stop_pings.cancel();
+    let t0 = Instant::now();
+    n2.expect(
+        &["subscriber expired", "127.0.51.200"],
+        Duration::from_secs(20),
+    );
+    n2.expect(
+        &["unsubscribe upstream", "127.0.51.2:18051"],
+        Duration::from_secs(5),
+    );
+    n1.expect(
+        &["subscriber removed", "127.0.51.3:18051"],
+        Duration::from_secs(10),
+    );
+    rt.block_on(async {
+        let d = tokio::time::timeout(Duration::from_secs(10), server.demand.recv()).await;
+        assert_eq!(d.unwrap(), Some((ch, false)));
+    });
+    println!(
+        "chain: silent client dropped and demand released after {:?}",
+        t0.elapsed()
+    );
+    let stats = rt.block_on(server.relay.stats());
+    assert!(stats.subscribers.is_empty(), "{stats:?}");
+    shutdown.cancel();
+    bshut.cancel();
+    n1.drain();
+}
+
+#[test]
+fn square_fails_over_to_the_other_path() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const P: &str = "127.0.52";
+    const PORT: u16 = 18052;
+    // s=.1, a=.2, b=.3, c=.4: s–a, s–b, a–c, b–c.
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        P,
+        "\"127.0.52.1\" = [\"127.0.52.2\", \"127.0.52.3\"]\n\
+         \"127.0.52.2\" = [\"127.0.52.1\", \"127.0.52.4\"]\n\
+         \"127.0.52.3\" = [\"127.0.52.1\", \"127.0.52.4\"]\n\
+         \"127.0.52.4\" = [\"127.0.52.2\", \"127.0.52.3\"]\n",
+        PORT,
+    );
+    let shutdown = CancellationToken::new();
+    let a = Daemon::start("127.0.52.2", PORT, P, bport);
+    let b = Daemon::start("127.0.52.3", PORT, P, bport);
+    let mut c = Daemon::start("127.0.52.4", PORT, P, bport);
+    let _server = rt.block_on(start_server("127.0.52.1", PORT, P, bport, &shutdown));
+    let pop: SocketAddr = format!("127.0.52.4:{PORT}").parse().unwrap();
+    let mut client = rt.block_on(Client::start("127.0.52.200", pop, &shutdown));
+    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
+    assert_eq!(before.len(), 100, "stream never started");
+    let line = c.expect(&["subscribe upstream"], Duration::from_secs(5));
+    let (mut victim, survivor, victim_addr, survivor_addr) = if line.contains("127.0.52.2:") {
+        (a, b, "127.0.52.2:18052", "127.0.52.3:18052")
+    } else {
+        (b, a, "127.0.52.3:18052", "127.0.52.2:18052")
+    };
+    let _ = victim.child.kill();
+    let killed = Instant::now();
+    let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
+    assert_eq!(after.len(), 300, "stream did not resume after the kill");
+    c.expect(&["upstream lost", victim_addr], Duration::from_secs(5));
+    c.expect(
+        &[
+            "resubscribed",
+            &format!("from={victim_addr}"),
+            &format!("to={survivor_addr}"),
+        ],
+        Duration::from_secs(5),
+    );
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    check_stream(&all, pop_id("127.0.52.4"));
+    let (gap, resumed) = failover_gap(&after, killed);
+    println!(
+        "square: killed {victim_addr}; longest gap {gap:?}, stream back {resumed:?} after the kill; \
+         {} datagrams lost across the failover",
+        all.last().unwrap().1 - all[0].1 + 1 - all.len() as u64
+    );
+    assert!(gap < Duration::from_secs(10), "gap {gap:?}");
+    drop(survivor);
+    shutdown.cancel();
+    bshut.cancel();
+}
+
+#[test]
+fn catastrophic_death_falls_back_to_the_dead_nodes_parent() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const P: &str = "127.0.53";
+    const PORT: u16 = 18053;
+    // S=.1 – A=.2 – B=.3 – C=.4 – D=.5 (no A–C link: the shape of topologies/catastrophic.toml).
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        P,
+        "\"127.0.53.1\" = [\"127.0.53.2\"]\n\
+         \"127.0.53.2\" = [\"127.0.53.1\", \"127.0.53.3\"]\n\
+         \"127.0.53.3\" = [\"127.0.53.2\", \"127.0.53.4\"]\n\
+         \"127.0.53.4\" = [\"127.0.53.3\", \"127.0.53.5\"]\n\
+         \"127.0.53.5\" = [\"127.0.53.4\"]\n",
+        PORT,
+    );
+    let shutdown = CancellationToken::new();
+    let mut a = Daemon::start("127.0.53.2", PORT, P, bport);
+    let mut b = Daemon::start("127.0.53.3", PORT, P, bport);
+    let mut c = Daemon::start("127.0.53.4", PORT, P, bport);
+    let _d = Daemon::start("127.0.53.5", PORT, P, bport);
+    let _server = rt.block_on(start_server("127.0.53.1", PORT, P, bport, &shutdown));
+    let pop: SocketAddr = format!("127.0.53.5:{PORT}").parse().unwrap();
+    let mut client = rt.block_on(Client::start("127.0.53.200", pop, &shutdown));
+    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
+    assert_eq!(before.len(), 100, "stream never started");
+    c.expect(
+        &["subscribe upstream", "127.0.53.3:18053"],
+        Duration::from_secs(5),
+    );
+    let _ = b.child.kill();
+    let killed = Instant::now();
+    let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
+    assert_eq!(after.len(), 300, "stream did not resume after B died");
+    c.expect(
+        &["upstream lost", "127.0.53.3:18053"],
+        Duration::from_secs(5),
+    );
+    c.expect(
+        &[
+            "catastrophic fallback",
+            "dead=127.0.53.3:18053",
+            "parent=127.0.53.2:18053",
+        ],
+        Duration::from_secs(5),
+    );
+    a.expect(
+        &["subscriber added", "127.0.53.4:18053"],
+        Duration::from_secs(5),
+    );
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    check_stream(&all, pop_id("127.0.53.5"));
+    let (gap, resumed) = failover_gap(&after, killed);
+    println!(
+        "catastrophic: killed B; C fell back to A; longest gap {gap:?}, stream back {resumed:?} \
+         after the kill"
+    );
+    assert!(gap < Duration::from_secs(10), "gap {gap:?}");
+    // The fallback holds: the stream keeps flowing through A for a while longer.
+    let later = rt.block_on(client.receive(200, Duration::from_secs(10)));
+    assert_eq!(later.len(), 200);
+    b.drain();
+    shutdown.cancel();
+    bshut.cancel();
+}
