@@ -281,7 +281,9 @@ pub async fn run(
             snapshot.send_replace(e.snapshot(t));
         }
     }
-    // Shutdown: unsubscribe everywhere, close sinks, stop the transport.
+    // Shutdown: tell the controller (the GUI closes its window), unsubscribe everywhere, close
+    // sinks, stop the transport.
+    shutdown.cancel();
     let t = now();
     for name in e.core.playing() {
         e.record_summary(t, &name);
