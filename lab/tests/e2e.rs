@@ -143,7 +143,7 @@ fn killing_the_relay_in_use_reroutes_the_tree() {
 }
 
 /// The log line a node writes when it subscribes upstream for a channel (names the upstream).
-const UPSTREAM_LINE: &str = "subscribed upstream";
+const UPSTREAM_LINE: &str = "subscribe upstream";
 
 /// Files added at runtime appear in the client's list; removed ones disappear.
 #[test]

@@ -1,0 +1,1137 @@
+//! The client's protocol logic as an I/O-free state machine: PoP liveness and RTT, channel lists
+//! (union over live PoPs), PoP selection and failover, and per-stream state (sequence tracking,
+//! counters). Fed `(now, event)`; what it wants done comes out of
+//! [`poll_action`](ClientCore::poll_action); it wants to be called again at
+//! [`poll_timeout`](ClientCore::poll_timeout). Tested with a fake clock.
+//!
+//! # Rules
+//!
+//! * Every PoP is pinged every [`CoreConfig::ping_interval`] (unreliable `Ping`, nonce → the
+//!   `Instant` it was sent). A `Pong` gives an RTT sample, smoothed (EWMA, 1/8). The pings are
+//!   also the keep-alive of our subscriptions at that PoP.
+//! * A PoP is *up* from its first pong; it is *down* when no pong came for
+//!   [`CoreConfig::pop_timeout`] (never answered counts from start). A down PoP is *up* again
+//!   after [`CoreConfig::recover_pongs`] pongs, so one stray pong does not bring it back.
+//! * `ListChannels` goes to every up PoP every [`CoreConfig::list_interval`] (and at once when
+//!   it comes up). A PoP's list is replaced when every page of an answer has arrived; a down
+//!   PoP's list is forgotten. The channel list is the union, by name, over up PoPs.
+//! * Play: subscribe (reliable) at the up PoP with the lowest smoothed RTT that lists the
+//!   channel. Until one lists it the stream waits. Right after start, selection waits up to
+//!   [`CoreConfig::settle`] for every PoP to answer, so the first choice is informed.
+//! * Failover: when the PoP of a stream goes down, the stream subscribes at the next best up
+//!   PoP that lists it (and unsubscribes, best effort, from the old one); that is a
+//!   `source_changed`. A stream stays at a working PoP even if another becomes faster, so a
+//!   recovered PoP never takes a stream back (no flapping).
+//! * A subscribed stream that receives nothing for [`CoreConfig::stall_resubscribe`] re-sends
+//!   its `Subscribe` (the PoP may have restarted and forgotten us).
+//! * Video is accepted only from the stream's current PoP; duplicates are dropped by `seq`
+//!   ([`SeqTracker`]), and the sequence space is reset on a source change.
+
+use crate::seq::SeqTracker;
+use crate::stats::StatEvent;
+use bytes::Bytes;
+use common::ts::{datagram_packets, ContinuityChecker};
+use common::wire::{ChannelId, ChannelInfo, Message, VideoPacket};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+/// Timing of the client's protocol.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CoreConfig {
+    /// Ping period per PoP (protocol: 0.5 s).
+    pub ping_interval: Duration,
+    /// `ListChannels` period per up PoP.
+    pub list_interval: Duration,
+    /// No pong for this long: the PoP is down.
+    pub pop_timeout: Duration,
+    /// Pongs a down PoP must answer before it counts as up again.
+    pub recover_pongs: u32,
+    /// Period of the per-stream `stats` events.
+    pub stats_interval: Duration,
+    /// How long after start the first choice of PoP may wait for every PoP to answer.
+    pub settle: Duration,
+    /// Re-send `Subscribe` when a subscribed stream has received nothing for this long.
+    pub stall_resubscribe: Duration,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        CoreConfig {
+            ping_interval: Duration::from_millis(500),
+            list_interval: Duration::from_secs(1),
+            pop_timeout: Duration::from_millis(1500),
+            recover_pongs: 2,
+            stats_interval: Duration::from_secs(1),
+            settle: Duration::from_millis(700),
+            stall_resubscribe: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Liveness of a PoP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PopStatus {
+    /// Not answered yet (and not yet timed out).
+    Unknown,
+    /// Answering pings.
+    Up,
+    /// No pong for [`CoreConfig::pop_timeout`].
+    Down,
+}
+
+/// What the core wants done.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `msg` once (Ping, ListChannels).
+    SendUnreliable {
+        /// Destination PoP.
+        to: SocketAddr,
+        /// The message.
+        msg: Message,
+    },
+    /// Send `msg` through the reliable channel (Subscribe, Unsubscribe).
+    SendReliable {
+        /// Destination PoP.
+        to: SocketAddr,
+        /// The message.
+        msg: Message,
+    },
+    /// Report an event (log, stats file, GUI).
+    Event(StatEvent),
+}
+
+#[derive(Debug, Clone)]
+struct Pop {
+    addr: SocketAddr,
+    status: PopStatus,
+    srtt: Option<Duration>,
+    last_pong: Option<Instant>,
+    /// Pongs since it went down.
+    pongs_since_down: u32,
+    channels: Vec<ChannelInfo>,
+    channels_at: Option<Instant>,
+    /// Pages of the answer being assembled.
+    pages: Vec<Option<Vec<ChannelInfo>>>,
+}
+
+impl Pop {
+    fn lists(&self, name: &str) -> Option<ChannelId> {
+        self.channels.iter().find(|c| c.name == name).map(|c| c.id)
+    }
+}
+
+/// Most pages of a `Channels` answer we assemble.
+const MAX_PAGES: u16 = 256;
+
+#[derive(Debug, Clone)]
+struct Stream {
+    channel: Option<ChannelId>,
+    pop: Option<SocketAddr>,
+    /// The PoP it lost (waiting for another one), to report `source_changed` when found.
+    lost_pop: Option<SocketAddr>,
+    played: bool,
+    first_packet: bool,
+    last_activity: Instant,
+    seq: SeqTracker,
+    cc: ContinuityChecker,
+    packets: u64,
+    bytes: u64,
+    source_changes: u64,
+}
+
+/// A read-only view of one PoP (GUI, logs).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PopView {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Liveness.
+    pub status: PopStatus,
+    /// Smoothed RTT.
+    pub rtt: Option<Duration>,
+    /// Channels it lists.
+    pub channels: usize,
+}
+
+/// A read-only view of one stream (GUI, exit summary).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamView {
+    /// Channel name.
+    pub name: String,
+    /// Current source (`None`: waiting for a PoP that lists it).
+    pub pop: Option<SocketAddr>,
+    /// Datagrams kept.
+    pub packets: u64,
+    /// Payload bytes kept.
+    pub bytes: u64,
+    /// Sequence numbers lost.
+    pub lost: u64,
+    /// TS packets lost by continuity counter.
+    pub cc_lost: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Source changes.
+    pub source_changes: u64,
+}
+
+/// What the GUI shows: a copy of the core's state.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    /// Time since start.
+    pub uptime: Duration,
+    /// Every PoP, in `--servers` order.
+    pub pops: Vec<PopView>,
+    /// Union of the up PoPs' channel names, sorted.
+    pub channels: Vec<String>,
+    /// Playing streams, by name.
+    pub streams: Vec<StreamView>,
+    /// Messages for the user (player missing, player exited...), oldest first.
+    pub notices: Vec<String>,
+}
+
+/// The client state machine. See the module doc.
+#[derive(Debug)]
+pub struct ClientCore {
+    cfg: CoreConfig,
+    start: Instant,
+    pops: Vec<Pop>,
+    streams: BTreeMap<String, Stream>,
+    /// Nonce → (PoP index, sent at).
+    pings: HashMap<u64, (usize, Instant)>,
+    nonce: u64,
+    next_ping: Instant,
+    next_list: Instant,
+    next_stats: Instant,
+    union: BTreeSet<String>,
+    actions: VecDeque<Action>,
+    /// The latest `now` we were given.
+    now: Instant,
+}
+
+impl ClientCore {
+    /// A core for `pops` (in `--servers` order), started at `now`.
+    pub fn new(cfg: CoreConfig, pops: &[SocketAddr], now: Instant) -> ClientCore {
+        let mut seen = BTreeSet::new();
+        let pops = pops
+            .iter()
+            .filter(|a| seen.insert(**a))
+            .map(|&addr| Pop {
+                addr,
+                status: PopStatus::Unknown,
+                srtt: None,
+                last_pong: None,
+                pongs_since_down: 0,
+                channels: Vec::new(),
+                channels_at: None,
+                pages: Vec::new(),
+            })
+            .collect();
+        ClientCore {
+            next_ping: now,
+            next_list: now + cfg.list_interval,
+            next_stats: now + cfg.stats_interval,
+            cfg,
+            start: now,
+            pops,
+            streams: BTreeMap::new(),
+            pings: HashMap::new(),
+            nonce: 0,
+            union: BTreeSet::new(),
+            actions: VecDeque::new(),
+            now,
+        }
+    }
+
+    /// When the core started (`t_ms` = 0).
+    pub fn start(&self) -> Instant {
+        self.start
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        let mut t = self.next_ping.min(self.next_list).min(self.next_stats);
+        for p in &self.pops {
+            if p.status != PopStatus::Down {
+                t = t.min(p.last_pong.unwrap_or(self.start) + self.cfg.pop_timeout);
+            }
+        }
+        for s in self.streams.values() {
+            if s.pop.is_some() {
+                t = t.min(s.last_activity + self.cfg.stall_resubscribe);
+            } else if !self.settled() {
+                t = t.min(self.start + self.cfg.settle);
+            }
+        }
+        t
+    }
+
+    /// Timers: pings, liveness, channel lists, stalls, periodic stats.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.tick(now);
+        if now >= self.next_ping {
+            for i in 0..self.pops.len() {
+                self.nonce += 1;
+                self.pings.insert(self.nonce, (i, now));
+                let to = self.pops[i].addr;
+                self.actions.push_back(Action::SendUnreliable {
+                    to,
+                    msg: Message::Ping { nonce: self.nonce },
+                });
+            }
+            self.next_ping = advance(self.next_ping, self.cfg.ping_interval, now);
+            let keep = self.cfg.pop_timeout * 4;
+            self.pings
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < keep);
+        }
+        let mut went_down = Vec::new();
+        for p in &mut self.pops {
+            if p.status != PopStatus::Down
+                && now >= p.last_pong.unwrap_or(self.start) + self.cfg.pop_timeout
+            {
+                p.status = PopStatus::Down;
+                p.pongs_since_down = 0;
+                p.channels.clear();
+                p.channels_at = None;
+                p.pages.clear();
+                went_down.push(p.addr);
+                self.actions.push_back(Action::Event(StatEvent::Pop {
+                    pop: p.addr,
+                    rtt_ms: p.srtt.map(ms),
+                    up: false,
+                }));
+            }
+        }
+        if now >= self.next_list {
+            for p in &self.pops {
+                if p.status == PopStatus::Up {
+                    self.actions.push_back(Action::SendUnreliable {
+                        to: p.addr,
+                        msg: Message::ListChannels,
+                    });
+                }
+            }
+            self.next_list = advance(self.next_list, self.cfg.list_interval, now);
+        }
+        if !went_down.is_empty() {
+            self.update_union();
+            self.fail_over(&went_down);
+        }
+        self.assign_waiting();
+        // Stalled subscriptions: re-send Subscribe.
+        let stall = self.cfg.stall_resubscribe;
+        for s in self.streams.values_mut() {
+            if let (Some(pop), Some(channel)) = (s.pop, s.channel) {
+                if now >= s.last_activity + stall {
+                    s.last_activity = now;
+                    self.actions.push_back(Action::SendReliable {
+                        to: pop,
+                        msg: Message::Subscribe { channel },
+                    });
+                }
+            }
+        }
+        if now >= self.next_stats {
+            for (name, s) in &self.streams {
+                if let Some(pop) = s.pop {
+                    self.actions
+                        .push_back(Action::Event(stats_event(name, pop, s)));
+                }
+            }
+            self.next_stats = advance(self.next_stats, self.cfg.stats_interval, now);
+        }
+    }
+
+    /// A control message from `from`.
+    pub fn handle_message(&mut self, now: Instant, from: SocketAddr, msg: Message) {
+        self.tick(now);
+        match msg {
+            Message::Pong { nonce } => self.pong(now, from, nonce),
+            Message::Channels {
+                page,
+                pages,
+                channels,
+            } => self.channels(now, from, page, pages, channels),
+            _ => {}
+        }
+    }
+
+    fn pong(&mut self, now: Instant, from: SocketAddr, nonce: u64) {
+        let Some(&(i, sent)) = self.pings.get(&nonce) else {
+            return;
+        };
+        if self.pops[i].addr != from {
+            return;
+        }
+        self.pings.remove(&nonce);
+        let sample = now.saturating_duration_since(sent);
+        let p = &mut self.pops[i];
+        p.srtt = Some(match p.srtt {
+            None => sample,
+            Some(s) => (s * 7 + sample) / 8,
+        });
+        p.last_pong = Some(now);
+        let comes_up = match p.status {
+            PopStatus::Up => false,
+            PopStatus::Unknown => true,
+            PopStatus::Down => {
+                p.pongs_since_down += 1;
+                p.pongs_since_down >= self.cfg.recover_pongs
+            }
+        };
+        if comes_up {
+            p.status = PopStatus::Up;
+            let addr = p.addr;
+            self.actions.push_back(Action::Event(StatEvent::Pop {
+                pop: addr,
+                rtt_ms: p.srtt.map(ms),
+                up: true,
+            }));
+            self.actions.push_back(Action::SendUnreliable {
+                to: addr,
+                msg: Message::ListChannels,
+            });
+        }
+    }
+
+    fn channels(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        page: u16,
+        pages: u16,
+        channels: Vec<ChannelInfo>,
+    ) {
+        let Some(p) = self.pops.iter_mut().find(|p| p.addr == from) else {
+            return;
+        };
+        if p.status != PopStatus::Up || pages > MAX_PAGES || (pages > 0 && page >= pages) {
+            return;
+        }
+        if pages == 0 {
+            p.pages.clear();
+            p.channels.clear();
+        } else {
+            if p.pages.len() != usize::from(pages) {
+                p.pages = vec![None; usize::from(pages)];
+            }
+            p.pages[usize::from(page)] = Some(channels);
+            if p.pages.iter().any(Option::is_none) {
+                return;
+            }
+            p.channels = p.pages.drain(..).flatten().flatten().collect();
+        }
+        p.channels_at = Some(now);
+        self.update_union();
+        self.assign_waiting();
+    }
+
+    /// A video datagram from `from`. Returns the stream's name and the payload to write to its
+    /// sinks, or `None` if it is dropped (not ours, not from the stream's PoP, duplicate).
+    pub fn handle_video(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        packet: VideoPacket,
+    ) -> Option<(String, Bytes)> {
+        self.tick(now);
+        let (name, s) = self
+            .streams
+            .iter_mut()
+            .find(|(_, s)| s.pop == Some(from) && s.channel == Some(packet.channel))?;
+        s.last_activity = now;
+        if !s.seq.push(packet.seq).accept() {
+            return None;
+        }
+        s.packets += 1;
+        s.bytes += packet.payload.len() as u64;
+        // TS continuity: counts losses inside the stream (e.g. upstream of the server's
+        // numbering); TS-level duplicates are counted by the checker and passed through.
+        for pkt in datagram_packets(&packet.payload).flatten() {
+            s.cc.push(&pkt);
+        }
+        if !s.first_packet {
+            s.first_packet = true;
+            self.actions
+                .push_back(Action::Event(StatEvent::FirstPacket {
+                    stream: name.clone(),
+                    pop: from,
+                }));
+        }
+        Some((name.clone(), packet.payload))
+    }
+
+    /// A reliable message to `peer` was never acknowledged. The liveness of PoPs is judged by
+    /// pings alone, so this only makes the next stall check re-send a `Subscribe` sooner.
+    pub fn handle_timed_out(&mut self, now: Instant, peer: SocketAddr) {
+        self.tick(now);
+        let stall = self.cfg.stall_resubscribe;
+        for s in self.streams.values_mut() {
+            if s.pop == Some(peer) {
+                s.last_activity = s.last_activity.min(now.checked_sub(stall).unwrap_or(now));
+            }
+        }
+    }
+
+    /// Starts playing `name` (no-op if it is already playing). Returns whether it is new.
+    pub fn play(&mut self, now: Instant, name: &str) -> bool {
+        self.tick(now);
+        if self.streams.contains_key(name) {
+            return false;
+        }
+        self.streams.insert(
+            name.to_string(),
+            Stream {
+                channel: None,
+                pop: None,
+                lost_pop: None,
+                played: false,
+                first_packet: false,
+                last_activity: now,
+                seq: SeqTracker::new(),
+                cc: ContinuityChecker::new(),
+                packets: 0,
+                bytes: 0,
+                source_changes: 0,
+            },
+        );
+        self.assign_waiting();
+        true
+    }
+
+    /// Stops `name`: unsubscribes and reports `stop` (with final `stats` if it had a source).
+    /// Returns whether it was playing.
+    pub fn stop(&mut self, now: Instant, name: &str, reason: &str) -> bool {
+        self.tick(now);
+        let Some(s) = self.streams.remove(name) else {
+            return false;
+        };
+        if let (Some(pop), Some(channel)) = (s.pop, s.channel) {
+            self.actions
+                .push_back(Action::Event(stats_event(name, pop, &s)));
+            self.actions.push_back(Action::SendReliable {
+                to: pop,
+                msg: Message::Unsubscribe { channel },
+            });
+        }
+        self.actions.push_back(Action::Event(StatEvent::Stop {
+            stream: name.to_string(),
+            pop: s.pop,
+            reason: reason.to_string(),
+        }));
+        true
+    }
+
+    /// Stops every stream (at exit).
+    pub fn stop_all(&mut self, now: Instant, reason: &str) {
+        let names: Vec<String> = self.streams.keys().cloned().collect();
+        for n in names {
+            self.stop(now, &n, reason);
+        }
+    }
+
+    /// Names of the playing streams.
+    pub fn playing(&self) -> Vec<String> {
+        self.streams.keys().cloned().collect()
+    }
+
+    fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
+    }
+
+    /// The union of the up PoPs' channel names.
+    pub fn channel_names(&self) -> Vec<String> {
+        self.union.iter().cloned().collect()
+    }
+
+    /// A copy of the state for the GUI and the exit summary.
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        Snapshot {
+            uptime: now.saturating_duration_since(self.start),
+            pops: self
+                .pops
+                .iter()
+                .map(|p| PopView {
+                    addr: p.addr,
+                    status: p.status,
+                    rtt: p.srtt,
+                    channels: p.channels.len(),
+                })
+                .collect(),
+            channels: self.channel_names(),
+            streams: self
+                .streams
+                .iter()
+                .map(|(name, s)| StreamView {
+                    name: name.clone(),
+                    pop: s.pop,
+                    packets: s.packets,
+                    bytes: s.bytes,
+                    lost: s.seq.lost(),
+                    cc_lost: s.cc.lost(),
+                    duplicates: s.seq.duplicates(),
+                    source_changes: s.source_changes,
+                })
+                .collect(),
+            notices: Vec::new(),
+        }
+    }
+
+    fn update_union(&mut self) {
+        let union: BTreeSet<String> = self
+            .pops
+            .iter()
+            .filter(|p| p.status == PopStatus::Up)
+            .flat_map(|p| p.channels.iter().map(|c| c.name.clone()))
+            .collect();
+        if union != self.union {
+            self.union = union;
+            self.actions.push_back(Action::Event(StatEvent::Streams {
+                names: self.union.iter().cloned().collect(),
+            }));
+        }
+    }
+
+    /// Whether the first choice may be made: every PoP has answered a list or is down, or the
+    /// settle time is over.
+    fn settled(&self) -> bool {
+        self.pops.iter().all(|p| match p.status {
+            PopStatus::Down => true,
+            PopStatus::Up => p.channels_at.is_some(),
+            PopStatus::Unknown => false,
+        })
+    }
+
+    /// The up PoP with the lowest RTT that lists `name` (ties: `--servers` order).
+    fn best_pop(&self, name: &str, exclude: Option<SocketAddr>) -> Option<(SocketAddr, ChannelId)> {
+        self.pops
+            .iter()
+            .filter(|p| p.status == PopStatus::Up && Some(p.addr) != exclude)
+            .filter_map(|p| p.lists(name).map(|id| (p, id)))
+            .min_by_key(|(p, _)| p.srtt.unwrap_or(Duration::MAX))
+            .map(|(p, id)| (p.addr, id))
+    }
+
+    fn fail_over(&mut self, down: &[SocketAddr]) {
+        let names: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.pop.is_some_and(|p| down.contains(&p)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            let s = self.streams.get_mut(&name).expect("listed above");
+            let old = s.pop.take().expect("filtered on pop");
+            if let Some(channel) = s.channel {
+                // Best effort: if the PoP is only cut off for a while, stop it sending to us.
+                self.actions.push_back(Action::SendReliable {
+                    to: old,
+                    msg: Message::Unsubscribe { channel },
+                });
+            }
+            s.lost_pop = Some(old);
+        }
+        // The streams that lost their PoP subscribe elsewhere now if possible (the settle delay
+        // applies only to the first choice).
+        self.assign(true);
+    }
+
+    fn assign_waiting(&mut self) {
+        self.assign(false);
+    }
+
+    /// Subscribes every stream without a PoP at the best candidate.
+    fn assign(&mut self, failover: bool) {
+        let waiting: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.pop.is_none())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in waiting {
+            let s = &self.streams[&name];
+            // Never played: wait until every PoP has had its chance to answer.
+            if !s.played && !failover && !self.settled() && !self.settle_over() {
+                continue;
+            }
+            let Some((pop, channel)) = self.best_pop(&name, None) else {
+                continue;
+            };
+            let s = self.streams.get_mut(&name).expect("listed above");
+            s.pop = Some(pop);
+            s.channel = Some(channel);
+            s.seq.reset();
+            s.cc.reset_pids();
+            s.last_activity = self.now;
+            self.actions.push_back(Action::SendReliable {
+                to: pop,
+                msg: Message::Subscribe { channel },
+            });
+            let ev = match (s.played, s.lost_pop.take()) {
+                (false, _) => {
+                    s.played = true;
+                    StatEvent::Play {
+                        stream: name.clone(),
+                        pop,
+                    }
+                }
+                (true, from) => {
+                    s.source_changes += 1;
+                    StatEvent::SourceChanged {
+                        stream: name.clone(),
+                        from: from.unwrap_or(pop),
+                        to: pop,
+                    }
+                }
+            };
+            self.actions.push_back(Action::Event(ev));
+        }
+    }
+
+    fn settle_over(&self) -> bool {
+        self.now >= self.start + self.cfg.settle
+    }
+}
+
+fn stats_event(name: &str, pop: SocketAddr, s: &Stream) -> StatEvent {
+    StatEvent::Stats {
+        stream: name.to_string(),
+        pop,
+        packets: s.packets,
+        bytes: s.bytes,
+        lost: s.seq.lost(),
+        cc_lost: s.cc.lost(),
+        duplicates: s.seq.duplicates(),
+        source_changes: s.source_changes,
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    (d.as_secs_f64() * 1e6).round() / 1e3
+}
+
+/// The next deadline of a periodic timer: one period on, or one period from `now` if it fell
+/// behind (no burst of catch-up ticks).
+fn advance(deadline: Instant, period: Duration, now: Instant) -> Instant {
+    let next = deadline + period;
+    if next <= now {
+        now + period
+    } else {
+        next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use common::wire::video_flags;
+
+    fn addr(i: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, i], 8010))
+    }
+
+    fn info(name: &str) -> ChannelInfo {
+        ChannelInfo {
+            id: ChannelId::of_name(name),
+            name: name.into(),
+        }
+    }
+
+    /// A fake PoP of the simulation.
+    struct FakePop {
+        addr: SocketAddr,
+        rtt: Duration,
+        alive: bool,
+        channels: Vec<ChannelInfo>,
+    }
+
+    /// Discrete-event simulation: the core plus fake PoPs answering after their RTT.
+    struct Sim {
+        core: ClientCore,
+        now: Instant,
+        pops: Vec<FakePop>,
+        /// (deliver at, from, message)
+        inflight: Vec<(Instant, SocketAddr, Message)>,
+        events: Vec<(Instant, StatEvent)>,
+        reliable: Vec<(SocketAddr, Message)>,
+    }
+
+    impl Sim {
+        fn new(pops: Vec<FakePop>) -> Sim {
+            let now = Instant::now();
+            let addrs: Vec<SocketAddr> = pops.iter().map(|p| p.addr).collect();
+            Sim {
+                core: ClientCore::new(CoreConfig::default(), &addrs, now),
+                now,
+                pops,
+                inflight: Vec::new(),
+                events: Vec::new(),
+                reliable: Vec::new(),
+            }
+        }
+
+        fn pop(&mut self, a: SocketAddr) -> &mut FakePop {
+            self.pops.iter_mut().find(|p| p.addr == a).unwrap()
+        }
+
+        fn collect(&mut self) {
+            while let Some(a) = self.core.poll_action() {
+                match a {
+                    Action::SendUnreliable { to, msg } => {
+                        let p = self.pops.iter().find(|p| p.addr == to).unwrap();
+                        if !p.alive {
+                            continue;
+                        }
+                        let reply = match msg {
+                            Message::Ping { nonce } => Message::Pong { nonce },
+                            Message::ListChannels => Message::Channels {
+                                page: 0,
+                                pages: 1,
+                                channels: p.channels.clone(),
+                            },
+                            other => panic!("unexpected {other:?}"),
+                        };
+                        self.inflight.push((self.now + p.rtt, to, reply));
+                    }
+                    Action::SendReliable { to, msg } => self.reliable.push((to, msg)),
+                    Action::Event(e) => self.events.push((self.now, e)),
+                }
+            }
+        }
+
+        /// Runs the simulation until `now + d`.
+        fn run_for(&mut self, d: Duration) {
+            let end = self.now + d;
+            loop {
+                self.collect();
+                let next_msg = self.inflight.iter().map(|m| m.0).min();
+                let next = next_msg.map_or(self.core.poll_timeout(), |m| {
+                    m.min(self.core.poll_timeout())
+                });
+                if next > end {
+                    self.now = end;
+                    break;
+                }
+                self.now = self.now.max(next);
+                if next_msg == Some(next) {
+                    let i = self.inflight.iter().position(|m| m.0 == next).unwrap();
+                    let (_, from, msg) = self.inflight.remove(i);
+                    // A PoP that died drops what it had in flight too.
+                    if self.pops.iter().any(|p| p.addr == from && p.alive) {
+                        self.core.handle_message(self.now, from, msg);
+                    }
+                } else {
+                    self.core.handle_timeout(self.now);
+                }
+            }
+            self.collect();
+        }
+
+        fn play(&mut self, name: &str) {
+            self.core.play(self.now, name);
+            self.collect();
+        }
+
+        fn source_changes(&self) -> Vec<(SocketAddr, SocketAddr)> {
+            self.events
+                .iter()
+                .filter_map(|(_, e)| match e {
+                    StatEvent::SourceChanged { from, to, .. } => Some((*from, *to)),
+                    _ => None,
+                })
+                .collect()
+        }
+
+        fn subscribes(&self) -> Vec<SocketAddr> {
+            self.reliable
+                .iter()
+                .filter(|(_, m)| matches!(m, Message::Subscribe { .. }))
+                .map(|(a, _)| *a)
+                .collect()
+        }
+
+        fn stream_pop(&self, name: &str) -> Option<SocketAddr> {
+            self.core.streams[name].pop
+        }
+    }
+
+    fn two_pops() -> Sim {
+        Sim::new(vec![
+            FakePop {
+                addr: addr(2),
+                rtt: Duration::from_millis(30),
+                alive: true,
+                channels: vec![info("news"), info("sport")],
+            },
+            FakePop {
+                addr: addr(3),
+                rtt: Duration::from_millis(5),
+                alive: true,
+                channels: vec![info("news"), info("film")],
+            },
+        ])
+    }
+
+    fn video(name: &str, seq: u64) -> VideoPacket {
+        VideoPacket {
+            channel: ChannelId::of_name(name),
+            seq,
+            flags: video_flags::KEYFRAME,
+            payload: Bytes::from(vec![0x47; 188]),
+        }
+    }
+
+    #[test]
+    fn pops_come_up_and_rtt_is_measured() {
+        let mut sim = two_pops();
+        sim.run_for(Duration::from_secs(3));
+        let snap = sim.core.snapshot(sim.now);
+        assert!(snap.pops.iter().all(|p| p.status == PopStatus::Up));
+        assert_eq!(snap.pops[0].rtt, Some(Duration::from_millis(30)));
+        assert_eq!(snap.pops[1].rtt, Some(Duration::from_millis(5)));
+        // Pinged every 0.5 s: 7 pings each in [0, 3 s].
+        assert_eq!(sim.core.nonce, 14);
+    }
+
+    #[test]
+    fn channel_list_is_the_union_over_live_pops() {
+        let mut sim = two_pops();
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.core.channel_names(), ["film", "news", "sport"]);
+        let last_streams = |sim: &Sim| {
+            sim.events
+                .iter()
+                .rev()
+                .find_map(|(_, e)| match e {
+                    StatEvent::Streams { names } => Some(names.clone()),
+                    _ => None,
+                })
+                .unwrap()
+        };
+        assert_eq!(last_streams(&sim), ["film", "news", "sport"]);
+        sim.pop(addr(3)).alive = false;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.core.channel_names(), ["news", "sport"]);
+        assert_eq!(last_streams(&sim), ["news", "sport"]);
+        let downs: Vec<_> = sim
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, StatEvent::Pop { up: false, .. }))
+            .collect();
+        assert_eq!(downs.len(), 1);
+    }
+
+    #[test]
+    fn best_rtt_is_chosen() {
+        let mut sim = two_pops();
+        sim.play("news");
+        assert!(sim.subscribes().is_empty(), "waits for the PoPs to answer");
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.subscribes(), [addr(3)]);
+        assert_eq!(sim.stream_pop("news"), Some(addr(3)));
+        assert!(sim.events.iter().any(|(_, e)| matches!(e,
+            StatEvent::Play { stream, pop } if stream == "news" && *pop == addr(3))));
+        // A channel only the slower PoP has is played from there.
+        sim.play("sport");
+        assert_eq!(sim.stream_pop("sport"), Some(addr(2)));
+    }
+
+    #[test]
+    fn pop_down_moves_to_next_best_and_reports_it() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.stream_pop("news"), Some(addr(3)));
+        sim.pop(addr(3)).alive = false;
+        let died = sim.now;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.stream_pop("news"), Some(addr(2)));
+        assert_eq!(sim.source_changes(), [(addr(3), addr(2))]);
+        let mut subs = sim.subscribes();
+        subs.dedup(); // (re-sent while no video came: see stalled_subscription_is_renewed)
+        assert_eq!(subs, [addr(3), addr(2)]);
+        // Detected within pop_timeout (+ one ping period) of the last pong.
+        let at = sim
+            .events
+            .iter()
+            .find(|(_, e)| matches!(e, StatEvent::SourceChanged { .. }))
+            .unwrap()
+            .0;
+        assert!(at - died <= Duration::from_millis(2000), "{:?}", at - died);
+        // Best effort unsubscribe from the dead PoP.
+        assert!(sim
+            .reliable
+            .iter()
+            .any(|(a, m)| *a == addr(3) && matches!(m, Message::Unsubscribe { .. })));
+        assert_eq!(sim.core.snapshot(sim.now).streams[0].source_changes, 1);
+    }
+
+    #[test]
+    fn recovered_pop_does_not_take_the_stream_back() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(2));
+        sim.pop(addr(3)).alive = false;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.stream_pop("news"), Some(addr(2)));
+        sim.pop(addr(3)).alive = true;
+        // One pong is not enough to be up again.
+        sim.run_for(Duration::from_millis(510));
+        assert_eq!(
+            sim.core.snapshot(sim.now).pops[1].status,
+            PopStatus::Down,
+            "one pong does not bring it back"
+        );
+        sim.run_for(Duration::from_secs(10));
+        assert_eq!(sim.core.snapshot(sim.now).pops[1].status, PopStatus::Up);
+        assert_eq!(sim.stream_pop("news"), Some(addr(2)), "no flapping back");
+        assert_eq!(sim.source_changes().len(), 1);
+        // ...but when the current one dies, the recovered one is used again.
+        sim.pop(addr(2)).alive = false;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(
+            sim.source_changes(),
+            [(addr(3), addr(2)), (addr(2), addr(3))]
+        );
+    }
+
+    #[test]
+    fn a_stream_waits_while_no_live_pop_lists_it() {
+        let mut sim = two_pops();
+        sim.play("weather");
+        sim.run_for(Duration::from_secs(2));
+        assert!(sim.subscribes().is_empty());
+        assert_eq!(sim.stream_pop("weather"), None);
+        sim.pop(addr(2)).channels.push(info("weather"));
+        sim.run_for(Duration::from_millis(1100));
+        assert_eq!(sim.subscribes(), [addr(2)]);
+        // Its only PoP dies: it waits again, and resumes (source_changed) when one lists it.
+        sim.pop(addr(2)).alive = false;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.stream_pop("weather"), None);
+        sim.pop(addr(3)).channels.push(info("weather"));
+        sim.run_for(Duration::from_millis(1100));
+        assert_eq!(sim.stream_pop("weather"), Some(addr(3)));
+        assert_eq!(sim.source_changes(), [(addr(2), addr(3))]);
+    }
+
+    #[test]
+    fn video_is_deduplicated_counted_and_reset_on_source_change() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let (a, b) = (addr(3), addr(2));
+        let now = sim.now;
+        let mut got = 0;
+        for seq in [100, 101, 101, 103, 102, 100] {
+            if sim.core.handle_video(now, a, video("news", seq)).is_some() {
+                got += 1;
+            }
+        }
+        assert_eq!(got, 4);
+        // Not from the stream's PoP, or not a channel we play: ignored.
+        assert!(sim.core.handle_video(now, b, video("news", 104)).is_none());
+        assert!(sim.core.handle_video(now, a, video("film", 1)).is_none());
+        sim.collect();
+        let firsts = sim
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, StatEvent::FirstPacket { .. }))
+            .count();
+        assert_eq!(firsts, 1);
+        let v = &sim.core.snapshot(now).streams[0];
+        assert_eq!(
+            (v.packets, v.bytes, v.lost, v.duplicates),
+            (4, 4 * 188, 0, 2)
+        );
+        sim.core.handle_video(now, a, video("news", 110));
+        assert_eq!(sim.core.snapshot(now).streams[0].lost, 6);
+        // Failover to a replica with an unrelated numbering: not a loss.
+        sim.pop(a).alive = false;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.stream_pop("news"), Some(b));
+        assert!(sim
+            .core
+            .handle_video(sim.now, b, video("news", 5))
+            .is_some());
+        assert!(sim
+            .core
+            .handle_video(sim.now, b, video("news", 6))
+            .is_some());
+        assert_eq!(sim.core.snapshot(sim.now).streams[0].lost, 6);
+    }
+
+    #[test]
+    fn periodic_stats_and_stop() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(4));
+        let stats = sim
+            .events
+            .iter()
+            .filter(|(_, e)| matches!(e, StatEvent::Stats { .. }))
+            .count();
+        assert!((3..=4).contains(&stats), "{stats}");
+        assert!(sim.core.stop(sim.now, "news", "user"));
+        sim.collect();
+        assert!(sim
+            .reliable
+            .iter()
+            .any(|(a, m)| *a == addr(3) && matches!(m, Message::Unsubscribe { .. })));
+        assert!(matches!(
+            sim.events.last().unwrap().1,
+            StatEvent::Stop { .. }
+        ));
+        assert!(!sim.core.stop(sim.now, "news", "user"));
+    }
+
+    #[test]
+    fn stalled_subscription_is_renewed() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.subscribes().len(), 1);
+        // No video at all for a while: Subscribe is re-sent every stall period.
+        sim.run_for(Duration::from_millis(4100));
+        assert_eq!(sim.subscribes(), [addr(3), addr(3), addr(3)]);
+    }
+
+    #[test]
+    fn paged_channel_lists_are_assembled() {
+        let mut sim = Sim::new(vec![FakePop {
+            addr: addr(2),
+            rtt: Duration::from_millis(1),
+            alive: true,
+            channels: vec![],
+        }]);
+        sim.run_for(Duration::from_millis(100));
+        let a = addr(2);
+        let page = |p: u16, n: &str| Message::Channels {
+            page: p,
+            pages: 2,
+            channels: vec![info(n)],
+        };
+        sim.core.handle_message(sim.now, a, page(1, "b"));
+        assert!(sim.core.channel_names().is_empty());
+        sim.core.handle_message(sim.now, a, page(0, "a"));
+        assert_eq!(sim.core.channel_names(), ["a", "b"]);
+        // Out-of-range and absurd page counts are ignored.
+        sim.core.handle_message(
+            sim.now,
+            a,
+            Message::Channels {
+                page: 3,
+                pages: 2,
+                channels: vec![],
+            },
+        );
+        assert_eq!(sim.core.channel_names(), ["a", "b"]);
+        // A pong from an address we did not ping is ignored.
+        sim.core
+            .handle_message(sim.now, addr(9), Message::Pong { nonce: 1 });
+    }
+}

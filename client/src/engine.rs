@@ -1,0 +1,460 @@
+//! The tokio driver of [`ClientCore`]: one task owns the core, talks to the network through the
+//! [`Transport`] (which alone owns the UDP socket), feeds the sinks ([`Outputs`]), writes the
+//! `--stats` file and publishes a [`Snapshot`] for the GUI on a `watch` channel. The GUI (or the
+//! headless main) sends [`Command`]s over an `mpsc` channel; nobody waits for anybody.
+
+use crate::core::{Action, ClientCore, CoreConfig, Snapshot, StreamView};
+use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
+use crate::stats::{StatEvent, StatsWriter};
+use common::impair::{ImpairConfig, Impairment};
+use common::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
+use common::NodeId;
+use std::collections::{BTreeSet, HashMap};
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// What the engine needs to run.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// The PoPs (`--servers` × `--port`).
+    pub pops: Vec<SocketAddr>,
+    /// Local UDP address.
+    pub bind: SocketAddr,
+    /// Impairment of outgoing traffic (testing aid).
+    pub impair: ImpairConfig,
+    /// Player per stream.
+    pub player: PlayerKind,
+    /// Streams to play at start.
+    pub streams: Vec<String>,
+    /// Record the TS here (suffixed by the stream name when several streams are recorded).
+    pub record: Option<PathBuf>,
+    /// Re-send the TS as plain UDP here (stream `i` in order of play to port + `i`).
+    pub output: Option<SocketAddr>,
+    /// JSON-lines stats file.
+    pub stats: Option<PathBuf>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Protocol timing.
+    pub core: CoreConfig,
+}
+
+/// Sent to the engine by the GUI or the main thread.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Start playing a channel.
+    Play(String),
+    /// Stop it.
+    Stop(String),
+}
+
+/// Why the engine could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The local UDP socket.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The stats file.
+    #[error("cannot create the stats file {path}: {source}")]
+    Stats {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// The transport task.
+    #[error("cannot start the transport: {0}")]
+    Transport(#[source] io::Error),
+}
+
+/// What the engine did, for the exit summary.
+#[derive(Debug, Clone, Default)]
+pub struct Summary {
+    /// Every stream played, with its final counters (a stream played twice appears twice).
+    pub streams: Vec<StreamView>,
+}
+
+/// The channels between the engine and its controller.
+#[derive(Debug)]
+pub struct EngineHandles {
+    /// Commands to the engine.
+    pub commands: mpsc::UnboundedSender<Command>,
+    /// The latest snapshot.
+    pub snapshot: watch::Receiver<Snapshot>,
+}
+
+/// Everything [`run`] needs besides its config.
+#[derive(Debug)]
+pub struct EngineChannels {
+    commands: mpsc::UnboundedReceiver<Command>,
+    snapshot: watch::Sender<Snapshot>,
+}
+
+/// Creates the command and snapshot channels.
+pub fn channels() -> (EngineHandles, EngineChannels) {
+    let (ctx, crx) = mpsc::unbounded_channel();
+    let (stx, srx) = watch::channel(Snapshot::default());
+    (
+        EngineHandles {
+            commands: ctx,
+            snapshot: srx,
+        },
+        EngineChannels {
+            commands: crx,
+            snapshot: stx,
+        },
+    )
+}
+
+/// How often the GUI snapshot is refreshed at most.
+const SNAPSHOT_EVERY: Duration = Duration::from_millis(200);
+/// Most notices kept for the GUI.
+const MAX_NOTICES: usize = 8;
+
+fn now() -> Instant {
+    tokio::time::Instant::now().into_std()
+}
+
+struct Engine {
+    cfg: EngineConfig,
+    core: ClientCore,
+    transport: Transport,
+    stats: Option<StatsWriter>,
+    outputs: HashMap<String, Outputs>,
+    generation: u64,
+    exits_tx: mpsc::UnboundedSender<PlayerExit>,
+    recorded: BTreeSet<PathBuf>,
+    record_owner: Option<String>,
+    udp_out: Option<Arc<UdpSocket>>,
+    udp_streams: Vec<String>,
+    notices: Vec<String>,
+    player_missing_told: bool,
+    summary: Summary,
+}
+
+/// Runs the client until `shutdown` is cancelled (ctrl-c, window closed) or `--duration` is
+/// over; then unsubscribes, closes every sink (players are killed) and returns the summary.
+pub async fn run(
+    cfg: EngineConfig,
+    chans: EngineChannels,
+    shutdown: CancellationToken,
+) -> Result<Summary, EngineError> {
+    let EngineChannels {
+        mut commands,
+        snapshot,
+    } = chans;
+    let start = now();
+    let socket = UdpSocket::bind(cfg.bind)
+        .await
+        .map_err(|source| EngineError::Bind {
+            addr: cfg.bind,
+            source,
+        })?;
+    let stats = match &cfg.stats {
+        Some(path) => {
+            Some(
+                StatsWriter::create(path, start).map_err(|source| EngineError::Stats {
+                    path: path.clone(),
+                    source,
+                })?,
+            )
+        }
+        None => None,
+    };
+    let shim: Box<dyn SendShim> = if cfg.impair.is_passthrough() {
+        Box::new(Direct::default())
+    } else {
+        warn!(impair = %cfg.impair, "TESTING AID: impairing outgoing traffic");
+        Box::new(Impairment::new(cfg.impair.clone(), start))
+    };
+    // The transport gets its own token: at shutdown we still unsubscribe through it.
+    let transport_stop = CancellationToken::new();
+    let (transport, mut incoming, transport_task) = Transport::spawn_with_shim(
+        socket,
+        NodeId::random(),
+        common::rng::Rng::from_entropy().next_u64(),
+        TransportConfig::default(),
+        transport_stop.clone(),
+        shim,
+    )
+    .map_err(EngineError::Transport)?;
+    info!(local = %transport.local_addr(), pops = ?cfg.pops, "client started");
+    let udp_out = match cfg.output {
+        Some(to) => {
+            let any: SocketAddr = if to.is_ipv4() {
+                "0.0.0.0:0".parse().expect("literal")
+            } else {
+                "[::]:0".parse().expect("literal")
+            };
+            match UdpSocket::bind(any).await {
+                Ok(s) => Some(Arc::new(s)),
+                Err(e) => {
+                    warn!(error = %e, "cannot open the --output socket; no UDP output");
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
+    let mut e = Engine {
+        core: ClientCore::new(cfg.core.clone(), &cfg.pops, start),
+        cfg,
+        transport,
+        stats,
+        outputs: HashMap::new(),
+        generation: 0,
+        exits_tx,
+        recorded: BTreeSet::new(),
+        record_owner: None,
+        udp_out,
+        udp_streams: Vec::new(),
+        notices: Vec::new(),
+        player_missing_told: false,
+        summary: Summary::default(),
+    };
+    for s in e.cfg.streams.clone() {
+        e.play(start, &s).await;
+    }
+    let deadline = e
+        .cfg
+        .duration
+        .map(|d| tokio::time::Instant::from_std(start + d));
+    let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(e.core.poll_timeout()));
+    tokio::pin!(sleep);
+    let mut commands_open = true;
+    let mut last_snapshot = start;
+    loop {
+        sleep
+            .as_mut()
+            .reset(tokio::time::Instant::from_std(e.core.poll_timeout()));
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            _ = sleep_until_opt(deadline) => {
+                info!("--duration is over");
+                break;
+            }
+            Some(exit) = exits_rx.recv() => e.player_exited(exit).await,
+            cmd = commands.recv(), if commands_open => match cmd {
+                Some(Command::Play(name)) => e.play(now(), &name).await,
+                Some(Command::Stop(name)) => e.stop(now(), &name, "user").await,
+                None => commands_open = false,
+            },
+            item = incoming.recv() => match item {
+                None => {
+                    warn!("transport stopped");
+                    break;
+                }
+                Some(Incoming::Message { from, msg, .. }) => e.core.handle_message(now(), from, msg),
+                Some(Incoming::Video { from, packet, .. }) => {
+                    if let Some((name, payload)) = e.core.handle_video(now(), from, packet) {
+                        if let Some(o) = e.outputs.get_mut(&name) {
+                            o.write(&payload);
+                        }
+                    }
+                }
+                Some(Incoming::TimedOut { peer, .. }) => {
+                    debug!(%peer, "reliable message not acknowledged");
+                    e.core.handle_timed_out(now(), peer);
+                }
+            },
+            _ = &mut sleep => e.core.handle_timeout(now()),
+        }
+        e.drain_actions().await;
+        let t = now();
+        if t >= last_snapshot + SNAPSHOT_EVERY {
+            last_snapshot = t;
+            snapshot.send_replace(e.snapshot(t));
+        }
+    }
+    // Shutdown: tell the controller (the GUI closes its window), unsubscribe everywhere, close
+    // sinks, stop the transport.
+    shutdown.cancel();
+    let t = now();
+    for name in e.core.playing() {
+        e.record_summary(t, &name);
+    }
+    e.core.stop_all(t, "exit");
+    e.drain_actions().await;
+    for (_, o) in e.outputs.drain() {
+        o.close().await;
+    }
+    snapshot.send_replace(e.snapshot(now()));
+    // Give the Unsubscribes a moment to leave (best effort; PoPs also time us out).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    transport_stop.cancel();
+    let _ = transport_task.await;
+    Ok(e.summary)
+}
+
+async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Engine {
+    async fn play(&mut self, now: Instant, name: &str) {
+        if !self.core.play(now, name) {
+            return;
+        }
+        info!(stream = name, "play requested");
+        self.generation += 1;
+        let mut o = Outputs::new(self.generation);
+        match o.start_player(self.cfg.player, name, self.exits_tx.clone()) {
+            Ok(()) => {}
+            Err(PlayerError::NotFound(msg)) => {
+                if !self.player_missing_told {
+                    self.player_missing_told = true;
+                    warn!("{msg}");
+                    self.notice(msg);
+                }
+                info!(
+                    stream = name,
+                    "no player for this stream; it is still recorded and counted"
+                );
+            }
+            Err(err) => {
+                warn!(stream = name, error = %err, "no player");
+                self.notice(err.to_string());
+            }
+        }
+        if let Some(path) = self.cfg.record.clone() {
+            // With at most one --stream, the first stream recorded owns the plain path; every
+            // other stream (or every stream, with several --stream) gets a suffixed one.
+            let plain = self.cfg.streams.len() <= 1
+                && self.record_owner.get_or_insert_with(|| name.to_string()) == name;
+            let path = record_path(&path, name, !plain);
+            // Truncated at its first opening in this run, appended to when played again.
+            let truncate = self.recorded.insert(path.clone());
+            if let Err(err) = o.start_record(path.clone(), truncate).await {
+                warn!(path = %path.display(), error = %err, "cannot record");
+                self.notice(format!("cannot record to {}: {err}", path.display()));
+            }
+        }
+        if let (Some(sock), Some(to)) = (&self.udp_out, self.cfg.output) {
+            let i = match self.udp_streams.iter().position(|s| s == name) {
+                Some(i) => i,
+                None => {
+                    self.udp_streams.push(name.to_string());
+                    self.udp_streams.len() - 1
+                }
+            };
+            let to = SocketAddr::new(to.ip(), to.port().wrapping_add(i as u16));
+            info!(stream = name, %to, "re-sending as plain UDP");
+            o.start_udp(sock.clone(), to);
+        }
+        if let Some(old) = self.outputs.insert(name.to_string(), o) {
+            old.close().await;
+        }
+    }
+
+    async fn stop(&mut self, now: Instant, name: &str, reason: &str) {
+        self.record_summary(now, name);
+        if self.core.stop(now, name, reason) {
+            info!(stream = name, reason, "stream stopped");
+        }
+        if let Some(o) = self.outputs.remove(name) {
+            o.close().await;
+        }
+    }
+
+    async fn player_exited(&mut self, exit: PlayerExit) {
+        let current = self
+            .outputs
+            .get(&exit.stream)
+            .is_some_and(|o| o.generation() == exit.generation);
+        if !current {
+            return;
+        }
+        info!(stream = %exit.stream, status = %exit.status, "player exited; stopping the stream");
+        self.notice(format!(
+            "player of {} exited ({})",
+            exit.stream, exit.status
+        ));
+        self.stop(now(), &exit.stream, "player exited").await;
+    }
+
+    fn record_summary(&mut self, now: Instant, name: &str) {
+        if let Some(v) = self
+            .core
+            .snapshot(now)
+            .streams
+            .into_iter()
+            .find(|s| s.name == name)
+        {
+            self.summary.streams.push(v);
+        }
+    }
+
+    async fn drain_actions(&mut self) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::SendUnreliable { to, msg } => {
+                    if let Err(e) = self.transport.send_unreliable(to, msg).await {
+                        debug!(%to, error = %e, "send failed");
+                    }
+                }
+                Action::SendReliable { to, msg } => {
+                    if let Err(e) = self.transport.send_reliable(to, msg).await {
+                        debug!(%to, error = %e, "reliable send failed");
+                    }
+                }
+                Action::Event(ev) => self.event(ev),
+            }
+        }
+    }
+
+    fn event(&mut self, ev: StatEvent) {
+        match &ev {
+            StatEvent::Stats { .. } => debug!(?ev, "stats"),
+            StatEvent::SourceChanged { stream, from, to } => {
+                warn!(stream, %from, %to, "source changed")
+            }
+            StatEvent::Pop {
+                pop,
+                rtt_ms,
+                up: false,
+            } => warn!(%pop, ?rtt_ms, "PoP down"),
+            StatEvent::Pop { pop, rtt_ms, .. } => info!(%pop, ?rtt_ms, "PoP up"),
+            StatEvent::Streams { names } => info!(?names, "channels"),
+            StatEvent::Play { stream, pop } => info!(stream, %pop, "subscribed"),
+            StatEvent::FirstPacket { stream, pop } => info!(stream, %pop, "first packet"),
+            StatEvent::Stop { .. } => {}
+        }
+        if let Some(w) = &mut self.stats {
+            if let Err(e) = w.write(now(), &ev) {
+                warn!(error = %e, "cannot write the stats file; no more stats");
+                self.stats = None;
+            }
+        }
+    }
+
+    fn notice(&mut self, msg: String) {
+        if self.notices.len() == MAX_NOTICES {
+            self.notices.remove(0);
+        }
+        self.notices.push(msg);
+    }
+
+    fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut s = self.core.snapshot(now);
+        s.notices = self.notices.clone();
+        s
+    }
+}

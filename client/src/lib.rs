@@ -1,0 +1,24 @@
+//! # client — watch Pessi Streamer channels through the best point of presence
+//!
+//! The client pings every PoP (overlay node) given with `--servers`, shows the union of their
+//! channel lists, subscribes to a channel at the live PoP with the lowest RTT, and moves to the
+//! next best PoP when that one stops answering. Each stream's MPEG-TS goes to a player (mpv or
+//! ffplay, on stdin), a recording file and/or a plain UDP output; events and counters go to the
+//! log, an optional JSON-lines stats file and the egui window (or nowhere visible, headless).
+//!
+//! Layout:
+//! * [`core`] — the protocol logic, an I/O-free state machine fed `(now, event)` (fake-clock
+//!   tests); [`seq`] — duplicate suppression and loss counting by sequence number.
+//! * [`engine`] — the tokio task that drives the core: network (through the one task owning
+//!   the socket, `common::transport`), sinks, stats file, GUI snapshot.
+//! * [`outputs`] — player, recording and UDP sinks (player choice and flags documented there).
+//! * [`stats`] — the events and the `--stats` JSON-lines format.
+//! * [`gui`] — the eframe window; [`cli`] — the command line.
+
+pub mod cli;
+pub mod core;
+pub mod engine;
+pub mod gui;
+pub mod outputs;
+pub mod seq;
+pub mod stats;

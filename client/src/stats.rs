@@ -1,0 +1,177 @@
+//! The client's observable events and the `--stats FILE` JSON-lines writer.
+//!
+//! # Format
+//!
+//! One JSON object per line; `t_ms` is milliseconds since the client started (monotonic
+//! `Instant`, never the wall clock); PoPs are written `"IP:PORT"`.
+//!
+//! ```text
+//! {"event":"streams","t_ms":812,"names":["news","sport"]}        union of live PoPs' lists changed
+//! {"event":"pop","t_ms":3,"pop":"127.0.0.2:8010","rtt_ms":0.21,"up":true}   PoP status changed
+//! {"event":"play","t_ms":820,"stream":"news","pop":"127.0.0.2:8010"}         first subscribe
+//! {"event":"first_packet","t_ms":840,"stream":"news","pop":"127.0.0.2:8010"}
+//! {"event":"source_changed","t_ms":5120,"stream":"news","from":"127.0.0.2:8010","to":"127.0.0.3:8010"}
+//! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0}
+//! {"event":"stop","t_ms":9000,"stream":"news","reason":"exit"}
+//! ```
+//!
+//! `stats` lines come every second for each stream that has a source, with cumulative counts:
+//! `packets` are datagrams kept after duplicate suppression, `bytes` their payload bytes, `lost`
+//! sequence numbers never received (gaps), `cc_lost` TS packets missing by continuity counter.
+//! `rtt_ms` is the smoothed RTT (`null` when unknown). A `pop` source is `null` in `stop`
+//! when the stream had none.
+
+use serde::Serialize;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Something observable happened (logged, written to `--stats`, reflected in the GUI).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum StatEvent {
+    /// The union of the live PoPs' channel lists changed.
+    Streams {
+        /// Channel names, sorted.
+        names: Vec<String>,
+    },
+    /// A PoP went up or down.
+    Pop {
+        /// The PoP.
+        pop: SocketAddr,
+        /// Smoothed RTT in milliseconds, if measured.
+        rtt_ms: Option<f64>,
+        /// Whether it answers.
+        up: bool,
+    },
+    /// A stream got its first source (subscribed at `pop`).
+    Play {
+        /// Channel name.
+        stream: String,
+        /// Where we subscribed.
+        pop: SocketAddr,
+    },
+    /// The first video datagram of a stream arrived.
+    FirstPacket {
+        /// Channel name.
+        stream: String,
+        /// Where it came from.
+        pop: SocketAddr,
+    },
+    /// A stream moved to another PoP (its PoP went down).
+    SourceChanged {
+        /// Channel name.
+        stream: String,
+        /// The previous PoP.
+        from: SocketAddr,
+        /// The new PoP.
+        to: SocketAddr,
+    },
+    /// Periodic cumulative counters of a stream.
+    Stats {
+        /// Channel name.
+        stream: String,
+        /// Current source.
+        pop: SocketAddr,
+        /// Datagrams kept (after duplicate suppression).
+        packets: u64,
+        /// Payload bytes kept.
+        bytes: u64,
+        /// Sequence numbers lost (gaps).
+        lost: u64,
+        /// TS packets lost according to continuity counters.
+        cc_lost: u64,
+        /// Duplicate datagrams dropped.
+        duplicates: u64,
+        /// Source changes so far.
+        source_changes: u64,
+    },
+    /// A stream stopped.
+    Stop {
+        /// Channel name.
+        stream: String,
+        /// Its PoP at that time, if any.
+        pop: Option<SocketAddr>,
+        /// Why: `"user"`, `"player exited"`, `"exit"`.
+        reason: String,
+    },
+}
+
+/// One line of the stats file: the event and its time.
+#[derive(Serialize)]
+struct Line<'a> {
+    #[serde(flatten)]
+    event: &'a StatEvent,
+    t_ms: u64,
+}
+
+/// Renders `event` at `t` (time since start) as one JSON line, without the newline.
+pub fn to_json_line(event: &StatEvent, t: Duration) -> String {
+    let line = Line {
+        event,
+        t_ms: t.as_millis() as u64,
+    };
+    // Serialising plain data with string keys cannot fail.
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+/// Writes events as JSON lines, one `write` + flush per line (a reader tailing the file, or a
+/// test, sees complete lines).
+#[derive(Debug)]
+pub struct StatsWriter {
+    start: Instant,
+    out: io::LineWriter<std::fs::File>,
+}
+
+impl StatsWriter {
+    /// Creates (truncates) `path`; `start` is the client's start (`t_ms` = 0).
+    pub fn create(path: &Path, start: Instant) -> io::Result<StatsWriter> {
+        Ok(StatsWriter {
+            start,
+            out: io::LineWriter::new(std::fs::File::create(path)?),
+        })
+    }
+
+    /// Appends one event stamped `now`.
+    pub fn write(&mut self, now: Instant, event: &StatEvent) -> io::Result<()> {
+        let mut line = to_json_line(event, now.saturating_duration_since(self.start));
+        line.push('\n');
+        self.out.write_all(line.as_bytes())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_have_the_documented_shape() {
+        let pop: SocketAddr = "127.0.0.2:8010".parse().unwrap();
+        let l = to_json_line(
+            &StatEvent::SourceChanged {
+                stream: "news".into(),
+                from: pop,
+                to: "127.0.0.3:8010".parse().unwrap(),
+            },
+            Duration::from_millis(5120),
+        );
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["event"], "source_changed");
+        assert_eq!(v["t_ms"], 5120);
+        assert_eq!(v["from"], "127.0.0.2:8010");
+        assert_eq!(v["to"], "127.0.0.3:8010");
+        let l = to_json_line(
+            &StatEvent::Pop {
+                pop,
+                rtt_ms: None,
+                up: false,
+            },
+            Duration::ZERO,
+        );
+        assert_eq!(
+            l,
+            r#"{"event":"pop","pop":"127.0.0.2:8010","rtt_ms":null,"up":false,"t_ms":0}"#
+        );
+    }
+}

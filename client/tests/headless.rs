@@ -1,0 +1,175 @@
+//! End-to-end tests of the real client binary, headless, against fake PoPs living in the test
+//! process (a `common::transport::Transport` on 127.0.6x.* speaking the wire protocol) that
+//! stream real MPEG-TS made by ffmpeg.
+
+#[path = "support/fake_pop.rs"]
+mod fake_pop;
+
+use fake_pop::{FakePop, CHANNEL};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// Runs the client binary with `args` (plus `--headless`); returns (success, stderr).
+async fn run_client(args: &[String], path_env: Option<&Path>) -> (bool, String) {
+    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_client"));
+    cmd.arg("--headless")
+        .args(args)
+        .env("RUST_LOG", "info")
+        .kill_on_drop(true);
+    if let Some(p) = path_env {
+        cmd.env("PATH", p);
+    }
+    let out = tokio::time::timeout(Duration::from_secs(30), cmd.output())
+        .await
+        .expect("client exits by itself after --duration")
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn events(stats: &Path) -> Vec<Value> {
+    std::fs::read_to_string(stats)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l:?}: {e}")))
+        .collect()
+}
+
+fn of_kind<'a>(ev: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    ev.iter().filter(|e| e["event"] == kind).collect()
+}
+
+fn common_args(pops: &[&FakePop], dir: &Path, duration: &str) -> (Vec<String>, PathBuf, PathBuf) {
+    let stats = dir.join("stats.jsonl");
+    let record = dir.join("rec.ts");
+    let servers: Vec<String> = pops.iter().map(|p| p.addr.ip().to_string()).collect();
+    let args = vec![
+        "--servers".into(),
+        servers.join(","),
+        "--port".into(),
+        pops[0].addr.port().to_string(),
+        "--stream".into(),
+        CHANNEL.into(),
+        "--stats".into(),
+        stats.display().to_string(),
+        "--record".into(),
+        record.display().to_string(),
+        "--duration".into(),
+        duration.into(),
+    ];
+    (args, stats, record)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plays_records_and_reports_stats() {
+    let pop = FakePop::start("127.0.61.1:0".parse().unwrap(), Duration::ZERO, 1000, false).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, stats, record) = common_args(&[&pop], dir.path(), "4");
+    args.extend(["--video-player".into(), "none".into()]);
+    let (ok, stderr) = run_client(&args, None).await;
+    assert!(ok, "client failed:\n{stderr}");
+    let ev = events(&stats);
+    let streams = of_kind(&ev, "streams");
+    assert_eq!(streams[0]["names"], serde_json::json!([CHANNEL]), "{ev:?}");
+    let play = of_kind(&ev, "play");
+    assert_eq!(play.len(), 1, "{ev:?}");
+    assert_eq!(play[0]["pop"], pop.addr.to_string());
+    assert_eq!(of_kind(&ev, "first_packet").len(), 1, "{ev:?}");
+    let pops = of_kind(&ev, "pop");
+    assert_eq!(pops[0]["up"], true);
+    let stats_ev = of_kind(&ev, "stats");
+    assert!(stats_ev.len() >= 3, "{ev:?}");
+    let sent = pop.sent.lock().unwrap().clone();
+    let last = stats_ev.last().unwrap();
+    assert_eq!(last["packets"], sent.len() as u64, "{ev:?}");
+    assert_eq!(last["lost"], 0);
+    assert_eq!(
+        last["bytes"],
+        sent.iter().map(|b| b.len() as u64).sum::<u64>()
+    );
+    assert_eq!(of_kind(&ev, "stop")[0]["reason"], "exit");
+    // The recording is exactly the payload bytes sent, in order.
+    let recorded = std::fs::read(&record).unwrap();
+    let expected: Vec<u8> = sent.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(recorded.len(), expected.len());
+    assert!(recorded == expected, "recording differs from what was sent");
+    assert!(stderr.contains("summary"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fails_over_to_the_next_pop_and_keeps_receiving() {
+    let a = FakePop::start("127.0.62.1:0".parse().unwrap(), Duration::ZERO, 0, true).await;
+    // The second PoP is slower (pongs 20 ms late) and numbers its packets differently (a replica).
+    let b_addr = SocketAddr::new("127.0.62.2".parse().unwrap(), a.addr.port());
+    let b = FakePop::start(b_addr, Duration::from_millis(20), 5_000_000, true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, stats, _record) = common_args(&[&b, &a], dir.path(), "7");
+    args.extend(["--video-player".into(), "none".into()]);
+    let client = tokio::spawn(async move { run_client(&args, None).await });
+    // Kill A once the client receives from it.
+    let stats2 = stats.clone();
+    tokio::time::timeout(Duration::from_secs(5), async move {
+        while of_kind(&events(&stats2), "first_packet").is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("first packet within 5 s");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.alive.store(false, Ordering::SeqCst);
+    let (ok, stderr) = client.await.unwrap();
+    assert!(ok, "client failed:\n{stderr}");
+    let ev = events(&stats);
+    let play = of_kind(&ev, "play");
+    assert_eq!(play[0]["pop"], a.addr.to_string(), "best RTT first: {ev:?}");
+    let changed = of_kind(&ev, "source_changed");
+    assert_eq!(changed.len(), 1, "{ev:?}");
+    assert_eq!(changed[0]["from"], a.addr.to_string());
+    assert_eq!(changed[0]["to"], b.addr.to_string());
+    let t_change = changed[0]["t_ms"].as_u64().unwrap();
+    let down = of_kind(&ev, "pop")
+        .into_iter()
+        .find(|e| e["up"] == false)
+        .expect("a pop event with up=false");
+    assert_eq!(down["pop"], a.addr.to_string());
+    // Stats after the change come from B and keep growing.
+    let after: Vec<&Value> = of_kind(&ev, "stats")
+        .into_iter()
+        .filter(|e| e["t_ms"].as_u64().unwrap() > t_change)
+        .collect();
+    assert!(after.len() >= 2, "{ev:?}");
+    assert!(after.iter().all(|e| e["pop"] == b.addr.to_string()));
+    let first = after[0]["packets"].as_u64().unwrap();
+    let last = after.last().unwrap()["packets"].as_u64().unwrap();
+    assert!(
+        last > first + 100,
+        "still receiving after failover: {first} → {last}"
+    );
+    // The replica's unrelated numbering is not counted as loss.
+    assert_eq!(after.last().unwrap()["lost"], 0, "{ev:?}");
+    assert!(!b.sent.lock().unwrap().is_empty());
+    assert!(stderr.contains("source changed"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_mpv_is_reported_and_the_stream_goes_on() {
+    let pop = FakePop::start("127.0.63.1:0".parse().unwrap(), Duration::ZERO, 0, true).await;
+    let dir = tempfile::tempdir().unwrap();
+    let empty = tempfile::tempdir().unwrap();
+    let (mut args, stats, record) = common_args(&[&pop], dir.path(), "2");
+    args.extend(["--video-player".into(), "mpv".into()]);
+    let (ok, stderr) = run_client(&args, Some(empty.path())).await;
+    assert!(ok, "client failed:\n{stderr}");
+    assert!(
+        stderr.contains("mpv not found: install it with `sudo apt-get install mpv`"),
+        "{stderr}"
+    );
+    let ev = events(&stats);
+    assert_eq!(of_kind(&ev, "first_packet").len(), 1, "{ev:?}");
+    assert!(std::fs::metadata(&record).unwrap().len() > 0);
+}
