@@ -113,34 +113,6 @@ impl PlayerKind {
     }
 }
 
-/// A `tokio::process::Command` for `program` whose child dies with us: `kill_on_drop`, and on
-/// Linux `PR_SET_PDEATHSIG = SIGKILL` set in the child before `exec`. (The death signal follows
-/// the *thread* that forked: spawn from a runtime worker thread, not a short-lived one.)
-///
-/// A private copy of the helper `common::runtime::child_command` is getting; to be deduplicated.
-pub(crate) fn child_command(program: &str) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(program);
-    cmd.kill_on_drop(true);
-    #[cfg(target_os = "linux")]
-    {
-        // SAFETY: the closure runs in the forked child before exec and only calls prctl and
-        // getppid, which are async-signal-safe; it allocates nothing.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL as libc::c_ulong) != 0 {
-                    return Err(io::Error::last_os_error());
-                }
-                // The parent may have died between fork and prctl: then we are orphaned.
-                if libc::getppid() == 1 {
-                    return Err(io::Error::other("parent died before exec"));
-                }
-                Ok(())
-            });
-        }
-    }
-    cmd
-}
-
 /// Why a player could not be started.
 #[derive(Debug, thiserror::Error)]
 pub enum PlayerError {
@@ -225,7 +197,7 @@ impl Outputs {
         stream: &str,
         exits: mpsc::UnboundedSender<PlayerExit>,
     ) -> Result<(), PlayerError> {
-        let mut cmd = child_command(program);
+        let mut cmd = common::runtime::child_command(program);
         cmd.args(args)
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
