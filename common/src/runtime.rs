@@ -54,9 +54,10 @@ async fn wait_for_signal() {
 /// handle is dropped, and (Linux) the kernel sends it SIGKILL if this process dies, even by
 /// SIGKILL. Note: `PR_SET_PDEATHSIG` fires when the *thread* that spawned the child exits, so
 /// spawn from long-lived threads (tokio workers or the main thread), not from `spawn_blocking`.
+/// Stdin is null; callers set stdin/stdout/stderr as they need.
 pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Command {
     let mut cmd = tokio::process::Command::new(program);
-    cmd.kill_on_drop(true);
+    cmd.kill_on_drop(true).stdin(std::process::Stdio::null());
     #[cfg(target_os = "linux")]
     let parent = std::process::id() as libc::pid_t;
     #[cfg(target_os = "linux")]
@@ -77,4 +78,23 @@ pub fn child_command(program: impl AsRef<std::ffi::OsStr>) -> tokio::process::Co
         });
     }
     cmd
+}
+
+#[cfg(all(test, target_os = "linux"))]
+mod tests {
+    #[tokio::test]
+    async fn child_command_runs_and_kills_on_drop() {
+        let out = super::child_command("true").status().await.unwrap();
+        assert!(out.success());
+        let child = super::child_command("sleep").arg("30").spawn().unwrap();
+        let pid = child.id().unwrap();
+        drop(child);
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        // The zombie is reaped by tokio's orphan queue; the process must no longer be running.
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z"),
+            "still running: {stat}"
+        );
+    }
 }

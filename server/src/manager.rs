@@ -1,0 +1,360 @@
+//! [`ChannelManager`]: owns the catalog, the transcode cache and the per-channel playout or
+//! live tasks, so the server's `main.rs` only wires it to the overlay.
+//!
+//! * Files found in the videos folder are transcoded in the background, one at a time (one
+//!   ffmpeg uses the cores well enough), and a channel is announced only once its cache entry
+//!   is ready. A replaced file keeps playing its old version until the new one is ready.
+//! * Live sources (`--source NAME=INPUT`) are announced at once.
+//! * Nothing plays unless watched: [`ChannelManager::set_watched`] starts and stops the
+//!   playout task or the live ffmpeg, so an unwatched channel costs nothing.
+
+use crate::catalog::{Catalog, CatalogError, CatalogEvent};
+use crate::ffmpeg::{EncodeSettings, Ffmpeg, FfmpegError};
+use crate::live::LiveSource;
+use crate::playout::{ChunkSink, Playout};
+use crate::transcode::{TranscodeCache, TranscodeError, CACHE_DIR_NAME};
+use crate::Chunk;
+use bytes::Bytes;
+use common::wire::{ChannelId, ChannelInfo};
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use thiserror::Error;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// What the server serves.
+#[derive(Debug, Clone)]
+pub struct ManagerConfig {
+    /// Folder of video files (watched recursively), if any.
+    pub videos: Option<PathBuf>,
+    /// Transcode cache folder; default `<videos>/.pessi-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Live sources as `(name, input)` (see [`crate::live`] for the input syntax).
+    pub sources: Vec<(String, String)>,
+    /// Keyframe interval in seconds.
+    pub keyint_secs: f64,
+}
+
+/// One datagram of one channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelChunk {
+    /// The channel.
+    pub channel: ChannelId,
+    /// 1316 bytes of TS.
+    pub payload: Bytes,
+    /// Starts a keyframe (set `video_flags::KEYFRAME`).
+    pub keyframe: bool,
+}
+
+/// Errors starting the manager.
+#[derive(Debug, Error)]
+pub enum ManagerError {
+    /// FFmpeg is missing.
+    #[error(transparent)]
+    Ffmpeg(#[from] FfmpegError),
+    /// The videos folder cannot be watched.
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    /// The cache folder cannot be created.
+    #[error(transparent)]
+    Cache(#[from] TranscodeError),
+    /// Nothing to serve.
+    #[error("nothing to serve: give a videos folder and/or live sources")]
+    NothingToServe,
+    /// The keyframe interval is not a positive number of seconds.
+    #[error("keyframe interval must be > 0 s, got {0}")]
+    BadKeyint(f64),
+    /// Two channels with the same name.
+    #[error("duplicate channel name {0:?}")]
+    DuplicateName(String),
+}
+
+#[derive(Debug, Clone)]
+enum Source {
+    File { cached: PathBuf },
+    Live(String),
+}
+
+#[derive(Debug)]
+struct Entry {
+    name: String,
+    source: Source,
+    running: Option<CancellationToken>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    channels: HashMap<ChannelId, Entry>,
+    watched: HashSet<ChannelId>,
+}
+
+struct Inner {
+    ffmpeg: Ffmpeg,
+    settings: EncodeSettings,
+    tx: mpsc::Sender<ChannelChunk>,
+    state: Mutex<State>,
+    changes: watch::Sender<Vec<ChannelInfo>>,
+    cancel: CancellationToken,
+}
+
+/// Owns every channel of this server (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct ChannelManager {
+    inner: Arc<Inner>,
+}
+
+struct Tagged {
+    id: ChannelId,
+    tx: mpsc::Sender<ChannelChunk>,
+}
+
+impl ChunkSink for Tagged {
+    async fn send(&mut self, chunk: Chunk) -> bool {
+        self.tx
+            .send(ChannelChunk {
+                channel: self.id,
+                payload: chunk.payload,
+                keyframe: chunk.keyframe,
+            })
+            .await
+            .is_ok()
+    }
+}
+
+/// Capacity of the output channel (≈ 0.5 s of a few channels).
+pub const OUTPUT_CAPACITY: usize = 1024;
+
+impl ChannelManager {
+    /// Finds FFmpeg, picks the encoder, announces live sources, and starts watching and
+    /// transcoding the videos folder in the background. Returns the manager and the single
+    /// stream of every watched channel's datagrams. Everything stops on `cancel`.
+    pub async fn start(
+        cfg: ManagerConfig,
+        cancel: CancellationToken,
+    ) -> Result<(ChannelManager, mpsc::Receiver<ChannelChunk>), ManagerError> {
+        if cfg.videos.is_none() && cfg.sources.is_empty() {
+            return Err(ManagerError::NothingToServe);
+        }
+        if !(cfg.keyint_secs > 0.0 && cfg.keyint_secs.is_finite()) {
+            return Err(ManagerError::BadKeyint(cfg.keyint_secs));
+        }
+        let ffmpeg = Ffmpeg::discover()?;
+        let encoder = ffmpeg.h264_encoder().await;
+        let settings = EncodeSettings::new(encoder, cfg.keyint_secs);
+        let (tx, rx) = mpsc::channel(OUTPUT_CAPACITY);
+        let mut state = State::default();
+        for (name, input) in &cfg.sources {
+            let id = ChannelId::of_name(name);
+            if state.channels.contains_key(&id) {
+                return Err(ManagerError::DuplicateName(name.clone()));
+            }
+            info!(channel = %name, input = %input, "live source announced");
+            state.channels.insert(
+                id,
+                Entry {
+                    name: name.clone(),
+                    source: Source::Live(input.clone()),
+                    running: None,
+                },
+            );
+        }
+        let (changes, _) = watch::channel(Vec::new());
+        let mgr = ChannelManager {
+            inner: Arc::new(Inner {
+                ffmpeg: ffmpeg.clone(),
+                settings: settings.clone(),
+                tx,
+                state: Mutex::new(state),
+                changes,
+                cancel: cancel.clone(),
+            }),
+        };
+        mgr.publish();
+        if let Some(videos) = cfg.videos {
+            let cache_dir = cfg.cache_dir.unwrap_or_else(|| videos.join(CACHE_DIR_NAME));
+            let cache = TranscodeCache::new(cache_dir.clone(), ffmpeg, settings)?;
+            info!(folder = %videos.display(), cache = %cache_dir.display(), "serving videos folder");
+            let events = Catalog::start(videos, vec![cache_dir], cancel.clone())?;
+            tokio::spawn(mgr.clone().files_task(events, cache));
+        }
+        Ok((mgr, rx))
+    }
+
+    /// The channels announced now, sorted by name.
+    pub fn channels(&self) -> Vec<ChannelInfo> {
+        let st = self.inner.state.lock().expect("state lock");
+        let mut v: Vec<ChannelInfo> = st
+            .channels
+            .iter()
+            .map(|(id, e)| ChannelInfo {
+                id: *id,
+                name: e.name.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// A receiver that sees the channel list every time it changes.
+    pub fn changes(&self) -> watch::Receiver<Vec<ChannelInfo>> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Whether a channel's playout or live ffmpeg is running.
+    pub fn is_running(&self, id: ChannelId) -> bool {
+        let st = self.inner.state.lock().expect("state lock");
+        st.channels.get(&id).is_some_and(|e| e.running.is_some())
+    }
+
+    /// Starts (`true`) or stops (`false`) sending a channel. Watching a channel not announced
+    /// yet is remembered: it starts when it appears.
+    pub fn set_watched(&self, id: ChannelId, watched: bool) {
+        let mut st = self.inner.state.lock().expect("state lock");
+        if watched {
+            st.watched.insert(id);
+            self.start_locked(&mut st, id);
+        } else {
+            st.watched.remove(&id);
+            if let Some(e) = st.channels.get_mut(&id) {
+                if let Some(t) = e.running.take() {
+                    info!(channel = %e.name, "channel no longer watched; stopping");
+                    t.cancel();
+                }
+            }
+        }
+    }
+
+    fn start_locked(&self, st: &mut State, id: ChannelId) {
+        let Some(e) = st.channels.get_mut(&id) else {
+            return;
+        };
+        if e.running.is_some() {
+            return;
+        }
+        let token = self.inner.cancel.child_token();
+        let sink = Tagged {
+            id,
+            tx: self.inner.tx.clone(),
+        };
+        info!(channel = %e.name, "channel watched; starting");
+        match &e.source {
+            Source::File { cached } => {
+                Playout::start(e.name.clone(), cached.clone(), sink, token.clone());
+            }
+            Source::Live(input) => {
+                LiveSource::start(
+                    e.name.clone(),
+                    input.clone(),
+                    self.inner.ffmpeg.clone(),
+                    self.inner.settings.clone(),
+                    sink,
+                    token.clone(),
+                );
+            }
+        }
+        e.running = Some(token);
+    }
+
+    fn publish(&self) {
+        let list = self.channels();
+        self.inner.changes.send_if_modified(|cur| {
+            if *cur != list {
+                *cur = list;
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Sets a file channel's cached file (new or replaced); restarts it if it was playing.
+    fn file_ready(&self, name: &str, cached: PathBuf) {
+        let id = ChannelId::of_name(name);
+        let mut st = self.inner.state.lock().expect("state lock");
+        if let Some(e) = st.channels.get(&id) {
+            if matches!(e.source, Source::Live(_)) {
+                warn!(
+                    channel = name,
+                    "a file has the name of a live source; ignoring the file"
+                );
+                return;
+            }
+        }
+        let old = st.channels.insert(
+            id,
+            Entry {
+                name: name.to_string(),
+                source: Source::File { cached },
+                running: None,
+            },
+        );
+        if let Some(t) = old.and_then(|o| o.running) {
+            t.cancel();
+        }
+        if st.watched.contains(&id) {
+            self.start_locked(&mut st, id);
+        }
+        drop(st);
+        self.publish();
+    }
+
+    fn file_removed(&self, name: &str, cache: &TranscodeCache) {
+        let id = ChannelId::of_name(name);
+        let mut st = self.inner.state.lock().expect("state lock");
+        if let Some(Entry {
+            source: Source::File { cached },
+            ..
+        }) = st.channels.get(&id)
+        {
+            cache.forget(cached);
+            if let Some(e) = st.channels.remove(&id) {
+                if let Some(t) = e.running {
+                    t.cancel();
+                }
+            }
+            info!(channel = name, "channel removed");
+        }
+        drop(st);
+        self.publish();
+    }
+
+    async fn files_task(self, mut events: mpsc::Receiver<CatalogEvent>, cache: TranscodeCache) {
+        // Transcoding runs in its own task, one file at a time, so removals are handled
+        // while a long transcode runs.
+        let (jobs_tx, mut jobs) = mpsc::unbounded_channel::<(String, PathBuf)>();
+        let worker = {
+            let mgr = self.clone();
+            let cache = cache.clone();
+            async move {
+                while let Some((name, path)) = jobs.recv().await {
+                    if !path.exists() {
+                        continue;
+                    }
+                    match cache.ensure(&path, &mgr.inner.cancel).await {
+                        Ok(cached) => {
+                            if path.exists() {
+                                info!(channel = %name, file = %path.display(), "channel ready");
+                                mgr.file_ready(&name, cached);
+                            }
+                        }
+                        Err(TranscodeError::Cancelled(_)) => return,
+                        Err(e) => {
+                            warn!(channel = %name, error = %e, "file skipped");
+                        }
+                    }
+                }
+            }
+        };
+        tokio::spawn(worker);
+        while let Some(ev) = events.recv().await {
+            match ev {
+                CatalogEvent::Added(name, path) | CatalogEvent::Replaced(name, path) => {
+                    let _ = jobs_tx.send((name, path));
+                }
+                CatalogEvent::Removed(name) => self.file_removed(&name, &cache),
+            }
+        }
+    }
+}
