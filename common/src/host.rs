@@ -1,15 +1,14 @@
 //! What every overlay daemon (server, node) does to join: its shared command-line flags, binding
 //! its UDP socket, asking the bootstrapper for its id and neighbours, and starting the transport
-//! with the optional impairment shim on the send path. Also a neighbour prober that keeps the
-//! reliable layer's per-link RTT estimate fresh and reports unreachable neighbours.
+//! with the optional impairment shim on the send path.
 
 use crate::bootstrap::{fetch_neighbours_retrying, FetchError, Neighbours};
 use crate::impair::{ImpairConfig, Impairment};
 use crate::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
-use crate::wire::{Message, DEFAULT_PORT};
+use crate::wire::DEFAULT_PORT;
 use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -123,58 +122,4 @@ pub async fn join_overlay(
         incoming,
         task,
     })
-}
-
-/// Keeps every neighbour link measured until `shutdown`: a reliable `Ping` to each neighbour
-/// every `interval` (its ack feeds the RTT estimator), answers to pings, and a log line per
-/// neighbour when it becomes unreachable or reachable again, and periodically with its RTT.
-/// The placeholder main loop of the daemons until the overlay protocol takes over.
-pub async fn probe_neighbours(mut joined: Joined, interval: Duration, shutdown: CancellationToken) {
-    let peers: Vec<SocketAddr> = joined.me.neighbours.iter().map(|h| h.addr).collect();
-    let mut reachable = vec![None::<bool>; peers.len()];
-    let mut tick = tokio::time::interval(interval);
-    let mut report = tokio::time::interval(interval * 10);
-    let mut nonce = 0u64;
-    loop {
-        tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            item = joined.incoming.recv() => match item {
-                None => break,
-                Some(Incoming::Message { from, msg: Message::Ping { nonce }, .. }) => {
-                    let _ = joined.transport.send_unreliable(from, Message::Pong { nonce }).await;
-                    if let Some(i) = peers.iter().position(|p| *p == from) {
-                        if reachable[i] != Some(true) {
-                            info!(peer = %from, "neighbour reachable");
-                            reachable[i] = Some(true);
-                        }
-                    }
-                }
-                Some(Incoming::TimedOut { peer, .. }) => {
-                    if let Some(i) = peers.iter().position(|p| *p == peer) {
-                        if reachable[i] != Some(false) {
-                            warn!(%peer, "neighbour unreachable");
-                            reachable[i] = Some(false);
-                        }
-                    }
-                }
-                Some(_) => {}
-            },
-            _ = tick.tick() => {
-                for p in &peers {
-                    nonce += 1;
-                    let _ = joined.transport.send_reliable(*p, Message::Ping { nonce }).await;
-                }
-            }
-            _ = report.tick() => {
-                for p in &peers {
-                    if let Ok(Some(rtt)) = joined.transport.rtt(*p).await {
-                        info!(peer = %p, srtt = ?rtt.srtt, rttvar = ?rtt.rttvar, samples = rtt.samples, "link");
-                    }
-                }
-            }
-        }
-    }
-    shutdown.cancel();
-    let _ = joined.task.await;
 }

@@ -1,13 +1,12 @@
-//! `server` — serves the videos of a folder (and live sources) as channels. For now it runs
-//! the channel manager (catalog, transcode cache, paced playout) beside its overlay membership;
-//! sending the channels' datagrams to the overlay arrives with the relay glue.
+//! `server` — serves the videos of a folder (and live sources) as channels of the overlay:
+//! the channel manager (catalog, transcode cache, paced playout, live ffmpeg) feeds the relay
+//! engine, which announces the channels in floods and sends them to whoever subscribes.
 
 use anyhow::Context;
 use clap::Parser;
-use common::host::{join_overlay, probe_neighbours, OverlayArgs};
+use common::host::{join_overlay, OverlayArgs};
 use server::{ChannelManager, ManagerConfig};
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
 
 /// A Pessi Streamer server.
 #[derive(Debug, Parser)]
@@ -53,42 +52,24 @@ async fn main() -> anyhow::Result<()> {
         sources: args.source.clone(),
         keyint_secs: args.keyint,
     };
-    let (manager, mut chunks) = ChannelManager::start(cfg, shutdown.clone())
+    let (manager, chunks) = ChannelManager::start(cfg, shutdown.clone())
         .await
         .context("cannot start the channels")?;
-    let mut changes = manager.changes();
-    let watch_all = args.watch_all;
-    let m = manager.clone();
-    tokio::spawn(async move {
-        loop {
-            let list = changes.borrow_and_update().clone();
-            let names: Vec<&str> = list.iter().map(|c| c.name.as_str()).collect();
-            tracing::info!(count = list.len(), channels = ?names, "channels");
-            if watch_all {
-                for c in &list {
+    if args.watch_all {
+        let m = manager.clone();
+        let mut changes = manager.changes();
+        tokio::spawn(async move {
+            loop {
+                for c in changes.borrow_and_update().iter() {
                     m.set_watched(c.id, true);
                 }
+                if changes.changed().await.is_err() {
+                    return;
+                }
             }
-            if changes.changed().await.is_err() {
-                return;
-            }
-        }
-    });
-    tokio::spawn(async move {
-        let (mut n, mut kf, mut since) = (0u64, 0u64, Instant::now());
-        while let Some(c) = chunks.recv().await {
-            n += 1;
-            kf += u64::from(c.keyframe);
-            if since.elapsed() >= Duration::from_secs(10) {
-                let kbps = n as f64 * c.payload.len() as f64 * 8.0
-                    / 1000.0
-                    / since.elapsed().as_secs_f64();
-                tracing::info!(datagrams = n, keyframes = kf, kbps = kbps as u64, "output");
-                (n, kf, since) = (0, 0, Instant::now());
-            }
-        }
-    });
+        });
+    }
     let joined = join_overlay(&args.overlay, &shutdown).await?;
-    probe_neighbours(joined, Duration::from_secs(1), shutdown).await;
+    server::serve(joined, manager, chunks, node::RelayConfig::default(), shutdown).await;
     Ok(())
 }
