@@ -121,14 +121,26 @@ pub fn farthest_from(topology: &Topology, servers: &[IpAddr]) -> Vec<IpAddr> {
     out
 }
 
-/// A loopback address that is not a host of `topology`, for the bootstrapper.
+/// An address for the bootstrapper that is not a host of `topology`: the highest free one in
+/// the /24 of the topology's first IPv4 host (`127.0.0.254` for the default topology), so labs
+/// on different address blocks do not collide.
 fn free_loopback_ip(topology: &Topology) -> anyhow::Result<IpAddr> {
     let taken: BTreeSet<IpAddr> = topology.hosts().collect();
+    let [a, b, c] = topology
+        .hosts()
+        .find_map(|h| match h {
+            IpAddr::V4(v4) => {
+                let o = v4.octets();
+                Some([o[0], o[1], o[2]])
+            }
+            IpAddr::V6(_) => None,
+        })
+        .unwrap_or([127, 0, 0]);
     (1..=254u8)
         .rev()
-        .map(|i| IpAddr::from([127, 0, 0, i]))
+        .map(|i| IpAddr::from([a, b, c, i]))
         .find(|ip| !taken.contains(ip))
-        .context("no free 127.0.0.x address for the bootstrapper")
+        .with_context(|| format!("no free {a}.{b}.{c}.x address for the bootstrapper"))
 }
 
 /// What the servers serve.
@@ -223,6 +235,10 @@ mod tests {
         // 127.0.0.5 is three hops from the server: the farthest.
         assert_eq!(p.pops, vec!["127.0.0.5".parse::<IpAddr>().unwrap()]);
         assert!(!p.topology.contains(p.bootstrapper.ip()));
+        assert_eq!(
+            p.bootstrapper.ip(),
+            "127.0.0.254".parse::<IpAddr>().unwrap()
+        );
     }
 
     #[test]

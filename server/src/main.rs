@@ -70,6 +70,13 @@ async fn main() -> anyhow::Result<()> {
         });
     }
     let joined = join_overlay(&args.overlay, &shutdown).await?;
-    server::serve(joined, manager, chunks, node::RelayConfig::default(), shutdown).await;
+    server::serve(
+        joined,
+        manager,
+        chunks,
+        node::RelayConfig::default(),
+        shutdown,
+    )
+    .await;
     Ok(())
 }

@@ -4,7 +4,7 @@
 //!
 //! Cache layout: `<cache dir>/<path hash>-<key hash>.ts`, where the path hash is FNV-1a of the
 //! canonical source path and the key hash covers (canonical path, size, mtime, encoder
-//! settings). A file is written as `.<name>.tmp` and renamed when complete, so a crash never
+//! settings). A file is written as `.<name>.<pid>.tmp` and renamed when complete, so a crash never
 //! leaves a half file under a valid name; entries for older versions of the same source (same
 //! path hash) are deleted once a new one is complete. The default cache dir is
 //! `<videos>/.pessi-cache/` (hidden, so the folder watcher ignores it).
@@ -261,7 +261,9 @@ impl TranscodeCache {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let tmp = self.dir.join(format!(".{name}.tmp"));
+        // The process id keeps servers that share a videos folder (and so a cache) from writing
+        // the same temporary file; the last rename wins, with identical content.
+        let tmp = self.dir.join(format!(".{name}.{}.tmp", std::process::id()));
         let started = Instant::now();
         info!(file = %source.display(), duration_s = info.duration, width = info.width,
               height = info.height, codec = %info.video_codec, audio = info.has_audio,

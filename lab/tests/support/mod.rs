@@ -87,6 +87,8 @@ impl Overlay {
         media: Media,
         impair: impl Fn(IpAddr) -> Option<String>,
     ) -> Overlay {
+        // Children inherit it: error reports without backtraces are what a user reads.
+        std::env::set_var("RUST_BACKTRACE", "0");
         let dir = tempfile::tempdir().unwrap();
         let topo = dir.path().join("topology.toml");
         std::fs::write(&topo, topology).unwrap();
@@ -173,9 +175,21 @@ impl Overlay {
             paths.sort();
             for p in paths {
                 let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let tail: Vec<&str> = text.lines().rev().take(40).collect();
-                out.push_str(&format!("\n===== {} (last 40 lines)\n", p.display()));
-                for l in tail.into_iter().rev() {
+                let lines: Vec<&str> = text.lines().collect();
+                out.push_str(&format!(
+                    "\n===== {} ({} lines)\n",
+                    p.display(),
+                    lines.len()
+                ));
+                let head = lines.len().min(15);
+                for l in &lines[..head] {
+                    out.push_str(l);
+                    out.push('\n');
+                }
+                if lines.len() > head + 25 {
+                    out.push_str("[...]\n");
+                }
+                for l in &lines[head.max(lines.len().saturating_sub(25))..] {
                     out.push_str(l);
                     out.push('\n');
                 }
@@ -235,7 +249,7 @@ impl Overlay {
     }
 
     /// Stops everything (SIGTERM, then SIGKILL).
-    pub fn stop(mut self) {
+    pub fn stop(&mut self) {
         self.rt.block_on(self.sup.stop_all(Duration::from_secs(5)));
     }
 }
