@@ -115,6 +115,8 @@ pub struct FloodStats {
     pub path_full: u64,
     /// New routes not recorded because the table is full.
     pub routes_refused: u64,
+    /// Routes removed because their origin's flood stopped listing the channel.
+    pub withdrawn: u64,
 }
 
 /// Per-origin duplicate memory: the newest sequence number and a bitmap of the ones below it.
@@ -312,6 +314,13 @@ impl RoutingTable {
                 },
             );
         }
+        // A flood carries its origin's whole channel set: a channel it no longer lists (a file
+        // removed at the server) loses its route via this neighbour now, not at route expiry.
+        let before = self.routes.len();
+        self.routes.retain(|(ch, via, origin), _| {
+            *via != from || *origin != flood.origin || flood.channels.iter().any(|c| c.id == *ch)
+        });
+        self.stats.withdrawn += (before - self.routes.len()) as u64;
         if !self.first_time(flood.origin, flood.seq, now) {
             self.stats.suppressed += 1;
             return FloodVerdict::default();
@@ -586,6 +595,21 @@ mod tests {
         assert!(w.check(1_000_000, t));
         assert!(w.check(3, t), "restart");
         assert!(!w.check(3, t));
+    }
+
+    #[test]
+    fn a_channel_missing_from_the_next_flood_is_withdrawn_at_once() {
+        let t = Instant::now();
+        let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], Default::default());
+        let mut origin = FloodOrigin::new(hop(1), 1);
+        let f = origin.next_flood(&[chan("a"), chan("b")]);
+        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        assert_eq!(rt.channels().len(), 2);
+        let f = origin.next_flood(&[chan("a")]);
+        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        assert_eq!(rt.channels(), vec![chan("a")]);
+        assert!(rt.best_route(chan("b").id, &[]).is_none());
+        assert_eq!(rt.stats().withdrawn, 1);
     }
 
     #[test]
