@@ -6,7 +6,8 @@
 //!   silent stereo audio added (`anullsrc`), e.g. `lavfi:testsrc2=size=640x360:rate=25`;
 //! * `lavfi:<video graph>|<audio graph>` — the same with an audio source, e.g.
 //!   `lavfi:testsrc2=size=640x360:rate=25|sine=frequency=440`;
-//! * anything else is given to `-i` (URL, device, file); an existing file is read with `-re`.
+//! * anything else is given to `-i` (URL, device, file); an existing file is read with `-re`,
+//!   looping (`-stream_loop -1`).
 //!   Its first audio stream is used if it has one (no silence is added).
 //!
 //! If ffmpeg exits (bad input, camera unplugged), the exit and its last stderr lines are
@@ -74,7 +75,8 @@ pub fn input_args(input: &str) -> (Vec<String>, f64) {
     }
     let mut args = Vec::new();
     if std::path::Path::new(input).is_file() {
-        args.push(s("-re"));
+        // A file plays at its own pace, looping (timestamps stay continuous across loops).
+        args.extend([s("-re"), s("-stream_loop"), s("-1")]);
     }
     args.extend([
         s("-i"),

@@ -12,7 +12,7 @@ use crate::catalog::{Catalog, CatalogError, CatalogEvent};
 use crate::ffmpeg::{EncodeSettings, Ffmpeg, FfmpegError};
 use crate::live::LiveSource;
 use crate::playout::{ChunkSink, Playout};
-use crate::transcode::{TranscodeCache, TranscodeError, CACHE_DIR_NAME};
+use crate::transcode::{probe, TranscodeCache, TranscodeError, CACHE_DIR_NAME};
 use crate::Chunk;
 use bytes::Bytes;
 use common::wire::{ChannelId, ChannelInfo};
@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// What the server serves.
 #[derive(Debug, Clone)]
@@ -73,7 +73,12 @@ pub enum ManagerError {
 
 #[derive(Debug, Clone)]
 enum Source {
+    /// A file whose stream-ready cache exists: paced playout.
     File { cached: PathBuf },
+    /// A valid file whose cache is still being made: announced at once, and if watched before
+    /// the cache is ready, encoded live from the file (looping) in the meantime.
+    Transcoding { file: PathBuf },
+    /// A live input, encoded while watched.
     Live(String),
 }
 
@@ -243,6 +248,17 @@ impl ChannelManager {
             Source::File { cached } => {
                 Playout::start(e.name.clone(), cached.clone(), sink, token.clone());
             }
+            Source::Transcoding { file } => {
+                info!(channel = %e.name, "cache not ready yet: encoding the file live meanwhile");
+                LiveSource::start(
+                    e.name.clone(),
+                    file.to_string_lossy().into_owned(),
+                    self.inner.ffmpeg.clone(),
+                    self.inner.settings.clone(),
+                    sink,
+                    token.clone(),
+                );
+            }
             Source::Live(input) => {
                 LiveSource::start(
                     e.name.clone(),
@@ -300,21 +316,68 @@ impl ChannelManager {
         self.publish();
     }
 
+    /// A new file passed validation while its cache is not ready: announce it now (a file added
+    /// appears in the clients' lists within a couple of seconds, however long it takes to
+    /// transcode).
+    fn file_validated(&self, name: &str, file: PathBuf) {
+        let id = ChannelId::of_name(name);
+        let mut st = self.inner.state.lock().expect("state lock");
+        if st.channels.contains_key(&id) || !file.exists() {
+            return;
+        }
+        st.channels.insert(
+            id,
+            Entry {
+                name: name.to_string(),
+                source: Source::Transcoding { file },
+                running: None,
+            },
+        );
+        if st.watched.contains(&id) {
+            self.start_locked(&mut st, id);
+        }
+        drop(st);
+        info!(
+            channel = name,
+            "channel announced (transcoding in the background)"
+        );
+        self.publish();
+    }
+
     fn file_removed(&self, name: &str, cache: &TranscodeCache) {
         let id = ChannelId::of_name(name);
         let mut st = self.inner.state.lock().expect("state lock");
-        if let Some(Entry {
-            source: Source::File { cached },
-            ..
-        }) = st.channels.get(&id)
-        {
-            cache.forget(cached);
+        let file_entry = match st.channels.get(&id).map(|e| &e.source) {
+            Some(Source::File { cached }) => {
+                cache.forget(cached);
+                true
+            }
+            Some(Source::Transcoding { .. }) => true,
+            _ => false,
+        };
+        if file_entry {
             if let Some(e) = st.channels.remove(&id) {
                 if let Some(t) = e.running {
                     t.cancel();
                 }
             }
             info!(channel = name, "channel removed");
+        }
+        drop(st);
+        self.publish();
+    }
+
+    /// A file that was announced early turned out unusable: withdraw it.
+    fn file_failed(&self, name: &str) {
+        let id = ChannelId::of_name(name);
+        let mut st = self.inner.state.lock().expect("state lock");
+        if matches!(
+            st.channels.get(&id).map(|e| &e.source),
+            Some(Source::Transcoding { .. })
+        ) {
+            if let Some(t) = st.channels.remove(&id).and_then(|e| e.running) {
+                t.cancel();
+            }
         }
         drop(st);
         self.publish();
@@ -342,6 +405,7 @@ impl ChannelManager {
                         Err(TranscodeError::Cancelled(_)) => return,
                         Err(e) => {
                             warn!(channel = %name, error = %e, "file skipped");
+                            mgr.file_failed(&name);
                         }
                     }
                 }
@@ -351,6 +415,20 @@ impl ChannelManager {
         while let Some(ev) = events.recv().await {
             match ev {
                 CatalogEvent::Added(name, path) | CatalogEvent::Replaced(name, path) => {
+                    // Validate (fast) and announce before the (slow) transcode, unless the
+                    // cache is already there.
+                    let cached = cache.cache_path(&path).is_ok_and(|p| p.is_file());
+                    if !cached {
+                        let mgr = self.clone();
+                        let (name, path) = (name.clone(), path.clone());
+                        tokio::spawn(async move {
+                            match probe(&mgr.inner.ffmpeg, &path).await {
+                                Ok(_) => mgr.file_validated(&name, path),
+                                // Reported (by name) when the transcode job probes it.
+                                Err(e) => debug!(channel = %name, error = %e, "validation failed"),
+                            }
+                        });
+                    }
                     let _ = jobs_tx.send((name, path));
                 }
                 CatalogEvent::Removed(name) => self.file_removed(&name, &cache),

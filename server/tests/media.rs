@@ -302,3 +302,62 @@ async fn manager_announces_ready_channels_and_plays_only_watched_ones() {
     assert!(left.is_empty(), "{left:?}");
     cancel.cancel();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_file_is_announced_before_its_transcode_and_playable_meanwhile() {
+    let dir = tempfile::tempdir().unwrap();
+    let videos = dir.path().join("videos");
+    std::fs::create_dir_all(&videos).unwrap();
+    // Long enough that its transcode takes seconds: 40 s.
+    ffmpeg_gen(&videos.join("movie.mp4"), 40, true);
+    let cancel = CancellationToken::new();
+    let cfg = ManagerConfig {
+        videos: Some(videos.clone()),
+        cache_dir: None,
+        sources: vec![],
+        keyint_secs: 1.0,
+    };
+    let (mgr, mut rx) = ChannelManager::start(cfg, cancel.clone()).await.unwrap();
+    let mut changes = mgr.changes();
+    let end = Instant::now() + Duration::from_secs(30);
+    while mgr.channels().is_empty() {
+        assert!(Instant::now() < end, "file channel not announced");
+        let _ = tokio::time::timeout(Duration::from_secs(1), changes.changed()).await;
+    }
+    let cached = |v: &Path| {
+        std::fs::read_dir(v.join(".pessi-cache"))
+            .map(|rd| {
+                rd.flatten()
+                    .any(|e| e.path().extension().is_some_and(|x| x == "ts"))
+            })
+            .unwrap_or(false)
+    };
+    assert!(
+        !cached(&videos),
+        "announced only after the transcode: the early announcement did not happen"
+    );
+    // Watched before the cache is ready: it plays (encoded live from the file) at once.
+    let id = ChannelId::of_name("movie");
+    mgr.set_watched(id, true);
+    let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("no datagram from the live fallback")
+        .unwrap();
+    assert_eq!(c.channel, id);
+    // Once the cache is ready the channel keeps playing (from the cache).
+    let end = Instant::now() + Duration::from_secs(120);
+    while !cached(&videos) {
+        assert!(Instant::now() < end, "transcode never finished");
+        while rx.try_recv().is_ok() {}
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    while rx.try_recv().is_ok() {}
+    let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("nothing after the switch to the cache")
+        .unwrap();
+    assert_eq!(c.channel, id);
+    assert!(mgr.is_running(id));
+    cancel.cancel();
+}
