@@ -40,8 +40,8 @@ struct Args {
     /// No window: the client runs headless and the lab prints a summary every 5 s.
     #[arg(long)]
     headless: bool,
-    /// Player of the client: mpv, ffplay or none.
-    #[arg(long, default_value = "mpv")]
+    /// Player of the client: mpv, ffplay, none, or auto (mpv if installed, else ffplay).
+    #[arg(long, default_value = "auto")]
     video_player: String,
     /// Scenario file (timed kills, restarts, impairments); see lab/src/scenario.rs.
     #[arg(long)]
@@ -74,6 +74,12 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
     let shutdown = common::runtime::shutdown_on_signals();
+    if !on_path("ffmpeg") {
+        anyhow::bail!(
+            "ffmpeg is needed by the servers and was not found on PATH: install it with \
+             `sudo apt-get install ffmpeg` (Debian/Ubuntu)"
+        );
+    }
     if !args.no_build {
         build_siblings()?;
     }
@@ -165,7 +171,7 @@ async fn run(
             "--stats".into(),
             stats_path.clone().into(),
             "--video-player".into(),
-            args.video_player.clone().into(),
+            player(&args.video_player).into(),
         ];
         let streams: Vec<String> =
             if args.streams.is_empty() && media.videos.is_none() && media.sources.is_empty() {
@@ -242,6 +248,28 @@ async fn run(
         }
     }
     Ok(())
+}
+
+/// Whether `program` is an executable on PATH.
+fn on_path(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// The player to give the client: `auto` picks mpv, else ffplay, else none (with a hint).
+fn player(choice: &str) -> String {
+    if choice != "auto" {
+        return choice.to_owned();
+    }
+    for p in ["mpv", "ffplay"] {
+        if on_path(p) {
+            return p.to_owned();
+        }
+    }
+    warn!(
+        "neither mpv nor ffplay found: install one (`sudo apt-get install mpv`) to see the video"
+    );
+    "none".to_owned()
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {
