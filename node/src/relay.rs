@@ -59,6 +59,10 @@ pub struct RelayConfig {
     /// A better route replaces a working one only if it costs at most this percentage of the
     /// current one. Default 80 (hysteresis against RTT jitter).
     pub switch_percent: u64,
+    /// …and is at least this much cheaper: on a LAN or loopback, paths differ by fractions of a
+    /// millisecond that are noise (a busy host's RTT spikes), not a reason to move a stream.
+    /// Default 2 ms.
+    pub switch_min_gain: Duration,
     /// Capacity of the handle → engine command queue. Default 1024.
     pub command_queue: usize,
 }
@@ -74,6 +78,7 @@ impl Default for RelayConfig {
             tick: Duration::from_millis(50),
             resubscribe_after: Duration::from_secs(2),
             switch_percent: 80,
+            switch_min_gain: Duration::from_millis(2),
             command_queue: 1024,
         }
     }
@@ -860,8 +865,11 @@ impl Engine {
                                 .await
                         }
                         Some(cur) => {
+                            let min_gain =
+                                u64::try_from(self.cfg.switch_min_gain.as_micros()).unwrap_or(0);
                             if b.cost_us.saturating_mul(100)
                                 <= cur.cost_us.saturating_mul(self.cfg.switch_percent)
+                                && b.cost_us.saturating_add(min_gain) <= cur.cost_us
                             {
                                 self.switch(ch, b.via, b.cost_us, "better route").await;
                             }

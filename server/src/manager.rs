@@ -87,6 +87,23 @@ struct Entry {
     name: String,
     source: Source,
     running: Option<CancellationToken>,
+    /// Set while a live fallback plays a file whose cache is not ready (see [`Splice`]).
+    splice: Option<Arc<Splice>>,
+}
+
+/// The hand-over from a file's live fallback to its cached playout. When the cache becomes
+/// ready while the fallback plays, the action is armed; the fallback's sink runs it at its next
+/// keyframe datagram (and stops there), so the stream switches at a frame boundary: no viewer
+/// sees a truncated frame at the junction, and the file is not re-encoded for ever.
+#[derive(Default)]
+struct Splice {
+    action: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+impl std::fmt::Debug for Splice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Splice")
+    }
 }
 
 #[derive(Debug, Default)]
@@ -113,10 +130,21 @@ pub struct ChannelManager {
 struct Tagged {
     id: ChannelId,
     tx: mpsc::Sender<ChannelChunk>,
+    splice: Option<Arc<Splice>>,
 }
 
 impl ChunkSink for Tagged {
     async fn send(&mut self, chunk: Chunk) -> bool {
+        if chunk.keyframe {
+            let armed = self
+                .splice
+                .as_ref()
+                .and_then(|s| s.action.lock().expect("splice lock").take());
+            if let Some(hand_over) = armed {
+                hand_over();
+                return false;
+            }
+        }
         self.tx
             .send(ChannelChunk {
                 channel: self.id,
@@ -162,6 +190,7 @@ impl ChannelManager {
                     name: name.clone(),
                     source: Source::Live(input.clone()),
                     running: None,
+                    splice: None,
                 },
             );
         }
@@ -239,9 +268,12 @@ impl ChannelManager {
             return;
         }
         let token = self.inner.cancel.child_token();
+        let splice = matches!(e.source, Source::Transcoding { .. }).then(Arc::<Splice>::default);
+        e.splice = splice.clone();
         let sink = Tagged {
             id,
             tx: self.inner.tx.clone(),
+            splice,
         };
         info!(channel = %e.name, "channel watched; starting");
         match &e.source {
@@ -298,12 +330,31 @@ impl ChannelManager {
                 return;
             }
         }
+        // A live fallback that is playing hands over to the cache at its next keyframe.
+        if let Some(e) = st.channels.get_mut(&id) {
+            if let (Source::Transcoding { .. }, Some(_), Some(splice)) =
+                (&e.source, &e.running, &e.splice)
+            {
+                e.source = Source::File { cached };
+                let mgr = self.clone();
+                *splice.action.lock().expect("splice lock") =
+                    Some(Box::new(move || mgr.hand_over(id)));
+                info!(
+                    channel = name,
+                    "cache ready: switching from the live encode at the next keyframe"
+                );
+                drop(st);
+                self.publish();
+                return;
+            }
+        }
         let old = st.channels.insert(
             id,
             Entry {
                 name: name.to_string(),
                 source: Source::File { cached },
                 running: None,
+                splice: None,
             },
         );
         if let Some(t) = old.and_then(|o| o.running) {
@@ -314,6 +365,21 @@ impl ChannelManager {
         }
         drop(st);
         self.publish();
+    }
+
+    /// Stops a channel's live fallback and starts its cached playout (called by the fallback's
+    /// sink at a keyframe boundary).
+    fn hand_over(&self, id: ChannelId) {
+        let mut st = self.inner.state.lock().expect("state lock");
+        if let Some(e) = st.channels.get_mut(&id) {
+            if let Some(t) = e.running.take() {
+                t.cancel();
+            }
+            e.splice = None;
+        }
+        if st.watched.contains(&id) {
+            self.start_locked(&mut st, id);
+        }
     }
 
     /// A new file passed validation while its cache is not ready: announce it now (a file added
@@ -331,6 +397,7 @@ impl ChannelManager {
                 name: name.to_string(),
                 source: Source::Transcoding { file },
                 running: None,
+                splice: None,
             },
         );
         if st.watched.contains(&id) {

@@ -344,20 +344,43 @@ async fn a_long_file_is_announced_before_its_transcode_and_playable_meanwhile() 
         .expect("no datagram from the live fallback")
         .unwrap();
     assert_eq!(c.channel, id);
-    // Once the cache is ready the channel keeps playing (from the cache).
+    // Once the cache is ready the channel keeps playing, from the cache: the hand-over happens
+    // at a keyframe, so what a viewer receives decodes cleanly across it.
+    let mut stream: Vec<u8> = c.payload.to_vec();
     let end = Instant::now() + Duration::from_secs(120);
     while !cached(&videos) {
         assert!(Instant::now() < end, "transcode never finished");
-        while rx.try_recv().is_ok() {}
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        if let Ok(Some(c)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            stream.extend_from_slice(&c.payload);
+        }
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    while rx.try_recv().is_ok() {}
-    let c = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-        .await
-        .expect("nothing after the switch to the cache")
-        .unwrap();
-    assert_eq!(c.channel, id);
+    let after = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < after {
+        if let Ok(Some(c)) = tokio::time::timeout(Duration::from_millis(200), rx.recv()).await {
+            stream.extend_from_slice(&c.payload);
+        }
+    }
     assert!(mgr.is_running(id));
     cancel.cancel();
+    // Decode from the first to the last keyframe (the end is cut mid-frame by the test).
+    let keyframes: Vec<usize> = stream
+        .chunks(188)
+        .enumerate()
+        .filter(|(_, p)| common::ts::TsPacket::parse(p).is_ok_and(|p| p.random_access_indicator()))
+        .map(|(i, _)| i * 188)
+        .collect();
+    assert!(keyframes.len() >= 3, "{} keyframes", keyframes.len());
+    let out = dir.path().join("across.ts");
+    std::fs::write(&out, &stream[keyframes[0]..*keyframes.last().unwrap()]).unwrap();
+    let o = Command::new("ffmpeg")
+        .args(["-v", "error", "-i"])
+        .arg(&out)
+        .args(["-f", "null", "-"])
+        .output()
+        .unwrap();
+    let errors = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        errors.trim().is_empty(),
+        "decode errors across the hand-over:\n{errors}"
+    );
 }

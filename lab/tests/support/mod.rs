@@ -203,6 +203,12 @@ impl Overlay {
         self.rt.block_on(self.sup.kill(name)).unwrap();
     }
 
+    /// Restarts the process `name` (same arguments).
+    pub fn restart(&mut self, name: &str) {
+        let _g = self.rt.enter();
+        self.rt.block_on(self.sup.restart(name, &[])).unwrap();
+    }
+
     /// Waits until `pred` holds for the stats file at `stats`, or panics with the logs.
     pub fn wait_stats(
         &self,
@@ -229,11 +235,28 @@ impl Overlay {
 
     /// Waits until the log of `name` contains every one of `parts` on one line.
     pub fn wait_log(&self, name: &str, parts: &[&str], within: Duration) -> String {
+        self.wait_log_after(name, 0, parts, within)
+    }
+
+    /// Lines in the log of `name` so far (to wait for lines written after now).
+    pub fn log_lines(&self, name: &str) -> usize {
+        self.log(name).lines().count()
+    }
+
+    /// Like [`Overlay::wait_log`], ignoring the first `skip` lines.
+    pub fn wait_log_after(
+        &self,
+        name: &str,
+        skip: usize,
+        parts: &[&str],
+        within: Duration,
+    ) -> String {
         let t0 = Instant::now();
         loop {
             if let Some(l) = self
                 .log(name)
                 .lines()
+                .skip(skip)
                 .find(|l| parts.iter().all(|p| l.contains(p)))
             {
                 return l.to_owned();
@@ -262,23 +285,26 @@ fn runtime() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
-/// Cuts a recorded MPEG-TS at its first keyframe and asks FFmpeg to decode all of it; returns
-/// FFmpeg's error output (empty = clean) and the number of bytes kept.
-pub fn decode_errors_after_first_keyframe(rec: &Path) -> (String, usize) {
+/// Keeps a recorded MPEG-TS from its first keyframe to just before its last one (a recording
+/// stopped mid-frame ends with a truncated frame, which is not a streaming error) and asks FFmpeg
+/// to decode all of it; returns FFmpeg's error output (empty = clean) and the bytes kept.
+pub fn decode_errors_between_keyframes(rec: &Path) -> (String, usize) {
     let data = std::fs::read(rec).unwrap();
-    let mut start = None;
-    for (i, chunk) in data.chunks(188).enumerate() {
-        if let Ok(p) = common::ts::TsPacket::parse(chunk) {
-            if p.random_access_indicator() {
-                start = Some(i * 188);
-                break;
-            }
-        }
-    }
-    let start =
-        start.unwrap_or_else(|| panic!("no keyframe in {} ({} bytes)", rec.display(), data.len()));
+    let keyframes: Vec<usize> = data
+        .chunks(188)
+        .enumerate()
+        .filter(|(_, c)| common::ts::TsPacket::parse(c).is_ok_and(|p| p.random_access_indicator()))
+        .map(|(i, _)| i * 188)
+        .collect();
+    assert!(
+        keyframes.len() >= 2,
+        "fewer than two keyframes in {} ({} bytes)",
+        rec.display(),
+        data.len()
+    );
+    let kept = &data[keyframes[0]..*keyframes.last().unwrap()];
     let cut = rec.with_extension("cut.ts");
-    std::fs::write(&cut, &data[start..]).unwrap();
+    std::fs::write(&cut, kept).unwrap();
     let out = Command::new("ffmpeg")
         .args(["-v", "error", "-i"])
         .arg(&cut)
@@ -287,6 +313,6 @@ pub fn decode_errors_after_first_keyframe(rec: &Path) -> (String, usize) {
         .unwrap();
     (
         String::from_utf8_lossy(&out.stderr).into_owned(),
-        data.len() - start,
+        kept.len(),
     )
 }
