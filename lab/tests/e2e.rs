@@ -152,8 +152,8 @@ fn upstream_in_use(o: &Overlay, node: &str) -> String {
     let log = o.log(node);
     let line = log
         .lines()
-        .filter(|l| l.contains(UPSTREAM_LINE))
-        .last()
+        .rev()
+        .find(|l| l.contains(UPSTREAM_LINE))
         .unwrap();
     let at = line.find("upstream=").expect("upstream field") + "upstream=".len();
     line[at..].split([' ', ':']).next().unwrap().to_owned()
