@@ -354,6 +354,9 @@ pub struct Flood {
     /// Accumulated path cost in microseconds: the sum of link RTT estimates measured with
     /// `Instant` by each hop. Clock-free: no wall clock of any host is involved.
     pub cost_us: u64,
+    /// The sender's load: how many (channel, subscriber) pairs it serves now. Each hop puts its
+    /// own; receivers break ties between routes of equal cost and hops with it.
+    pub load: u32,
     /// The hosts this flood went through, origin first, the sender last.
     #[serde(deserialize_with = "bounded::vec::<_, _, { limits::FLOOD_PATH }>")]
     pub path: Vec<PathHop>,
@@ -544,13 +547,15 @@ mod tests {
             arb_node(),
             any::<u64>(),
             any::<u64>(),
+            any::<u32>(),
             prop::collection::vec(arb_hop(), 0..8),
             prop::collection::vec(arb_info(), 0..8),
         )
-            .prop_map(|(origin, seq, cost_us, path, channels)| Flood {
+            .prop_map(|(origin, seq, cost_us, load, path, channels)| Flood {
                 origin,
                 seq,
                 cost_us,
+                load,
                 path,
                 channels,
             })

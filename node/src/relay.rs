@@ -884,6 +884,7 @@ impl Engine {
 
     async fn housekeeping(&mut self) {
         let t = now();
+        self.routing.set_load(self.subs.load());
         self.routing.expire(t);
         for peer in self.routing.poll_dead(t) {
             self.peer_dead(t, peer, "silent").await;
@@ -921,7 +922,7 @@ impl Engine {
             return;
         }
         self.next_flood = t + self.cfg.flood_interval;
-        let flood = self.origin.next_flood(&self.local);
+        let flood = self.origin.next_flood(&self.local, self.subs.load());
         match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(flood))).encode() {
             Ok(bytes) => {
                 self.stats.floods_originated += 1;

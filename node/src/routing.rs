@@ -71,6 +71,8 @@ pub struct Route {
     pub cost_us: u64,
     /// Hops to the origin (`path.len()`).
     pub hops: usize,
+    /// `via`'s load as its flood announced it (tie-break).
+    pub load: u32,
     /// The flood's path, origin first, `via` last.
     pub path: Vec<PathHop>,
     /// When a flood last refreshed it.
@@ -78,10 +80,10 @@ pub struct Route {
 }
 
 impl Route {
-    /// The ordering key of routes: lower is better. Load is not measured yet, so ties on
-    /// `(cost, hops)` are broken by the neighbour's address, to stay deterministic.
-    pub fn key(&self) -> (u64, usize, SocketAddr) {
-        (self.cost_us, self.hops, self.via)
+    /// The ordering key of routes: lower is better: cost, then hops, then the neighbour's load,
+    /// then its address (to stay deterministic).
+    pub fn key(&self) -> (u64, usize, u32, SocketAddr) {
+        (self.cost_us, self.hops, self.load, self.via)
     }
 }
 
@@ -195,9 +197,17 @@ pub struct RoutingTable {
     names: BTreeMap<ChannelId, String>,
     last_paths: HashMap<(SocketAddr, ChannelId), LastPath>,
     stats: FloodStats,
+    /// Our own load, put into the floods we forward.
+    load: u32,
 }
 
 impl RoutingTable {
+    /// Sets our load (how many (channel, subscriber) pairs we serve), announced in the floods we
+    /// forward so downstream nodes can prefer the less loaded of equal routes.
+    pub fn set_load(&mut self, load: u32) {
+        self.load = load;
+    }
+
     /// A table for the host `me` with the topology `neighbours`, all presumed alive at `now`.
     pub fn new(now: Instant, me: PathHop, neighbours: &[PathHop], cfg: RoutingConfig) -> Self {
         let mut nbrs: Vec<PathHop> = Vec::new();
@@ -230,6 +240,7 @@ impl RoutingTable {
             names: BTreeMap::new(),
             last_paths: HashMap::new(),
             stats: FloodStats::default(),
+            load: 0,
         }
     }
 
@@ -295,6 +306,7 @@ impl RoutingTable {
                 origin: flood.origin,
                 cost_us,
                 hops: flood.path.len(),
+                load: flood.load,
                 path: flood.path.clone(),
                 last_seen: now,
             };
@@ -347,6 +359,7 @@ impl RoutingTable {
                 origin: flood.origin,
                 seq: flood.seq,
                 cost_us,
+                load: self.load,
                 path,
                 channels: flood.channels.clone(),
             }),
@@ -551,13 +564,14 @@ impl FloodOrigin {
 
     /// The next round's flood announcing `channels` (at most [`limits::CHANNELS`] of them are
     /// announced; the rest are cut).
-    pub fn next_flood(&mut self, channels: &[ChannelInfo]) -> Flood {
+    pub fn next_flood(&mut self, channels: &[ChannelInfo], load: u32) -> Flood {
         let seq = self.seq;
         self.seq = self.seq.wrapping_add(1);
         Flood {
             origin: self.me.id,
             seq,
             cost_us: 0,
+            load,
             path: vec![self.me],
             channels: channels.iter().take(limits::CHANNELS).cloned().collect(),
         }
@@ -598,14 +612,35 @@ mod tests {
     }
 
     #[test]
+    fn equal_routes_prefer_the_less_loaded_neighbour() {
+        let t = Instant::now();
+        let mut rt = RoutingTable::new(t, hop(4), &[hop(2), hop(3)], Default::default());
+        let f = FloodOrigin::new(hop(1), 1).next_flood(&[chan("a")], 0);
+        let via = |n: u8, load: u32| {
+            let mut g = f.clone();
+            g.path.push(hop(n));
+            g.load = load;
+            g
+        };
+        rt.handle_flood(t, hop(2).addr, hop(2).id, &via(2, 7), DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(3).addr, hop(3).id, &via(3, 1), DEFAULT_LINK_COST);
+        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).addr);
+        // Our own load goes into what we forward.
+        let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], Default::default());
+        rt.set_load(5);
+        let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        assert_eq!(v.forward.unwrap().load, 5);
+    }
+
+    #[test]
     fn a_channel_missing_from_the_next_flood_is_withdrawn_at_once() {
         let t = Instant::now();
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], Default::default());
         let mut origin = FloodOrigin::new(hop(1), 1);
-        let f = origin.next_flood(&[chan("a"), chan("b")]);
+        let f = origin.next_flood(&[chan("a"), chan("b")], 0);
         rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(rt.channels().len(), 2);
-        let f = origin.next_flood(&[chan("a")]);
+        let f = origin.next_flood(&[chan("a")], 0);
         rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(rt.channels(), vec![chan("a")]);
         assert!(rt.best_route(chan("b").id, &[]).is_none());
@@ -618,7 +653,7 @@ mod tests {
         // me = 2, neighbours 1 (server side), 3, 4.
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3), hop(4)], Default::default());
         let mut origin = FloodOrigin::new(hop(1), 7);
-        let f = origin.next_flood(&[chan("news")]);
+        let f = origin.next_flood(&[chan("news")], 0);
         let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, Duration::from_micros(300));
         let fwd = v.forward.expect("forwarded");
         assert_eq!(fwd.cost_us, 300);
@@ -658,7 +693,7 @@ mod tests {
         let t = Instant::now();
         let cfg = RoutingConfig::default();
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], cfg.clone());
-        let f = FloodOrigin::new(hop(1), 0).next_flood(&[chan("a")]);
+        let f = FloodOrigin::new(hop(1), 0).next_flood(&[chan("a")], 0);
         rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
         assert!(rt.best_route(chan("a").id, &[]).is_some());
         assert_eq!(rt.expire(t + cfg.route_ttl), 0);

@@ -83,6 +83,12 @@ impl Subscriptions {
     /// Most channels one subscriber may hold.
     pub const MAX_CHANNELS_PER_PEER: usize = 64;
 
+    /// How many (channel, subscriber) pairs this host serves: its load, announced in floods.
+    pub fn load(&self) -> u32 {
+        let n: usize = self.channels.values().map(|c| c.subscribers.len()).sum();
+        u32::try_from(n).unwrap_or(u32::MAX)
+    }
+
     /// Empty state; subscribers silent for `timeout` are dropped.
     pub fn new(timeout: Duration) -> Subscriptions {
         Subscriptions {

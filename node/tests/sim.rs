@@ -88,7 +88,7 @@ impl Sim {
             if self.dead.contains(addr) {
                 continue;
             }
-            floods.push((*addr, origin.next_flood(channels)));
+            floods.push((*addr, origin.next_flood(channels, 0)));
         }
         for (addr, flood) in floods {
             let mut queue: VecDeque<(SocketAddr, SocketAddr, NodeId, Flood)> = VecDeque::new();
