@@ -527,13 +527,13 @@ impl RoutingTable {
             .filter(|a| {
                 !self.liveness.is_alive(*a)
                     || self.liveness.last_heard(*a).is_some_and(|l| {
-                        now.saturating_duration_since(l) > self.liveness.timeout(*a)
+                        now.saturating_duration_since(l) >= self.liveness.timeout(*a)
                     })
             })
             .collect()
     }
 
-    /// Declares dead every watched peer silent for more than its liveness timeout that was
+    /// Declares dead every watched peer silent for at least its liveness timeout that was
     /// still alive, removes the routes through it, and returns them (each death is reported
     /// once; the peer is alive again as soon as it is heard from).
     pub fn poll_dead(&mut self, now: Instant) -> Vec<SocketAddr> {
@@ -769,7 +769,7 @@ mod tests {
             }
             assert!(now - t < Duration::from_secs(1), "not declared dead");
         };
-        assert_eq!(died - t, cfg.failure.floor() + Duration::from_millis(10));
+        assert_eq!(died - t, cfg.failure.floor());
         assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(3).addr);
         // 2 comes back and floods again: cheaper, but in its hold-down.
         let back = died + Duration::from_millis(500);
