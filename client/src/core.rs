@@ -401,7 +401,7 @@ impl ClientCore {
                 p.rttvar = sample / 2;
             }
             Some(s) => {
-                let err = if s > sample { s - sample } else { sample - s };
+                let err = s.abs_diff(sample);
                 p.rttvar = (p.rttvar * 3 + err) / 4;
                 p.srtt = Some((s * 7 + sample) / 8);
             }
