@@ -49,8 +49,9 @@ pub struct Args {
     /// Write events and per-stream counters as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub stats: Option<PathBuf>,
-    /// A PoP that has not answered a ping for this long is down (e.g. `1500ms`, `2s`).
-    #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
+    /// A PoP silent for this long (or `2·SRTT + 4·RTTVAR` if longer) is down; it is pinged
+    /// every 100 ms (e.g. `800ms`, `2s`).
+    #[arg(long, default_value = "800ms", value_parser = humantime::parse_duration)]
     pub pop_timeout: Duration,
 }
 

@@ -6,12 +6,16 @@
 //!
 //! # Rules
 //!
-//! * Every PoP is pinged every [`CoreConfig::ping_interval`] (unreliable `Ping`, nonce → the
-//!   `Instant` it was sent). A `Pong` gives an RTT sample, smoothed (EWMA, 1/8). The pings are
-//!   also the keep-alive of our subscriptions at that PoP.
-//! * A PoP is *up* from its first pong; it is *down* when no pong came for
-//!   [`CoreConfig::pop_timeout`] (never answered counts from start). A down PoP is *up* again
-//!   after [`CoreConfig::recover_pongs`] pongs, so one stray pong does not bring it back.
+//! * Every PoP is pinged every [`CoreConfig::ping_interval`] (100 ms; unreliable `Ping`, nonce
+//!   → the `Instant` it was sent). A `Pong` gives an RTT sample, smoothed (SRTT 1/8, RTTVAR
+//!   1/4, as RFC 6298). The pings are also the keep-alive of our subscriptions at that PoP.
+//! * Liveness is a [`FailureDetector`]: anything from a PoP (pong, list, video) counts as
+//!   heard; a PoP is *up* from its first pong; it is *down* when nothing came from it for
+//!   `max(pop_timeout, 2·SRTT + 4·RTTVAR)` (never answered counts from start), where
+//!   [`CoreConfig::pop_timeout`] = k × `ping_interval` (800 ms: k = 8, no false "down" at 10 %
+//!   loss, see `common::failure`). A down PoP is *up* again after
+//!   [`CoreConfig::recover_pongs`] pongs, so one stray pong does not bring it back, and is not
+//!   chosen for a stream during [`CoreConfig::hold_down`] unless it is the only candidate.
 //! * `ListChannels` goes to every up PoP every [`CoreConfig::list_interval`] (and at once when
 //!   it comes up). A PoP's list is replaced when every page of an answer has arrived; a down
 //!   PoP's list is forgotten. The channel list is the union, by name, over up PoPs.
@@ -30,6 +34,7 @@
 use crate::seq::SeqTracker;
 use crate::stats::StatEvent;
 use bytes::Bytes;
+use common::failure::{FailureConfig, FailureDetector};
 use common::ts::{datagram_packets, ContinuityChecker};
 use common::wire::{ChannelId, ChannelInfo, Message, VideoPacket};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -39,12 +44,16 @@ use std::time::{Duration, Instant};
 /// Timing of the client's protocol.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CoreConfig {
-    /// Ping period per PoP (protocol: 0.5 s).
+    /// Ping (heartbeat) period per PoP. Default 100 ms.
     pub ping_interval: Duration,
     /// `ListChannels` period per up PoP.
     pub list_interval: Duration,
-    /// No pong for this long: the PoP is down.
+    /// Nothing from a PoP for this long (rounded up to whole ping intervals; longer on a link
+    /// whose `2·SRTT + 4·RTTVAR` exceeds it): the PoP is down. Default 800 ms (k = 8).
     pub pop_timeout: Duration,
+    /// A PoP that was down and came back is not chosen for a stream for this long, unless it
+    /// is the only candidate. Default 2 s.
+    pub hold_down: Duration,
     /// Pongs a down PoP must answer before it counts as up again.
     pub recover_pongs: u32,
     /// Period of the per-stream `stats` events.
@@ -58,9 +67,10 @@ pub struct CoreConfig {
 impl Default for CoreConfig {
     fn default() -> Self {
         CoreConfig {
-            ping_interval: Duration::from_millis(500),
+            ping_interval: Duration::from_millis(100),
             list_interval: Duration::from_secs(1),
-            pop_timeout: Duration::from_millis(1500),
+            pop_timeout: Duration::from_millis(800),
+            hold_down: Duration::from_secs(2),
             recover_pongs: 2,
             stats_interval: Duration::from_secs(1),
             settle: Duration::from_millis(700),
@@ -76,7 +86,7 @@ pub enum PopStatus {
     Unknown,
     /// Answering pings.
     Up,
-    /// No pong for [`CoreConfig::pop_timeout`].
+    /// Silent for its timeout ([`CoreConfig::pop_timeout`] or more).
     Down,
 }
 
@@ -106,7 +116,7 @@ struct Pop {
     addr: SocketAddr,
     status: PopStatus,
     srtt: Option<Duration>,
-    last_pong: Option<Instant>,
+    rttvar: Duration,
     /// Pongs since it went down.
     pongs_since_down: u32,
     channels: Vec<ChannelInfo>,
@@ -203,6 +213,8 @@ pub struct ClientCore {
     next_list: Instant,
     next_stats: Instant,
     union: BTreeSet<String>,
+    /// PoP liveness.
+    liveness: FailureDetector<SocketAddr>,
     actions: VecDeque<Action>,
     /// The latest `now` we were given.
     now: Instant,
@@ -219,14 +231,29 @@ impl ClientCore {
                 addr,
                 status: PopStatus::Unknown,
                 srtt: None,
-                last_pong: None,
+                rttvar: Duration::ZERO,
                 pongs_since_down: 0,
                 channels: Vec::new(),
                 channels_at: None,
                 pages: Vec::new(),
             })
-            .collect();
+            .collect::<Vec<Pop>>();
+        let interval = cfg.ping_interval.max(Duration::from_millis(1));
+        let k = cfg
+            .pop_timeout
+            .as_nanos()
+            .div_ceil(interval.as_nanos())
+            .max(1);
+        let mut liveness = FailureDetector::new(FailureConfig {
+            heartbeat_interval: interval,
+            k: u32::try_from(k).unwrap_or(u32::MAX),
+            hold_down: cfg.hold_down,
+        });
+        for p in &pops {
+            liveness.watch(now, p.addr);
+        }
         ClientCore {
+            liveness,
             next_ping: now,
             next_list: now + cfg.list_interval,
             next_stats: now + cfg.stats_interval,
@@ -255,10 +282,8 @@ impl ClientCore {
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_ping.min(self.next_list).min(self.next_stats);
-        for p in &self.pops {
-            if p.status != PopStatus::Down {
-                t = t.min(p.last_pong.unwrap_or(self.start) + self.cfg.pop_timeout);
-            }
+        if let Some(d) = self.liveness.poll_timeout() {
+            t = t.min(d);
         }
         for s in self.streams.values() {
             if s.pop.is_some() {
@@ -289,10 +314,9 @@ impl ClientCore {
                 .retain(|_, (_, at)| now.saturating_duration_since(*at) < keep);
         }
         let mut went_down = Vec::new();
+        let dead = self.liveness.poll_dead(now);
         for p in &mut self.pops {
-            if p.status != PopStatus::Down
-                && now >= p.last_pong.unwrap_or(self.start) + self.cfg.pop_timeout
-            {
+            if p.status != PopStatus::Down && dead.contains(&p.addr) {
                 p.status = PopStatus::Down;
                 p.pongs_since_down = 0;
                 p.channels.clear();
@@ -349,6 +373,7 @@ impl ClientCore {
     /// A control message from `from`.
     pub fn handle_message(&mut self, now: Instant, from: SocketAddr, msg: Message) {
         self.tick(now);
+        self.liveness.heard(now, from);
         match msg {
             Message::Pong { nonce } => self.pong(now, from, nonce),
             Message::Channels {
@@ -370,11 +395,20 @@ impl ClientCore {
         self.pings.remove(&nonce);
         let sample = now.saturating_duration_since(sent);
         let p = &mut self.pops[i];
-        p.srtt = Some(match p.srtt {
-            None => sample,
-            Some(s) => (s * 7 + sample) / 8,
-        });
-        p.last_pong = Some(now);
+        match p.srtt {
+            None => {
+                p.srtt = Some(sample);
+                p.rttvar = sample / 2;
+            }
+            Some(s) => {
+                let err = s.abs_diff(sample);
+                p.rttvar = (p.rttvar * 3 + err) / 4;
+                p.srtt = Some((s * 7 + sample) / 8);
+            }
+        }
+        if let Some(srtt) = p.srtt {
+            self.liveness.rtt_sample(p.addr, srtt, p.rttvar);
+        }
         let comes_up = match p.status {
             PopStatus::Up => false,
             PopStatus::Unknown => true,
@@ -439,6 +473,7 @@ impl ClientCore {
         packet: VideoPacket,
     ) -> Option<(String, Bytes)> {
         self.tick(now);
+        self.liveness.heard(now, from);
         let (name, s) = self
             .streams
             .iter_mut()
@@ -606,13 +641,19 @@ impl ClientCore {
         })
     }
 
-    /// The up PoP with the lowest RTT that lists `name` (ties: `--servers` order).
+    /// The up PoP with the lowest RTT that lists `name` (ties: `--servers` order); a PoP in
+    /// its hold-down (down not long ago) only if no other one lists it.
     fn best_pop(&self, name: &str, exclude: Option<SocketAddr>) -> Option<(SocketAddr, ChannelId)> {
         self.pops
             .iter()
             .filter(|p| p.status == PopStatus::Up && Some(p.addr) != exclude)
             .filter_map(|p| p.lists(name).map(|id| (p, id)))
-            .min_by_key(|(p, _)| p.srtt.unwrap_or(Duration::MAX))
+            .min_by_key(|(p, _)| {
+                (
+                    !self.liveness.is_usable(self.now, p.addr),
+                    p.srtt.unwrap_or(Duration::MAX),
+                )
+            })
             .map(|(p, id)| (p.addr, id))
     }
 
@@ -893,8 +934,8 @@ mod tests {
         assert!(snap.pops.iter().all(|p| p.status == PopStatus::Up));
         assert_eq!(snap.pops[0].rtt, Some(Duration::from_millis(30)));
         assert_eq!(snap.pops[1].rtt, Some(Duration::from_millis(5)));
-        // Pinged every 0.5 s: 7 pings each in [0, 3 s].
-        assert_eq!(sim.core.nonce, 14);
+        // Pinged every 100 ms: 31 pings each in [0, 3 s].
+        assert_eq!(sim.core.nonce, 62);
     }
 
     #[test]
@@ -954,14 +995,15 @@ mod tests {
         let mut subs = sim.subscribes();
         subs.dedup(); // (re-sent while no video came: see stalled_subscription_is_renewed)
         assert_eq!(subs, [addr(3), addr(2)]);
-        // Detected within pop_timeout (+ one ping period) of the last pong.
+        // Detected within pop_timeout (800 ms) of the last pong (at most a ping period before
+        // the death), then moved at once.
         let at = sim
             .events
             .iter()
             .find(|(_, e)| matches!(e, StatEvent::SourceChanged { .. }))
             .unwrap()
             .0;
-        assert!(at - died <= Duration::from_millis(2000), "{:?}", at - died);
+        assert!(at - died <= Duration::from_millis(800), "{:?}", at - died);
         // Best effort unsubscribe from the dead PoP.
         assert!(sim
             .reliable
@@ -980,7 +1022,7 @@ mod tests {
         assert_eq!(sim.stream_pop("news"), Some(addr(2)));
         sim.pop(addr(3)).alive = true;
         // One pong is not enough to be up again.
-        sim.run_for(Duration::from_millis(510));
+        sim.run_for(Duration::from_millis(60));
         assert_eq!(
             sim.core.snapshot(sim.now).pops[1].status,
             PopStatus::Down,

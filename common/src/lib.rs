@@ -5,6 +5,7 @@
 //! with a fake clock and a seeded lossy network; the thin tokio drivers live beside it.
 
 pub mod bootstrap;
+pub mod failure;
 pub mod host;
 pub mod id;
 pub mod impair;

@@ -22,6 +22,7 @@
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
+use common::failure::FailureConfig;
 use common::host::Joined;
 use common::transport::{Incoming, Transport};
 use common::wire::{
@@ -44,14 +45,18 @@ pub struct RelayConfig {
     pub flood_interval: Duration,
     /// Routes not refreshed for this long are dropped. Default 3.5 s.
     pub route_ttl: Duration,
-    /// A neighbour (or fallback upstream) silent this long is dead. Default 3 s.
-    pub neighbour_timeout: Duration,
+    /// Liveness of neighbours and upstreams: a heartbeat (unreliable `Ping`) to each every
+    /// `heartbeat_interval`; any datagram from a peer counts as heard; a peer silent for
+    /// `max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)` is dead and its channels move at once;
+    /// one that came back is not chosen as upstream for `hold_down` unless it is the only
+    /// route. Default: 100 ms, k = 6, 2 s ([`RoutingConfig::default`]).
+    pub failure: FailureConfig,
     /// A subscriber silent this long is dropped. Default 5 s.
     pub subscriber_timeout: Duration,
-    /// How often neighbours and upstreams are pinged (liveness, RTT, keep-alive of our
-    /// subscriptions). Default 500 ms.
+    /// How often one of the heartbeats to a live peer is sent reliably instead, so that its
+    /// acknowledgement feeds the RTT estimate (link cost, liveness timeout). Default 500 ms.
     pub ping_interval: Duration,
-    /// Granularity of the timers (expiry, death detection, reconciliation). Default 50 ms.
+    /// Granularity of the timers (expiry, death detection, reconciliation). Default 25 ms.
     pub tick: Duration,
     /// An upstream that sent nothing of a channel for this long is sent `Subscribe` again (it
     /// may have lost our subscription). Default 2 s.
@@ -72,10 +77,10 @@ impl Default for RelayConfig {
         RelayConfig {
             flood_interval: Duration::from_secs(1),
             route_ttl: Duration::from_millis(3500),
-            neighbour_timeout: Duration::from_secs(3),
+            failure: RoutingConfig::default().failure,
             subscriber_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_millis(500),
-            tick: Duration::from_millis(50),
+            tick: Duration::from_millis(25),
             resubscribe_after: Duration::from_secs(2),
             switch_percent: 80,
             switch_min_gain: Duration::from_millis(2),
@@ -275,6 +280,7 @@ struct Engine {
     best_via: HashMap<ChannelId, SocketAddr>,
     next_flood: Instant,
     next_ping: Instant,
+    next_heartbeat: Instant,
     next_stats: Instant,
     nonce: u64,
     stats: RelayStats,
@@ -297,7 +303,7 @@ impl Engine {
             &joined.me.neighbours,
             RoutingConfig {
                 route_ttl: cfg.route_ttl,
-                neighbour_timeout: cfg.neighbour_timeout,
+                failure: cfg.failure,
                 ..RoutingConfig::default()
             },
         );
@@ -326,6 +332,7 @@ impl Engine {
             best_via: HashMap::new(),
             next_flood: t,
             next_ping: t,
+            next_heartbeat: t,
             next_stats: t + cfg.flood_interval,
             nonce: 0,
             stats: RelayStats::default(),
@@ -746,7 +753,7 @@ impl Engine {
     fn choose(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<crate::routing::Route> {
         let mut ex: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
         ex.extend_from_slice(exclude);
-        self.routing.best_route(channel, &ex)
+        self.routing.best_usable_route(now(), channel, &ex)
     }
 
     /// Moves `channel` to `to` (from its current upstream).
@@ -895,9 +902,13 @@ impl Engine {
         }
         self.apply(expired.actions).await;
         self.flood_if_due(t).await;
-        if t >= self.next_ping {
-            self.next_ping = t + self.cfg.ping_interval;
-            self.ping(t).await;
+        if t >= self.next_heartbeat {
+            self.next_heartbeat = t + self.cfg.failure.heartbeat_interval;
+            let reliable = t >= self.next_ping;
+            if reliable {
+                self.next_ping = t + self.cfg.ping_interval;
+            }
+            self.ping(t, reliable).await;
         }
         self.reconcile(t).await;
         self.resubscribe_stalled(t).await;
@@ -939,10 +950,12 @@ impl Engine {
         }
     }
 
-    /// Pings neighbours (reliably while alive: the ack feeds the RTT estimate, the pong proves
-    /// liveness; once if dead, to notice a return) and every upstream that is not a neighbour
-    /// (the pings also keep our subscriptions there alive). Refreshes the cached link costs.
-    async fn ping(&mut self, _t: Instant) {
+    /// Heartbeats: pings neighbours and every upstream that is not a neighbour (the pings also
+    /// keep our subscriptions there alive). Unreliable, except on `reliable` rounds where live
+    /// peers get a reliable ping whose ack feeds the RTT estimate; then the cached link costs
+    /// and the liveness timeouts are refreshed from it. Dead peers get unreliable pings, to
+    /// notice a return.
+    async fn ping(&mut self, _t: Instant, reliable: bool) {
         let mut targets: Vec<SocketAddr> =
             self.routing.neighbours().iter().map(|n| n.addr).collect();
         for u in self.subs.upstream_hosts() {
@@ -953,6 +966,10 @@ impl Engine {
         for p in targets {
             self.nonce = self.nonce.wrapping_add(1);
             let msg = Message::Ping { nonce: self.nonce };
+            if !reliable {
+                let _ = self.transport.send_unreliable(p, msg).await;
+                continue;
+            }
             if self.routing.is_alive(p) {
                 let _ = self.transport.send_reliable(p, msg).await;
             } else {
@@ -961,6 +978,7 @@ impl Engine {
             if let Ok(Some(rtt)) = self.transport.rtt(p).await {
                 self.link_cost
                     .insert(p, rtt.srtt.max(Duration::from_micros(1)));
+                self.routing.rtt_sample(p, rtt.srtt, rtt.rttvar);
             }
         }
     }

@@ -7,16 +7,20 @@
 //! [`RoutingConfig::route_ttl`] without refresh ([`RoutingTable::expire`]).
 //!
 //! The table also tracks the liveness of its neighbours (and of any other peer the relay asks it
-//! to watch, such as a catastrophic-fallback upstream): [`RoutingTable::heard_from`] on every
-//! datagram, [`RoutingTable::poll_dead`] to learn who went silent. And it remembers, per
+//! to watch, such as a catastrophic-fallback upstream) with a [`FailureDetector`]:
+//! [`RoutingTable::heard_from`] on every datagram, [`RoutingTable::rtt_sample`] from the link's
+//! RTT estimate, [`RoutingTable::poll_dead`] to learn who went silent (routes through a dead
+//! peer are dropped at once), [`RoutingTable::best_usable_route`] to avoid a neighbour in its
+//! hold-down after it came back. And it remembers, per
 //! neighbour and channel, the path of the last flood seen through that neighbour, so that when
 //! the neighbour dies the relay can reach *its* parent ([`RoutingTable::upstream_of`]).
 //!
 //! [`FloodOrigin`] builds a server's periodic floods.
 
+use common::failure::{FailureConfig, FailureDetector};
 use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
 use common::NodeId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -35,8 +39,10 @@ const SEQ_RESTART_GAP: u64 = 1024;
 pub struct RoutingConfig {
     /// A route not refreshed by a flood for this long is dropped (3.5 × the flood interval).
     pub route_ttl: Duration,
-    /// A watched peer not heard from for this long is declared dead.
-    pub neighbour_timeout: Duration,
+    /// Liveness of watched peers: a peer silent for `max(k × heartbeat_interval,
+    /// 2·SRTT + 4·RTTVAR)` is dead; one that came back is avoided for the hold-down.
+    /// Default: 100 ms heartbeats, k = 6 (both ends heartbeat; see `common::failure`), 2 s.
+    pub failure: FailureConfig,
     /// Most origins whose flood sequence numbers are remembered (duplicate suppression memory);
     /// past it the least recently heard origin is forgotten.
     pub max_origins: usize,
@@ -49,7 +55,10 @@ impl Default for RoutingConfig {
     fn default() -> Self {
         RoutingConfig {
             route_ttl: Duration::from_millis(3500),
-            neighbour_timeout: Duration::from_secs(3),
+            failure: FailureConfig {
+                k: 6,
+                ..FailureConfig::default()
+            },
             max_origins: 1024,
             max_routes: 16 * 1024,
         }
@@ -169,16 +178,6 @@ impl SeqWindow {
     }
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Liveness {
-    last_heard: Instant,
-    alive: bool,
-    /// A topology neighbour (never forgotten), or a peer watched on request.
-    neighbour: bool,
-    /// Heard from at least once.
-    heard: bool,
-}
-
 #[derive(Debug, Clone)]
 struct LastPath {
     path: Vec<PathHop>,
@@ -191,7 +190,10 @@ pub struct RoutingTable {
     me: PathHop,
     cfg: RoutingConfig,
     neighbours: Vec<PathHop>,
-    peers: HashMap<SocketAddr, Liveness>,
+    /// Liveness of the neighbours and of the peers watched on request.
+    liveness: FailureDetector<SocketAddr>,
+    /// Watched peers heard from at least once.
+    heard: HashSet<SocketAddr>,
     origins: HashMap<NodeId, SeqWindow>,
     routes: HashMap<(ChannelId, SocketAddr, NodeId), Route>,
     names: BTreeMap<ChannelId, String>,
@@ -216,25 +218,16 @@ impl RoutingTable {
                 nbrs.push(*n);
             }
         }
-        let peers = nbrs
-            .iter()
-            .map(|n| {
-                (
-                    n.addr,
-                    Liveness {
-                        last_heard: now,
-                        alive: true,
-                        neighbour: true,
-                        heard: false,
-                    },
-                )
-            })
-            .collect();
+        let mut liveness = FailureDetector::new(cfg.failure);
+        for n in &nbrs {
+            liveness.watch(now, n.addr);
+        }
         RoutingTable {
             me,
             cfg,
             neighbours: nbrs,
-            peers,
+            liveness,
+            heard: HashSet::new(),
             origins: HashMap::new(),
             routes: HashMap::new(),
             names: BTreeMap::new(),
@@ -413,6 +406,22 @@ impl RoutingTable {
             .cloned()
     }
 
+    /// Like [`best_route`](Self::best_route), but a route via a neighbour in its hold-down
+    /// (it died and came back recently, see [`is_usable`](Self::is_usable)) is chosen only if
+    /// no other route exists.
+    pub fn best_usable_route(
+        &self,
+        now: Instant,
+        channel: ChannelId,
+        exclude: &[SocketAddr],
+    ) -> Option<Route> {
+        self.routes
+            .values()
+            .filter(|r| r.channel == channel && !exclude.contains(&r.via))
+            .min_by_key(|r| (!self.liveness.is_usable(now, r.via), r.key()))
+            .cloned()
+    }
+
     /// The best route to `channel` via the neighbour `via`, if any.
     pub fn route_via(&self, channel: ChannelId, via: SocketAddr) -> Option<Route> {
         self.routes
@@ -453,97 +462,101 @@ impl RoutingTable {
     }
 
     /// Records that `addr` was heard from at `now` (any datagram). Returns `true` if it is a
-    /// watched peer heard for the first time, or considered dead and now alive again.
+    /// watched peer heard for the first time, or considered dead and now alive again (then in
+    /// its hold-down).
     pub fn heard_from(&mut self, now: Instant, addr: SocketAddr) -> bool {
-        match self.peers.get_mut(&addr) {
-            Some(l) => {
-                l.last_heard = l.last_heard.max(now);
-                let revived = !l.alive || !l.heard;
-                l.alive = true;
-                l.heard = true;
-                revived
-            }
-            None => false,
+        if !self.liveness.is_watched(addr) {
+            return false;
         }
+        let revived = self.liveness.heard(now, addr);
+        self.heard.insert(addr) || revived
+    }
+
+    /// A new RTT estimate of the link to `addr`: its liveness timeout becomes
+    /// `max(k × heartbeat_interval, 2·srtt + 4·rttvar)`.
+    pub fn rtt_sample(&mut self, addr: SocketAddr, srtt: Duration, rttvar: Duration) {
+        self.liveness.rtt_sample(addr, srtt, rttvar);
+    }
+
+    /// The liveness timeout of `addr`.
+    pub fn liveness_timeout(&self, addr: SocketAddr) -> Duration {
+        self.liveness.timeout(addr)
     }
 
     /// Starts watching the liveness of a peer that is not a topology neighbour (e.g. a
     /// catastrophic-fallback upstream), presumed alive at `now`. No effect on a watched peer.
     pub fn watch(&mut self, now: Instant, addr: SocketAddr) {
-        self.peers.entry(addr).or_insert(Liveness {
-            last_heard: now,
-            alive: true,
-            neighbour: false,
-            heard: false,
-        });
+        self.liveness.watch(now, addr);
     }
 
     /// Stops watching a peer added with [`watch`](Self::watch) (neighbours stay watched).
     pub fn unwatch(&mut self, addr: SocketAddr) {
-        if self.peers.get(&addr).is_some_and(|l| !l.neighbour) {
-            self.peers.remove(&addr);
+        if !self.is_neighbour(addr) {
+            self.liveness.unwatch(addr);
+            self.heard.remove(&addr);
         }
     }
 
     /// The watched peers that are not topology neighbours.
     pub fn watched_non_neighbours(&self) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
-            .peers
-            .iter()
-            .filter(|(_, l)| !l.neighbour)
-            .map(|(a, _)| *a)
-            .collect();
-        v.sort();
-        v
+        self.liveness
+            .peers()
+            .into_iter()
+            .filter(|a| !self.is_neighbour(*a))
+            .collect()
     }
 
     /// Whether a watched peer is alive (`true` for peers that are not watched: nothing says
     /// otherwise).
     pub fn is_alive(&self, addr: SocketAddr) -> bool {
-        self.peers.get(&addr).is_none_or(|l| l.alive)
+        self.liveness.is_alive(addr)
     }
 
-    /// Watched peers silent for more than the neighbour timeout at `now` (dead or about to be
+    /// Whether `addr` is alive and not in its hold-down (a neighbour that died and came back
+    /// less than [`FailureConfig::hold_down`] ago) at `now`.
+    pub fn is_usable(&self, now: Instant, addr: SocketAddr) -> bool {
+        self.liveness.is_usable(now, addr)
+    }
+
+    /// Watched peers silent for more than their liveness timeout at `now` (dead or about to be
     /// declared so).
     pub fn dead_neighbours(&self, now: Instant) -> Vec<SocketAddr> {
-        let mut v: Vec<SocketAddr> = self
-            .peers
-            .iter()
-            .filter(|(_, l)| {
-                !l.alive || now.saturating_duration_since(l.last_heard) > self.cfg.neighbour_timeout
+        self.liveness
+            .peers()
+            .into_iter()
+            .filter(|a| {
+                !self.liveness.is_alive(*a)
+                    || self.liveness.last_heard(*a).is_some_and(|l| {
+                        now.saturating_duration_since(l) >= self.liveness.timeout(*a)
+                    })
             })
-            .map(|(a, _)| *a)
-            .collect();
-        v.sort();
-        v
+            .collect()
     }
 
-    /// Declares dead every watched peer silent for more than the neighbour timeout that was
+    /// Declares dead every watched peer silent for at least its liveness timeout that was
     /// still alive, removes the routes through it, and returns them (each death is reported
     /// once; the peer is alive again as soon as it is heard from).
     pub fn poll_dead(&mut self, now: Instant) -> Vec<SocketAddr> {
-        let timeout = self.cfg.neighbour_timeout;
-        let mut dead: Vec<SocketAddr> = self
-            .peers
-            .iter()
-            .filter(|(_, l)| l.alive && now.saturating_duration_since(l.last_heard) > timeout)
-            .map(|(a, _)| *a)
-            .collect();
-        dead.sort();
+        let dead = self.liveness.poll_dead(now);
         for a in &dead {
-            self.mark_dead(*a);
+            self.routes.retain(|(_, via, _), _| via != a);
         }
         dead
+    }
+
+    /// When [`poll_dead`](Self::poll_dead) may next declare a death.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.liveness.poll_timeout()
     }
 
     /// Declares `addr` dead now (e.g. a reliable message to it timed out, or it said goodbye):
     /// removes the routes through it. Returns `true` if it was alive (or not watched).
     pub fn mark_dead(&mut self, addr: SocketAddr) -> bool {
         self.routes.retain(|(_, via, _), _| *via != addr);
-        match self.peers.get_mut(&addr) {
-            Some(l) => std::mem::replace(&mut l.alive, false),
-            None => true,
+        if !self.liveness.is_watched(addr) {
+            return true;
         }
+        self.liveness.mark_dead(addr)
     }
 }
 
@@ -701,7 +714,7 @@ mod tests {
         assert!(rt.best_route(chan("a").id, &[]).is_none());
         assert!(rt.channels().is_empty());
         // Liveness: 3 stays silent, 1 keeps talking.
-        let later = t + cfg.neighbour_timeout + Duration::from_millis(1);
+        let later = t + cfg.failure.floor() + Duration::from_millis(1);
         rt.heard_from(later, hop(1).addr);
         assert_eq!(rt.dead_neighbours(later), vec![hop(3).addr]);
         assert_eq!(rt.poll_dead(later), vec![hop(3).addr]);
@@ -716,5 +729,81 @@ mod tests {
         rt.unwatch(hop(1).addr);
         assert!(rt.watched_non_neighbours().is_empty());
         assert!(rt.is_neighbour(hop(1).addr));
+    }
+
+    #[test]
+    fn a_dead_neighbour_loses_its_routes_at_once_and_is_avoided_during_its_hold_down() {
+        let t = Instant::now();
+        let cfg = RoutingConfig::default();
+        let mut rt = RoutingTable::new(t, hop(4), &[hop(2), hop(3)], cfg.clone());
+        let f = FloodOrigin::new(hop(1), 1).next_flood(&[chan("a")], 0);
+        let via = |n: u8| {
+            let mut g = f.clone();
+            g.path.push(hop(n));
+            g
+        };
+        let ch = chan("a").id;
+        rt.handle_flood(
+            t,
+            hop(2).addr,
+            hop(2).id,
+            &via(2),
+            Duration::from_micros(100),
+        );
+        rt.handle_flood(
+            t,
+            hop(3).addr,
+            hop(3).id,
+            &via(3),
+            Duration::from_micros(900),
+        );
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).addr);
+        // 2 goes silent; 3 keeps heartbeating. 2 is dead after k × 100 ms, long before the
+        // route TTL, and its route is gone with it.
+        let mut now = t;
+        let died = loop {
+            now += Duration::from_millis(10);
+            rt.heard_from(now, hop(3).addr);
+            if rt.poll_dead(now) == vec![hop(2).addr] {
+                break now;
+            }
+            assert!(now - t < Duration::from_secs(1), "not declared dead");
+        };
+        assert_eq!(died - t, cfg.failure.floor());
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(3).addr);
+        // 2 comes back and floods again: cheaper, but in its hold-down.
+        let back = died + Duration::from_millis(500);
+        assert!(rt.heard_from(back, hop(2).addr));
+        rt.handle_flood(
+            back,
+            hop(2).addr,
+            hop(2).id,
+            &via(2),
+            Duration::from_micros(100),
+        );
+        assert!(rt.is_alive(hop(2).addr) && !rt.is_usable(back, hop(2).addr));
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).addr);
+        assert_eq!(
+            rt.best_usable_route(back, ch, &[]).unwrap().via,
+            hop(3).addr
+        );
+        // …unless it is the only way.
+        assert_eq!(
+            rt.best_usable_route(back, ch, &[hop(3).addr]).unwrap().via,
+            hop(2).addr
+        );
+        let over = back + cfg.failure.hold_down;
+        assert_eq!(
+            rt.best_usable_route(over, ch, &[]).unwrap().via,
+            hop(2).addr
+        );
+        // The timeout follows the link's RTT.
+        rt.rtt_sample(
+            hop(3).addr,
+            Duration::from_millis(300),
+            Duration::from_millis(50),
+        );
+        assert_eq!(rt.liveness_timeout(hop(3).addr), Duration::from_millis(800));
+        assert_eq!(rt.liveness_timeout(hop(2).addr), cfg.failure.floor());
     }
 }

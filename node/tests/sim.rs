@@ -27,6 +27,15 @@ fn chan(name: &str) -> ChannelInfo {
     }
 }
 
+/// Floods are the only traffic here (no heartbeats), one round a second: liveness counts
+/// in flood rounds (dead after 3 silent rounds).
+fn sim_config() -> RoutingConfig {
+    let mut cfg = RoutingConfig::default();
+    cfg.failure.heartbeat_interval = Duration::from_secs(1);
+    cfg.failure.k = 3;
+    cfg
+}
+
 struct Sim {
     topology: Topology,
     tables: HashMap<SocketAddr, RoutingTable>,
@@ -50,7 +59,7 @@ impl Sim {
                 .collect();
             tables.insert(
                 hop(h).addr,
-                RoutingTable::new(now, hop(h), &neighbours, RoutingConfig::default()),
+                RoutingTable::new(now, hop(h), &neighbours, sim_config()),
             );
         }
         let s1: IpAddr = "127.0.1.100".parse().unwrap();

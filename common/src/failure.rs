@@ -1,0 +1,405 @@
+//! Failure detection: is a peer alive? I/O-free, fed `(now, event)`.
+//!
+//! A [`FailureDetector`] watches a set of peers. The caller sends each of them a heartbeat
+//! (a `Ping`) every [`FailureConfig::heartbeat_interval`] and reports *any* datagram received
+//! from a peer with [`heard`](FailureDetector::heard) (pongs, pings, floods, video: everything
+//! proves the peer is alive). A peer silent for its timeout
+//!
+//! ```text
+//! timeout = max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)
+//! ```
+//!
+//! is declared dead once by [`poll_dead`](FailureDetector::poll_dead). SRTT and RTTVAR come
+//! from the caller's RTT estimator ([`rtt_sample`](FailureDetector::rtt_sample) or
+//! [`rtt_estimate`](FailureDetector::rtt_estimate)); before the first sample only the
+//! `k × heartbeat_interval` floor applies.
+//!
+//! A dead peer that is heard from again is *alive* at once, but not *usable*
+//! ([`is_usable`](FailureDetector::is_usable)) for [`FailureConfig::hold_down`] after it came
+//! back, so that a flapping peer is not switched back to.
+//!
+//! # Choice of k (false deaths at 10 % loss)
+//!
+//! Take the worst case where the only traffic is our heartbeats and their answers, with
+//! independent 10 % loss each way: a heartbeat round trip fails with probability
+//! `q = 1 − 0.9² = 0.19`. A false death needs `k` consecutive failed round trips; there are 10
+//! heartbeats a second, so over 10 minutes (6000 heartbeats) the expected number of false
+//! deaths of one peer is about `6000 · q^k`:
+//!
+//! | k | `q^k` | false deaths / 10 min |
+//! |---|---|---|
+//! | 3 | 6.9e-3 | 41 |
+//! | 5 | 2.5e-4 | 1.5 |
+//! | 6 | 4.7e-5 | 0.28 |
+//! | 8 | 1.7e-6 | 0.010 |
+//!
+//! So the default is `k = 8` (an 800 ms floor at 100 ms heartbeats). When both ends heartbeat
+//! each other (overlay nodes do), a 100 ms window is silent only if the peer's own ping *and*
+//! the answer to ours are lost: `0.1 × 0.19 = 0.019`, and `k = 6` already gives
+//! `6000 · 0.019⁶ ≈ 3e-7` false deaths per 10 minutes (what the relay uses). Bursty loss
+//! (Gilbert–Elliott) is not covered by this computation: a burst longer than the timeout *is*
+//! an outage as far as video is concerned.
+
+use crate::reliable::RttEstimate;
+use std::collections::HashMap;
+use std::hash::Hash;
+use std::time::{Duration, Instant};
+
+/// Tuning of a [`FailureDetector`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FailureConfig {
+    /// How often the caller sends each watched peer a heartbeat. Default 100 ms.
+    pub heartbeat_interval: Duration,
+    /// Heartbeat intervals of silence before a peer is dead (the timeout's floor is
+    /// `k × heartbeat_interval`). Default 8 (see the module documentation).
+    pub k: u32,
+    /// How long a peer that died and came back stays unusable. Default 2 s.
+    pub hold_down: Duration,
+}
+
+impl Default for FailureConfig {
+    fn default() -> Self {
+        FailureConfig {
+            heartbeat_interval: Duration::from_millis(100),
+            k: 8,
+            hold_down: Duration::from_secs(2),
+        }
+    }
+}
+
+impl FailureConfig {
+    /// The timeout without RTT information: `k × heartbeat_interval`.
+    pub fn floor(&self) -> Duration {
+        self.heartbeat_interval.saturating_mul(self.k.max(1))
+    }
+
+    /// The timeout for a peer with this smoothed RTT and variation:
+    /// `max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)`.
+    pub fn timeout(&self, srtt: Duration, rttvar: Duration) -> Duration {
+        self.floor().max(
+            srtt.saturating_mul(2)
+                .saturating_add(rttvar.saturating_mul(4)),
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct PeerState {
+    last_heard: Instant,
+    alive: bool,
+    /// When it came back after being declared dead (start of the hold-down).
+    revived_at: Option<Instant>,
+    timeout: Duration,
+}
+
+/// Per-peer liveness (see the module documentation). `P` is the peer's key, normally its
+/// `SocketAddr`.
+#[derive(Debug, Clone)]
+pub struct FailureDetector<P> {
+    cfg: FailureConfig,
+    peers: HashMap<P, PeerState>,
+}
+
+impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
+    /// A detector watching nobody.
+    pub fn new(cfg: FailureConfig) -> Self {
+        FailureDetector {
+            cfg,
+            peers: HashMap::new(),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &FailureConfig {
+        &self.cfg
+    }
+
+    /// Starts watching `peer`, presumed alive at `now` (its silence counts from `now`). No
+    /// effect on a watched peer.
+    pub fn watch(&mut self, now: Instant, peer: P) {
+        let timeout = self.cfg.floor();
+        self.peers.entry(peer).or_insert(PeerState {
+            last_heard: now,
+            alive: true,
+            revived_at: None,
+            timeout,
+        });
+    }
+
+    /// Stops watching `peer`.
+    pub fn unwatch(&mut self, peer: P) {
+        self.peers.remove(&peer);
+    }
+
+    /// Whether `peer` is watched.
+    pub fn is_watched(&self, peer: P) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
+    /// The watched peers, sorted.
+    pub fn peers(&self) -> Vec<P> {
+        let mut v: Vec<P> = self.peers.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    /// Something (anything) was received from `peer` at `now`. Returns `true` if the peer was
+    /// dead and is alive again (its hold-down starts now). Unwatched peers are ignored.
+    pub fn heard(&mut self, now: Instant, peer: P) -> bool {
+        let Some(p) = self.peers.get_mut(&peer) else {
+            return false;
+        };
+        p.last_heard = p.last_heard.max(now);
+        if p.alive {
+            return false;
+        }
+        p.alive = true;
+        p.revived_at = Some(now);
+        true
+    }
+
+    /// A new RTT estimate of `peer`: its timeout becomes
+    /// `max(k × heartbeat_interval, 2·srtt + 4·rttvar)`.
+    pub fn rtt_sample(&mut self, peer: P, srtt: Duration, rttvar: Duration) {
+        let timeout = self.cfg.timeout(srtt, rttvar);
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.timeout = timeout;
+        }
+    }
+
+    /// [`rtt_sample`](Self::rtt_sample) from a reliable-channel estimate.
+    pub fn rtt_estimate(&mut self, peer: P, est: &RttEstimate) {
+        self.rtt_sample(peer, est.srtt, est.rttvar);
+    }
+
+    /// The current timeout of `peer` (the floor if it is not watched).
+    pub fn timeout(&self, peer: P) -> Duration {
+        self.peers
+            .get(&peer)
+            .map_or(self.cfg.floor(), |p| p.timeout)
+    }
+
+    /// Declares `peer` dead now (e.g. a reliable message to it timed out, or it said goodbye).
+    /// Returns `true` if it was alive. It will not be reported by [`poll_dead`](Self::poll_dead).
+    pub fn mark_dead(&mut self, peer: P) -> bool {
+        match self.peers.get_mut(&peer) {
+            Some(p) => std::mem::replace(&mut p.alive, false),
+            None => false,
+        }
+    }
+
+    /// Declares dead, and returns (sorted), every alive peer silent for at least its timeout
+    /// at `now`. Each death is reported once.
+    pub fn poll_dead(&mut self, now: Instant) -> Vec<P> {
+        let mut dead: Vec<P> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.alive && now.saturating_duration_since(p.last_heard) >= p.timeout)
+            .map(|(k, _)| *k)
+            .collect();
+        dead.sort();
+        for d in &dead {
+            if let Some(p) = self.peers.get_mut(d) {
+                p.alive = false;
+            }
+        }
+        dead
+    }
+
+    /// When [`poll_dead`](Self::poll_dead) will next declare a death if nothing is heard (the
+    /// earliest deadline of an alive peer).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.peers
+            .values()
+            .filter(|p| p.alive)
+            .map(|p| p.last_heard + p.timeout)
+            .min()
+    }
+
+    /// Whether `peer` is alive (`true` for an unwatched peer: nothing says otherwise).
+    pub fn is_alive(&self, peer: P) -> bool {
+        self.peers.get(&peer).is_none_or(|p| p.alive)
+    }
+
+    /// When `peer` last sent anything (or started being watched).
+    pub fn last_heard(&self, peer: P) -> Option<Instant> {
+        self.peers.get(&peer).map(|p| p.last_heard)
+    }
+
+    /// Whether `peer` is alive and not in its hold-down at `now` (`true` for an unwatched peer).
+    pub fn is_usable(&self, now: Instant, peer: P) -> bool {
+        match self.peers.get(&peer) {
+            None => true,
+            Some(p) => {
+                p.alive
+                    && p.revived_at
+                        .is_none_or(|r| now.saturating_duration_since(r) >= self.cfg.hold_down)
+            }
+        }
+    }
+
+    /// When the hold-down of `peer` ends, if it is alive and in one at `now`.
+    pub fn hold_down_until(&self, now: Instant, peer: P) -> Option<Instant> {
+        let p = self.peers.get(&peer)?;
+        let end = p.revived_at? + self.cfg.hold_down;
+        (p.alive && now < end).then_some(end)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Rng;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    /// Simulates `secs` seconds of 100 ms heartbeats to a live peer over a link losing each
+    /// datagram with probability `loss` each way; returns how many times it was declared dead
+    /// (a revived peer is watched on).
+    fn false_deaths(cfg: FailureConfig, loss: f64, secs: u64, seed: u64) -> usize {
+        let t0 = Instant::now();
+        let mut rng = Rng::seeded(seed);
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t0, 1u8);
+        // Loopback-like RTT, a little jitter.
+        d.rtt_sample(1, MS, MS / 2);
+        let mut deaths = 0;
+        let n = secs * 1000 / cfg.heartbeat_interval.as_millis() as u64;
+        for i in 0..n {
+            let sent = t0 + cfg.heartbeat_interval * i as u32;
+            // Check just before the answer could arrive (worst case for the detector).
+            deaths += d.poll_dead(sent).len();
+            let delivered = !rng.chance(loss) && !rng.chance(loss);
+            if delivered {
+                let rtt = MS + MS * rng.below(5) as u32;
+                deaths += d.poll_dead(sent + rtt).len();
+                d.heard(sent + rtt, 1);
+            }
+        }
+        deaths
+    }
+
+    #[test]
+    fn a_dead_peer_is_declared_once_within_its_timeout() {
+        let t = Instant::now();
+        let mut d = FailureDetector::new(FailureConfig::default());
+        d.watch(t, "a");
+        d.watch(t, "b");
+        assert_eq!(d.poll_timeout(), Some(t + 800 * MS));
+        // b keeps answering every 100 ms; a dies at t.
+        let mut now = t;
+        let mut declared = None;
+        while now < t + Duration::from_secs(3) {
+            now += 10 * MS;
+            if (now - t).as_millis() % 100 == 0 {
+                d.heard(now, "b");
+            }
+            for p in d.poll_dead(now) {
+                assert_eq!(p, "a");
+                assert!(declared.is_none(), "declared twice");
+                declared = Some(now);
+            }
+        }
+        let at = declared.expect("a declared dead") - t;
+        assert_eq!(at, 800 * MS);
+        assert!(!d.is_alive("a") && d.is_alive("b"));
+        assert!(!d.is_usable(now, "a") && d.is_usable(now, "b"));
+        // Only the living count for the next deadline.
+        assert!(d.poll_timeout().unwrap() > now);
+        // mark_dead is a death too, reported by its caller, not again by poll_dead.
+        assert!(d.mark_dead("b"));
+        assert!(!d.mark_dead("b"));
+        assert!(d.poll_dead(now + Duration::from_secs(9)).is_empty());
+        assert_eq!(d.poll_timeout(), None);
+        assert!(d.is_alive("unwatched") && d.is_usable(now, "unwatched"));
+    }
+
+    #[test]
+    fn no_false_death_in_ten_minutes_at_ten_percent_loss() {
+        // 10 % loss each way, only heartbeats: q = 0.19 per round trip; expected false deaths
+        // in 10 min = 6000 · 0.19^k (module documentation): 0.010 for k = 8.
+        let cfg = FailureConfig::default();
+        for seed in 1..=3 {
+            assert_eq!(false_deaths(cfg, 0.10, 600, seed), 0, "seed {seed}");
+        }
+        // The same link with k = 3 (expected ≈ 41) does die falsely, so the test has teeth.
+        let k3 = FailureConfig { k: 3, ..cfg };
+        let n = false_deaths(k3, 0.10, 600, 1);
+        assert!(n > 10, "k = 3: {n} false deaths");
+    }
+
+    #[test]
+    fn hold_down_keeps_a_recovered_peer_unusable() {
+        let t = Instant::now();
+        let cfg = FailureConfig::default();
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t, 7u32);
+        assert!(d.is_usable(t, 7), "never died: usable");
+        let dead_at = t + 801 * MS;
+        assert_eq!(d.poll_dead(dead_at), vec![7]);
+        // It comes back.
+        let back = dead_at + Duration::from_secs(1);
+        assert!(d.heard(back, 7), "revived");
+        assert!(!d.heard(back, 7), "revived once");
+        assert!(d.is_alive(7));
+        assert!(!d.is_usable(back, 7));
+        assert_eq!(d.hold_down_until(back, 7), Some(back + cfg.hold_down));
+        // Still talking throughout the hold-down.
+        let mut now = back;
+        while now < back + cfg.hold_down {
+            assert!(
+                !d.is_usable(now, 7),
+                "usable during hold-down at {:?}",
+                now - back
+            );
+            now += 100 * MS;
+            d.heard(now, 7);
+            assert!(d.poll_dead(now).is_empty());
+        }
+        assert!(d.is_usable(now, 7));
+        assert_eq!(d.hold_down_until(now, 7), None);
+        // Flapping: dies again, comes back: a fresh hold-down.
+        assert_eq!(d.poll_dead(now + 801 * MS), vec![7]);
+        let again = now + Duration::from_secs(2);
+        assert!(d.heard(again, 7));
+        assert!(!d.is_usable(again + Duration::from_secs(1), 7));
+        assert!(d.is_usable(again + cfg.hold_down, 7));
+    }
+
+    #[test]
+    fn timeout_follows_the_rtt() {
+        let cfg = FailureConfig {
+            k: 3,
+            ..FailureConfig::default()
+        };
+        let t = Instant::now();
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t, "loopback");
+        d.watch(t, "far");
+        assert_eq!(d.timeout("far"), 300 * MS, "floor before any sample");
+        d.rtt_sample(
+            "loopback",
+            Duration::from_micros(80),
+            Duration::from_micros(40),
+        );
+        let est = RttEstimate {
+            srtt: 200 * MS,
+            rttvar: 25 * MS,
+            rto: 300 * MS,
+            min_rtt: 190 * MS,
+            samples: 10,
+        };
+        d.rtt_estimate("far", &est);
+        assert_eq!(d.timeout("loopback"), 300 * MS);
+        assert_eq!(d.timeout("far"), 500 * MS, "2·200 + 4·25");
+        assert!(d.timeout("far") > d.timeout("loopback"));
+        // Both silent since t: the loopback peer dies first.
+        assert_eq!(d.poll_dead(t + 301 * MS), vec!["loopback"]);
+        assert!(d.poll_dead(t + 499 * MS).is_empty());
+        assert_eq!(d.poll_dead(t + 500 * MS), vec!["far"]);
+        // With the default k = 8, the RTT term takes over only on long links.
+        let dflt = FailureConfig::default();
+        assert_eq!(dflt.timeout(200 * MS, 25 * MS), 800 * MS);
+        assert_eq!(dflt.timeout(400 * MS, 50 * MS), 1000 * MS);
+    }
+}
