@@ -76,6 +76,7 @@ pub async fn join_overlay(
             args.ip
         )
     })?;
+    grow_receive_buffer(&socket, RECEIVE_BUFFER);
     let me = match fetch_neighbours_retrying(args.bootstrapper_addr(), args.ip, shutdown).await {
         Ok(me) => me,
         Err(FetchError::Refused(reason)) => {
@@ -122,4 +123,50 @@ pub async fn join_overlay(
         incoming,
         task,
     })
+}
+
+/// Receive buffer asked for overlay sockets: a relay sends a new subscriber a whole GOP at once
+/// (`node::gop`, up to ~1 MB for a 3 s GOP at 2.5 Mb/s), which the kernel's default (~208 KB)
+/// would partly drop. The kernel caps it at `net.core.rmem_max`.
+pub const RECEIVE_BUFFER: usize = 4 * 1024 * 1024;
+
+/// Best effort: asks for a `bytes` receive buffer on `socket` (Linux; a no-op elsewhere).
+/// Returns the size the kernel granted, if known.
+pub fn grow_receive_buffer(socket: &UdpSocket, bytes: usize) -> Option<usize> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = socket.as_raw_fd();
+        let want = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+        let len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: `fd` is an open socket for the duration of the call; the option value is a
+        // c_int on the stack whose size we pass.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&want as *const libc::c_int).cast(),
+                len,
+            );
+            let mut got: libc::c_int = 0;
+            let mut got_len = len;
+            if libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&mut got as *mut libc::c_int).cast(),
+                &mut got_len,
+            ) == 0
+            {
+                return usize::try_from(got).ok();
+            }
+        }
+        None
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = (socket, bytes);
+        None
+    }
 }

@@ -4,11 +4,14 @@
 //!   check, neighbour liveness) and [`routing::FloodOrigin`] for servers.
 //! * [`subscriptions`]: the I/O-free subscription state (downstream subscribers as soft state,
 //!   one upstream per watched channel, local demand for servers).
+//! * [`gop`]: the I/O-free GOP cache (the current group of pictures per channel, sent to a
+//!   new subscriber before the live datagrams: "instant start").
 //! * [`relay`]: the tokio engine that drives both over a [`common::transport::Transport`]; the
 //!   `node` binary runs it with no local channel, servers use its [`relay::Relay`] handle.
 //!
 //! The protocol is described in `report/protocol.md`.
 
+pub mod gop;
 pub mod relay;
 pub mod routing;
 pub mod subscriptions;

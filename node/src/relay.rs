@@ -14,11 +14,27 @@
 //! * `"upstream lost"` (warn; `channel`, `upstream`, `reason`), then either
 //!   `"resubscribed"` (`channel`, `from`, `to`, `cost_us`, `reason`) or
 //!   `"catastrophic fallback"` (warn; `channel`, `dead`, `parent`) or `"no route"` (warn).
+//! * `"gop burst"` (debug; `channel`, `peer`, `datagrams`, `bytes`): a new subscriber was sent
+//!   the channel's GOP cache (see [`crate::gop`]) before the live datagrams.
 //! * `"flood_stats"` (debug, once per flood interval: `received`, `forwarded`, `messages_out`,
 //!   `suppressed`, `loops`).
 //!
 //! Every line is inside the span `relay{node=<addr>}`.
+//!
+//! # Video path and GOP cache
+//!
+//! Every video datagram a relay sends (its own channels' on a server, the forwarded ones on a
+//! node) is encoded once, pushed into the channel's [`GopCaches`] and sent to every subscriber.
+//! A *new* subscriber of a channel first gets the cached GOP (from the last keyframe on, each
+//! datagram flagged [`video_flags::FROM_CACHE`]) in the same task turn as its `Subscribe` is
+//! handled, so the next live datagram follows the burst with no gap and no duplicate. A node
+//! that starts receiving a channel for a new subscriber gets its upstream's burst, forwards it
+//! and caches it. A datagram flagged `FROM_CACHE` that is not newer than what the relay already
+//! forwarded (the burst of a new upstream after a switch) is dropped, so existing subscribers
+//! never see sequence numbers go back. The cache of a channel is forgotten when the channel
+//! stops being watched.
 
+use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
@@ -70,6 +86,8 @@ pub struct RelayConfig {
     pub switch_min_gain: Duration,
     /// Capacity of the handle → engine command queue. Default 1024.
     pub command_queue: usize,
+    /// Bounds of the per-channel GOP cache (instant start for new subscribers).
+    pub gop: GopConfig,
 }
 
 impl Default for RelayConfig {
@@ -85,6 +103,7 @@ impl Default for RelayConfig {
             switch_percent: 80,
             switch_min_gain: Duration::from_millis(2),
             command_queue: 1024,
+            gop: GopConfig::default(),
         }
     }
 }
@@ -123,6 +142,19 @@ pub struct RelayStats {
     pub subscribers: BTreeMap<ChannelId, Vec<SocketAddr>>,
     /// Per watched channel, its upstream (absent: none yet).
     pub upstreams: BTreeMap<ChannelId, Upstream>,
+    /// GOP bursts sent to new subscribers.
+    pub gop_bursts: u64,
+    /// Datagrams sent in GOP bursts (also counted in `video_out`).
+    pub gop_burst_datagrams: u64,
+    /// GOPs that outgrew the cache bounds (cache emptied until the next keyframe).
+    pub gop_overflows: u64,
+    /// Bytes currently held by the GOP caches.
+    pub gop_bytes_cached: usize,
+    /// Datagrams currently held by the GOP caches.
+    pub gop_datagrams_cached: usize,
+    /// Datagrams flagged `FROM_CACHE` received that were not newer than what we had already
+    /// forwarded (a new upstream's burst after a switch), dropped.
+    pub gop_behind: u64,
 }
 
 enum Command {
@@ -284,6 +316,8 @@ struct Engine {
     next_stats: Instant,
     nonce: u64,
     stats: RelayStats,
+    /// The current GOP of every channel we send.
+    gop: GopCaches,
 }
 
 fn now() -> Instant {
@@ -336,6 +370,7 @@ impl Engine {
             next_stats: t + cfg.flood_interval,
             nonce: 0,
             stats: RelayStats::default(),
+            gop: GopCaches::new(cfg.gop),
             cfg,
         }
     }
@@ -389,6 +424,11 @@ impl Engine {
                 }
                 let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
                 info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
+                for old in &self.local {
+                    if !ids.contains(&old.id) {
+                        self.gop.remove(old.id);
+                    }
+                }
                 self.local = channels;
                 let actions = self.subs.set_local(&ids);
                 for id in &ids {
@@ -409,6 +449,9 @@ impl Engine {
                 let mut s = self.stats.clone();
                 s.floods = self.routing.stats();
                 s.routes = self.routing.routes().count();
+                s.gop_overflows = self.gop.overflows();
+                s.gop_bytes_cached = self.gop.bytes();
+                s.gop_datagrams_cached = self.gop.datagrams();
                 for (ch, (subs, up)) in self.subs.snapshot() {
                     s.subscribers.insert(ch, subs);
                     if let Some(up) = up {
@@ -440,15 +483,46 @@ impl Engine {
             payload,
         };
         *seq += 1;
-        if self.subs.subscribers(channel).next().is_none() {
-            return;
-        }
+        // Encoded even without subscribers (the server only plays watched channels anyway), so
+        // the GOP cache is complete when the first one arrives.
+        let (seq, keyframe) = (packet.seq, keyframe);
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
-            Ok(bytes) => self.fan_out(channel, bytes).await,
+            Ok(bytes) => {
+                self.cache(now(), channel, seq, keyframe, bytes.clone());
+                self.fan_out(channel, bytes).await
+            }
             Err(e) => {
                 self.stats.malformed += 1;
                 debug!(%channel, error = %e, "local video chunk cannot be encoded; dropped");
             }
+        }
+    }
+
+    /// Records a datagram about to be sent in the channel's GOP cache.
+    fn cache(&mut self, t: Instant, channel: ChannelId, seq: u64, keyframe: bool, bytes: Bytes) {
+        if self.gop.push(t, channel, seq, keyframe, bytes) == Pushed::Overflow {
+            debug!(%channel, seq, "GOP larger than the cache; not cached until the next keyframe");
+        }
+    }
+
+    /// Sends a new subscriber the cached GOP of `channel` (flagged `FROM_CACHE`), if any. Must
+    /// be called in the same task turn as the subscription is recorded, before the next live
+    /// datagram, so that burst and live are contiguous.
+    async fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
+        let Some(cache) = self.gop.get(channel) else {
+            return;
+        };
+        let burst: Vec<Bytes> = cache.burst(t).filter_map(|b| flag_from_cache(b)).collect();
+        if burst.is_empty() {
+            return;
+        }
+        let bytes: usize = burst.iter().map(Bytes::len).sum();
+        debug!(%channel, peer = %to, datagrams = burst.len(), bytes, "gop burst");
+        self.stats.gop_bursts += 1;
+        self.stats.gop_burst_datagrams += burst.len() as u64;
+        for b in burst {
+            self.stats.video_out += 1;
+            let _ = self.transport.send_bytes(to, b).await;
         }
     }
 
@@ -519,6 +593,7 @@ impl Engine {
                     Ok(actions) => {
                         if fresh {
                             info!(%channel, peer = %from, "subscriber added");
+                            self.send_burst(t, from, channel).await;
                         }
                         self.apply(actions).await;
                         if self.subs.upstream(channel).is_none() {
@@ -678,9 +753,18 @@ impl Engine {
             return;
         }
         self.last_video.insert(ch, t);
+        if packet.flags & video_flags::FROM_CACHE != 0 && self.gop.is_behind(ch, packet.seq) {
+            // A new upstream's burst overlapping what we already forwarded.
+            self.stats.gop_behind += 1;
+            return;
+        }
+        let (seq, keyframe) = (packet.seq, packet.flags & video_flags::KEYFRAME != 0);
         // Re-stamp the header with our id: decode (done by the transport) + encode once.
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
-            Ok(bytes) => self.fan_out(ch, bytes).await,
+            Ok(bytes) => {
+                self.cache(t, ch, seq, keyframe, bytes.clone());
+                self.fan_out(ch, bytes).await
+            }
             Err(_) => self.stats.malformed += 1,
         }
     }
@@ -709,6 +793,9 @@ impl Engine {
                 }
                 SubAction::Unsubscribe(channel, up) => {
                     info!(%channel, upstream = %up, "unsubscribe upstream");
+                    if !self.subs.is_watched(channel) {
+                        self.gop.remove(channel);
+                    }
                     if self.subs.upstream(channel).is_none() {
                         self.fallback.remove(&channel);
                         self.previous.remove(&channel);
@@ -724,6 +811,9 @@ impl Engine {
                 }
                 SubAction::LocalDemand(channel, watched) => {
                     info!(%channel, watched, "local demand");
+                    if !watched {
+                        self.gop.remove(channel);
+                    }
                     self.demand.retain(|tx| match tx.try_send((channel, watched)) {
                         Ok(()) => true,
                         Err(mpsc::error::TrySendError::Full(_)) => {
