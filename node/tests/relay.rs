@@ -117,6 +117,7 @@ impl Daemon {
         );
     }
 
+    /// Collects the lines written so far.
     fn drain(&mut self) {
         while let Ok(line) = self.lines.try_recv() {
             self.seen.push(line);
@@ -464,7 +465,17 @@ fn square_fails_over_to_the_other_path() {
     rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
     let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
     assert_eq!(before.len(), 100, "stream never started");
-    let line = c.expect(&["subscribe upstream"], Duration::from_secs(5));
+    // The upstream in use now: the latest subscription (an early one may have been replaced by
+    // a better route, or by the upstream that delivered the GOP burst).
+    c.expect(&[": subscribe upstream"], Duration::from_secs(5));
+    c.drain();
+    let line = c
+        .seen
+        .iter()
+        .rev()
+        .find(|l| l.contains(": subscribe upstream"))
+        .cloned()
+        .unwrap();
     let (mut victim, survivor, victim_addr, survivor_addr) = if line.contains("127.0.52.2:") {
         (a, b, "127.0.52.2:18052", "127.0.52.3:18052")
     } else {
