@@ -143,6 +143,8 @@ struct Engine {
     notices: Vec<String>,
     player_missing_told: bool,
     summary: Summary,
+    /// Per stream: when its last datagram arrived and whether a keyframe came (stats events).
+    arrivals: HashMap<String, (Instant, bool)>,
 }
 
 /// Runs the client until `shutdown` is cancelled (ctrl-c, window closed) or `--duration` is
@@ -225,6 +227,7 @@ pub async fn run(
         notices: Vec::new(),
         player_missing_told: false,
         summary: Summary::default(),
+        arrivals: HashMap::new(),
     };
     for s in e.cfg.streams.clone() {
         e.play(start, &s).await;
@@ -261,7 +264,9 @@ pub async fn run(
                 }
                 Some(Incoming::Message { from, msg, .. }) => e.core.handle_message(now(), from, msg),
                 Some(Incoming::Video { from, packet, .. }) => {
+                    let keyframe = packet.flags & common::wire::video_flags::KEYFRAME != 0;
                     if let Some((name, payload)) = e.core.handle_video(now(), from, packet) {
+                        e.arrival(now(), &name, from, keyframe, &payload);
                         if let Some(o) = e.outputs.get_mut(&name) {
                             o.write(&payload);
                         }
@@ -366,6 +371,7 @@ impl Engine {
 
     async fn stop(&mut self, now: Instant, name: &str, reason: &str) {
         self.record_summary(now, name);
+        self.arrivals.remove(name);
         if self.core.stop(now, name, reason) {
             info!(stream = name, reason, "stream stopped");
         }
@@ -420,6 +426,38 @@ impl Engine {
         }
     }
 
+    /// Stats of arrivals: the first keyframe, and silences ended (`gap`).
+    fn arrival(&mut self, now: Instant, name: &str, pop: SocketAddr, key: bool, payload: &[u8]) {
+        // The server's KEYFRAME flag, else a random access point starting a video PES (audio
+        // packets carry the indicator too).
+        let key = key
+            || payload.chunks(188).any(|c| {
+                common::ts::TsPacket::parse(c).is_ok_and(|p| {
+                    p.random_access_indicator()
+                        && p.payload_unit_start()
+                        && matches!(p.payload(), [0, 0, 1, id, ..] if id & 0xF0 == 0xE0)
+                })
+            });
+        let (last, keyed) = self.arrivals.entry(name.to_owned()).or_insert((now, false));
+        let gap = now.saturating_duration_since(*last);
+        *last = now;
+        let first_key = key && !*keyed;
+        *keyed |= key;
+        if gap > crate::stats::GAP_EVENT_MIN {
+            self.event(StatEvent::Gap {
+                stream: name.to_owned(),
+                pop,
+                gap_ms: (gap.as_secs_f64() * 1e4).round() / 10.0,
+            });
+        }
+        if first_key {
+            self.event(StatEvent::FirstKeyframe {
+                stream: name.to_owned(),
+                pop,
+            });
+        }
+    }
+
     fn event(&mut self, ev: StatEvent) {
         match &ev {
             StatEvent::Stats { .. } => debug!(?ev, "stats"),
@@ -435,6 +473,8 @@ impl Engine {
             StatEvent::Streams { names } => info!(?names, "channels"),
             StatEvent::Play { stream, pop } => info!(stream, %pop, "subscribed"),
             StatEvent::FirstPacket { stream, pop } => info!(stream, %pop, "first packet"),
+            StatEvent::FirstKeyframe { stream, pop } => info!(stream, %pop, "first keyframe"),
+            StatEvent::Gap { stream, gap_ms, .. } => info!(stream, gap_ms, "gap in the stream"),
             StatEvent::Stop { .. } => {}
         }
         if let Some(w) = &mut self.stats {

@@ -10,6 +10,8 @@
 //! {"event":"pop","t_ms":3,"pop":"127.0.0.2:8010","rtt_ms":0.21,"up":true}   PoP status changed
 //! {"event":"play","t_ms":820,"stream":"news","pop":"127.0.0.2:8010"}         first subscribe
 //! {"event":"first_packet","t_ms":840,"stream":"news","pop":"127.0.0.2:8010"}
+//! {"event":"first_keyframe","t_ms":852,"stream":"news","pop":"127.0.0.2:8010"}
+//! {"event":"gap","t_ms":6210,"stream":"news","pop":"127.0.0.3:8010","gap_ms":412.5}
 //! {"event":"source_changed","t_ms":5120,"stream":"news","from":"127.0.0.2:8010","to":"127.0.0.3:8010"}
 //! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0}
 //! {"event":"stop","t_ms":9000,"stream":"news","reason":"exit"}
@@ -18,6 +20,10 @@
 //! `stats` lines come every second for each stream that has a source, with cumulative counts:
 //! `packets` are datagrams kept after duplicate suppression, `bytes` their payload bytes, `lost`
 //! sequence numbers never received (gaps), `cc_lost` TS packets missing by continuity counter.
+//! `first_keyframe` is the first datagram flagged `KEYFRAME` or carrying a TS random access
+//! indicator (a player can start decoding there). `gap` is written when a datagram ends a
+//! silence longer than 100 ms in a stream that already had packets: `gap_ms` is the time since
+//! the previous datagram (benchmarks measure failover with it).
 //! `rtt_ms` is the smoothed RTT (`null` when unknown). A `pop` source is `null` in `stop`
 //! when the stream had none.
 
@@ -59,6 +65,22 @@ pub enum StatEvent {
         /// Where it came from.
         pop: SocketAddr,
     },
+    /// The first datagram of a stream a decoder can start at (keyframe).
+    FirstKeyframe {
+        /// Channel name.
+        stream: String,
+        /// Where it came from.
+        pop: SocketAddr,
+    },
+    /// A datagram ended a silence of more than [`GAP_EVENT_MIN`] in a flowing stream.
+    Gap {
+        /// Channel name.
+        stream: String,
+        /// Where the ending datagram came from.
+        pop: SocketAddr,
+        /// Time since the previous datagram, in milliseconds.
+        gap_ms: f64,
+    },
     /// A stream moved to another PoP (its PoP went down).
     SourceChanged {
         /// Channel name.
@@ -97,6 +119,9 @@ pub enum StatEvent {
         reason: String,
     },
 }
+
+/// Silences shorter than this are not reported as `gap` events.
+pub const GAP_EVENT_MIN: Duration = Duration::from_millis(100);
 
 /// One line of the stats file: the event and its time.
 #[derive(Serialize)]

@@ -6,6 +6,8 @@
 //! pattern with a running clock and a tone), so the demo needs no files. A scenario file can kill,
 //! restart and impair hosts at given times, for the tests and benchmarks.
 
+pub mod bench;
+pub mod bench_plots;
 pub mod process;
 pub mod scenario;
 pub mod stats;
@@ -217,6 +219,44 @@ pub async fn wait_for_tcp(addr: SocketAddr, within: Duration) -> anyhow::Result<
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// When started by `cargo run`, builds the other binaries of the workspace (same profile) so
+/// the demo is one command. Skipped when not run through cargo.
+pub fn build_siblings() -> anyhow::Result<()> {
+    let Some(cargo) = std::env::var_os("CARGO") else {
+        return Ok(());
+    };
+    let exe = std::env::current_exe()?;
+    let release = exe
+        .parent()
+        .and_then(|d| d.file_name())
+        .is_some_and(|n| n == "release");
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args([
+        "build",
+        "-p",
+        "bootstrapper",
+        "-p",
+        "server",
+        "-p",
+        "node",
+        "-p",
+        "client",
+    ]);
+    if release {
+        cmd.arg("--release");
+    }
+    tracing::info!(
+        "building the overlay's binaries (cargo build{})",
+        if release { " --release" } else { "" }
+    );
+    let status = cmd.status().context("running cargo build")?;
+    anyhow::ensure!(
+        status.success(),
+        "cargo build of the overlay's binaries failed"
+    );
+    Ok(())
 }
 
 #[cfg(test)]

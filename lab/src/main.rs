@@ -81,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     if !args.no_build {
-        build_siblings()?;
+        lab::build_siblings()?;
     }
     let bins = Binaries::locate()?;
     let scenario = match &args.scenario {
@@ -277,42 +277,4 @@ async fn sleep_until_opt(t: Option<Instant>) {
         Some(t) => tokio::time::sleep_until(t.into()).await,
         None => std::future::pending().await,
     }
-}
-
-/// When started by `cargo run`, builds the other binaries of the workspace (same profile) so
-/// the demo is one command. Skipped when not run through cargo.
-fn build_siblings() -> anyhow::Result<()> {
-    let Some(cargo) = std::env::var_os("CARGO") else {
-        return Ok(());
-    };
-    let exe = std::env::current_exe()?;
-    let release = exe
-        .parent()
-        .and_then(|d| d.file_name())
-        .is_some_and(|n| n == "release");
-    let mut cmd = std::process::Command::new(cargo);
-    cmd.args([
-        "build",
-        "-p",
-        "bootstrapper",
-        "-p",
-        "server",
-        "-p",
-        "node",
-        "-p",
-        "client",
-    ]);
-    if release {
-        cmd.arg("--release");
-    }
-    info!(
-        "building the overlay's binaries (cargo build{})",
-        if release { " --release" } else { "" }
-    );
-    let status = cmd.status().context("running cargo build")?;
-    anyhow::ensure!(
-        status.success(),
-        "cargo build of the overlay's binaries failed"
-    );
-    Ok(())
 }

@@ -30,6 +30,15 @@ pub struct Line {
     /// `stats`: datagrams lost (cumulative).
     #[serde(default)]
     pub lost: Option<u64>,
+    /// `stats`: TS packets lost by continuity counter (cumulative).
+    #[serde(default)]
+    pub cc_lost: Option<u64>,
+    /// `stats`: retransmitted datagrams received (cumulative), once the client reports them.
+    #[serde(default)]
+    pub retransmitted: Option<u64>,
+    /// `gap`: the silence a datagram ended, in milliseconds.
+    #[serde(default)]
+    pub gap_ms: Option<f64>,
     /// `source_changed`: previous PoP.
     #[serde(default)]
     pub from: Option<String>,
@@ -39,12 +48,20 @@ pub struct Line {
 }
 
 /// What happened to one stream.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct StreamSummary {
     /// When Play was pressed (ms since client start).
     pub play_ms: Option<u64>,
     /// When its first packet arrived.
     pub first_packet_ms: Option<u64>,
+    /// When its first keyframe arrived.
+    pub first_keyframe_ms: Option<u64>,
+    /// Silences over 100 ms, as (t_ms when they ended, gap_ms).
+    pub gaps: Vec<(u64, f64)>,
+    /// TS packets lost by continuity counter.
+    pub cc_lost: u64,
+    /// Retransmitted datagrams received, when the client reports them.
+    pub retransmitted: Option<u64>,
     /// Latest cumulative counters.
     pub packets: u64,
     /// Bytes received.
@@ -94,6 +111,10 @@ impl Summary {
                 "first_packet" => {
                     st.first_packet_ms.get_or_insert(l.t_ms);
                 }
+                "first_keyframe" => {
+                    st.first_keyframe_ms.get_or_insert(l.t_ms);
+                }
+                "gap" => st.gaps.push((l.t_ms, l.gap_ms.unwrap_or_default())),
                 "source_changed" => {
                     st.source_changes.push((
                         l.t_ms,
@@ -106,6 +127,10 @@ impl Summary {
                     st.packets = l.packets.unwrap_or(st.packets);
                     st.bytes = l.bytes.unwrap_or(st.bytes);
                     st.lost = l.lost.unwrap_or(st.lost);
+                    st.cc_lost = l.cc_lost.unwrap_or(st.cc_lost);
+                    if l.retransmitted.is_some() {
+                        st.retransmitted = l.retransmitted;
+                    }
                     if l.pop.is_some() {
                         st.pop = l.pop.clone();
                     }
@@ -160,6 +185,8 @@ mod tests {
         let text = r#"{"event":"streams","t_ms":10,"names":["demo","news"]}
 {"event":"play","t_ms":20,"stream":"demo","pop":"127.0.0.5:8010"}
 {"event":"first_packet","t_ms":45,"stream":"demo","pop":"127.0.0.5:8010"}
+{"event":"first_keyframe","t_ms":60,"stream":"demo","pop":"127.0.0.5:8010"}
+{"event":"gap","t_ms":1700,"stream":"demo","pop":"127.0.0.4:8010","gap_ms":250.5}
 {"event":"stats","t_ms":1020,"stream":"demo","pop":"127.0.0.5:8010","packets":100,"bytes":131600,"lost":1}
 {"event":"source_changed","t_ms":1500,"stream":"demo","from":"127.0.0.5:8010","to":"127.0.0.4:8010"}
 {"event":"stats","t_ms":2020,"stream":"demo","pop":"127.0.0.4:8010","packets":200,"bytes":263200,"lost":3}
@@ -171,6 +198,8 @@ mod tests {
         assert_eq!((d.play_ms, d.first_packet_ms), (Some(20), Some(45)));
         assert_eq!((d.packets, d.lost), (200, 3));
         assert_eq!(d.source_changes.len(), 1);
+        assert_eq!(d.first_keyframe_ms, Some(60));
+        assert_eq!(d.gaps, vec![(1700, 250.5)]);
         assert_eq!(d.pop.as_deref(), Some("127.0.0.4:8010"));
         assert_eq!(s.bad_lines, 1);
         let shown = s.to_string();

@@ -1,0 +1,1150 @@
+//! The benchmark (`cargo run --release -p lab --bin bench`): time to first frame, delivery
+//! ratio under loss, failover gap, with the real release binaries on loopback.
+//!
+//! Each trial starts its own overlay through the same [`Plan`]/[`Supervisor`] code as the lab,
+//! runs headless clients with `--stats`, reads their JSON lines, and stops every process it
+//! started, also when the trial fails (a failed trial is recorded, never a crash). Results:
+//! one JSON file per run in `<out>/runs/`, a summary `<out>/RESULTS.md` and PNG plots in `<out>/`.
+//!
+//! Experiments use their own address blocks (`127.0.91.x` TTFF, `127.0.92.x` loss,
+//! `127.0.93.x` failover) and run one after the other (the machine has 2 cores).
+
+use crate::process::{Binaries, Supervisor};
+use crate::stats::{StreamSummary, Summary};
+use crate::{Media, Plan};
+use anyhow::Context;
+use serde::Serialize;
+use std::ffi::OsString;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// The channel every experiment watches (a live lavfi test pattern, encoded while watched).
+const CHANNEL: &str = "live";
+
+/// What to run and how long.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The short variant (3 repetitions, 15 s loss runs, 1 seed, 5 failover trials).
+    pub quick: bool,
+    /// Where RESULTS.md, the plots and `runs/` go.
+    pub out: PathBuf,
+    /// Where the processes' logs go (one folder per trial).
+    pub log_dir: PathBuf,
+    /// Experiments to run: `ttff`, `loss`, `failover`.
+    pub experiments: Vec<String>,
+    /// TTFF repetitions per keyframe interval.
+    pub reps: usize,
+    /// Keyframe intervals (s) for TTFF.
+    pub keyints: Vec<f64>,
+    /// Length of one loss run.
+    pub loss_secs: u64,
+    /// Seeds of the loss runs.
+    pub seeds: Vec<u64>,
+    /// Failover trials.
+    pub trials: usize,
+    /// Extra arguments for every client (e.g. a future `--no-recovery`).
+    pub client_args: Vec<String>,
+    /// Extra arguments for every server and node.
+    pub daemon_args: Vec<String>,
+    /// Name of this variant in the tables (e.g. `baseline`, `no-recovery`, `recovery`).
+    pub label: String,
+}
+
+impl Config {
+    /// Defaults of the full (`quick = false`) or short benchmark.
+    pub fn new(quick: bool, out: PathBuf) -> Config {
+        Config {
+            quick,
+            out,
+            log_dir: PathBuf::from("target/bench"),
+            experiments: vec!["ttff".into(), "loss".into(), "failover".into()],
+            reps: if quick { 3 } else { 10 },
+            keyints: vec![1.0, 4.0],
+            loss_secs: if quick { 15 } else { 60 },
+            seeds: if quick { vec![1] } else { vec![1, 2, 3] },
+            trials: if quick { 5 } else { 20 },
+            client_args: vec![],
+            daemon_args: vec![],
+            label: "baseline".into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Statistics and tables (unit-tested).
+
+/// The `p`-th percentile (0–100) of `values`, linear interpolation between closest ranks (as
+/// numpy's default); `None` when empty.
+pub fn percentile(values: &[f64], p: f64) -> Option<f64> {
+    if values.is_empty() {
+        return None;
+    }
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = (p.clamp(0.0, 100.0) / 100.0) * (v.len() - 1) as f64;
+    let lo = rank.floor() as usize;
+    let hi = rank.ceil() as usize;
+    Some(v[lo] + (v[hi] - v[lo]) * (rank - lo as f64))
+}
+
+/// n, p50, p95, max of a sample.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Dist {
+    /// Sample size.
+    pub n: usize,
+    /// Median.
+    pub p50: f64,
+    /// 95th percentile.
+    pub p95: f64,
+    /// Largest value.
+    pub max: f64,
+}
+
+impl Dist {
+    /// The distribution of `values` (`None` when empty).
+    pub fn of(values: &[f64]) -> Option<Dist> {
+        Some(Dist {
+            n: values.len(),
+            p50: percentile(values, 50.0)?,
+            p95: percentile(values, 95.0)?,
+            max: percentile(values, 100.0)?,
+        })
+    }
+}
+
+/// A Markdown table.
+pub fn md_table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "| {} |", headers.join(" | "));
+    let _ = writeln!(
+        s,
+        "|{}|",
+        headers.iter().map(|_| "---").collect::<Vec<_>>().join("|")
+    );
+    for r in rows {
+        let _ = writeln!(s, "| {} |", r.join(" | "));
+    }
+    s
+}
+
+/// `PASS`, `FAIL`, or `n/a` when there is nothing to judge.
+pub fn verdict(ok: Option<bool>) -> String {
+    match ok {
+        Some(true) => "PASS".into(),
+        Some(false) => "**FAIL**".into(),
+        None => "n/a".into(),
+    }
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.0} ms"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Per-run records (one JSON file each).
+
+/// One TTFF repetition.
+#[derive(Debug, Clone, Serialize)]
+pub struct TtffRun {
+    /// Variant label.
+    pub label: String,
+    /// Server `--keyint` (s).
+    pub keyint_s: f64,
+    /// Repetition.
+    pub rep: usize,
+    /// Whether every measurement was taken.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// Client `play` → `first_packet`.
+    pub req_first_packet_ms: Option<f64>,
+    /// Client `play` → `first_keyframe`.
+    pub req_first_keyframe_ms: Option<f64>,
+    /// Client `play` → the reader (ffmpeg) decoded its first picture and exited.
+    pub play_first_picture_ms: Option<f64>,
+    /// Client process start → the reader exited.
+    pub start_first_picture_ms: Option<f64>,
+}
+
+/// One loss run.
+#[derive(Debug, Clone, Serialize)]
+pub struct LossRun {
+    /// Variant label.
+    pub label: String,
+    /// The condition (`--impair` without the seed), `none` for 0 %.
+    pub condition: String,
+    /// Nominal loss rate per link (%).
+    pub loss_pct: f64,
+    /// Seed.
+    pub seed: u64,
+    /// Measured seconds after the first packet.
+    pub secs: u64,
+    /// Whether the stream played.
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// Datagrams received (unique).
+    pub packets: u64,
+    /// Datagrams never received (sequence gaps).
+    pub lost: u64,
+    /// TS packets lost by continuity counter.
+    pub cc_lost: u64,
+    /// packets / (packets + lost).
+    pub delivered_ratio: Option<f64>,
+    /// Retransmitted datagrams received (0 until the client reports them).
+    pub retransmitted: u64,
+    /// retransmitted / packets (%).
+    pub overhead_pct: f64,
+    /// PoP changes during the run.
+    pub source_changes: usize,
+}
+
+/// One failover trial.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailoverRun {
+    /// Variant label.
+    pub label: String,
+    /// Trial.
+    pub trial: usize,
+    /// Whether the trial ran to its end (kill done, outcome observed).
+    pub ok: bool,
+    /// Why not.
+    pub error: Option<String>,
+    /// The relay killed.
+    pub killed: Option<String>,
+    /// Whether the stream came back (100 more datagrams within 20 s).
+    pub recovered: bool,
+    /// Longest silence ending after the kill (ms); `None` if none exceeded 100 ms.
+    pub gap_ms: Option<f64>,
+    /// Datagrams lost from the kill to the end of the trial.
+    pub lost: u64,
+}
+
+// ---------------------------------------------------------------------------------------------
+// One overlay per trial.
+
+/// An overlay of one trial: its supervisor and plan. Always [`Lab::stop`] it.
+struct Lab {
+    sup: Supervisor,
+    plan: Plan,
+    bins: Binaries,
+    dir: PathBuf,
+    client_args: Vec<String>,
+}
+
+impl Lab {
+    /// Writes the topology into a fresh `dir` (no process started yet).
+    fn new(
+        bins: &Binaries,
+        cfg: &Config,
+        dir: PathBuf,
+        topology: &str,
+        server: &str,
+        pop: &str,
+    ) -> anyhow::Result<Lab> {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let topo = dir.join("topology.toml");
+        std::fs::write(&topo, topology)?;
+        let plan = Plan::new(topo, vec![server.parse()?], vec![pop.parse()?], None, 8010)?;
+        Ok(Lab {
+            sup: Supervisor::new(dir.join("logs"))?,
+            plan,
+            bins: bins.clone(),
+            dir,
+            client_args: cfg.client_args.clone(),
+        })
+    }
+
+    /// Starts the bootstrapper, the server (a live test channel) and the nodes; `impair` gives
+    /// each host's `--impair`; `extra` goes to every daemon.
+    async fn start(
+        &mut self,
+        server_extra: &[String],
+        extra: &[String],
+        impair: impl Fn(usize, IpAddr) -> Option<String>,
+    ) -> anyhow::Result<()> {
+        let media = Media {
+            videos: None,
+            sources: vec![format!("{CHANNEL}={}", crate::DEMO_SOURCE)],
+        };
+        self.sup.spawn(
+            "bootstrapper",
+            self.bins.path("bootstrapper"),
+            crate::bootstrapper_args(&self.plan),
+        )?;
+        crate::wait_for_tcp(self.plan.bootstrapper, Duration::from_secs(20)).await?;
+        let mut i = 0;
+        for ip in self.plan.servers.clone() {
+            let mut a = crate::server_args(&self.plan, ip, &media, impair(i, ip).as_deref());
+            a.extend(server_extra.iter().chain(extra).map(OsString::from));
+            self.sup.spawn(
+                &crate::process_name("server", ip),
+                self.bins.path("server"),
+                a,
+            )?;
+            i += 1;
+        }
+        for ip in self.plan.nodes.clone() {
+            let mut a = crate::host_args(&self.plan, ip, impair(i, ip).as_deref());
+            a.extend(extra.iter().map(OsString::from));
+            self.sup
+                .spawn(&crate::process_name("node", ip), self.bins.path("node"), a)?;
+            i += 1;
+        }
+        // Let the floods build the routes before a client asks.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        Ok(())
+    }
+
+    /// Starts a headless client watching the channel at the plan's PoP; returns its stats file.
+    fn client(&mut self, name: &str, extra: &[String]) -> anyhow::Result<PathBuf> {
+        let stats = self.dir.join(format!("{name}-stats.jsonl"));
+        let pops: Vec<String> = self.plan.pops.iter().map(|p| p.to_string()).collect();
+        let mut a: Vec<OsString> = vec![
+            "--servers".into(),
+            pops.join(",").into(),
+            "--headless".into(),
+            "--video-player".into(),
+            "none".into(),
+            "--stats".into(),
+            stats.clone().into(),
+            "--stream".into(),
+            CHANNEL.into(),
+        ];
+        a.extend(extra.iter().chain(&self.client_args).map(OsString::from));
+        self.sup.spawn(name, self.bins.path("client"), a)?;
+        Ok(stats)
+    }
+
+    fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.sup.log_path(name)).unwrap_or_default()
+    }
+
+    async fn stop(mut self) {
+        self.sup.stop_all(Duration::from_secs(3)).await;
+    }
+}
+
+/// Polls the stats file until `pred` holds on the channel's summary, up to `within`.
+async fn wait_stream(
+    stats: &Path,
+    within: Duration,
+    pred: impl Fn(&StreamSummary) -> bool,
+) -> Option<StreamSummary> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(s) = Summary::load(stats).streams.get(CHANNEL) {
+            if pred(s) {
+                return Some(s.clone());
+            }
+        }
+        if t0.elapsed() > within {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn stream_now(stats: &Path) -> StreamSummary {
+    Summary::load(stats)
+        .streams
+        .get(CHANNEL)
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn save<T: Serialize>(out: &Path, name: &str, run: &T) {
+    let dir = out.join("runs");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}.json"));
+    match serde_json::to_string_pretty(run) {
+        Ok(text) => {
+            if let Err(e) = std::fs::write(&path, text) {
+                warn!(path = %path.display(), error = %e, "cannot write a run result");
+            }
+        }
+        Err(e) => warn!(error = %e, "cannot serialise a run result"),
+    }
+}
+
+/// Whether something listens on UDP `port` (IPv4), from `/proc/net/udp`.
+fn udp_bound(port: u16) -> bool {
+    let suffix = format!(":{port:04X}");
+    std::fs::read_to_string("/proc/net/udp").is_ok_and(|t| {
+        t.lines().skip(1).any(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|a| a.ends_with(&suffix))
+        })
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Experiment 1: time to first frame.
+
+const LINE_TOPOLOGY: &str = r#"
+"127.0.B.1" = ["127.0.B.2"]
+"127.0.B.2" = ["127.0.B.1", "127.0.B.3"]
+"127.0.B.3" = ["127.0.B.2", "127.0.B.4"]
+"127.0.B.4" = ["127.0.B.3"]
+"#;
+
+fn block(topology: &str, b: u8) -> String {
+    topology.replace(".B.", &format!(".{b}."))
+}
+
+/// TTFF for one keyframe interval: one overlay (server, two relays, PoP), a resident client
+/// keeping the channel flowing to the PoP (a warm channel, the case a GOP cache speeds up), then
+/// `reps` times: an ffmpeg reader on a UDP port, a new client with `--output` to it.
+async fn ttff(cfg: &Config, bins: &Binaries, keyint: f64) -> Vec<TtffRun> {
+    let tag = format!("ttff-k{keyint}");
+    let mut lab = match Lab::new(
+        bins,
+        cfg,
+        cfg.log_dir.join(&tag),
+        &block(LINE_TOPOLOGY, 91),
+        "127.0.91.1",
+        "127.0.91.4",
+    ) {
+        Ok(l) => l,
+        Err(e) => return vec![failed_ttff(cfg, keyint, 0, &e)],
+    };
+    let runs = ttff_body(cfg, &mut lab, keyint).await;
+    lab.stop().await;
+    let runs = runs.unwrap_or_else(|e| vec![failed_ttff(cfg, keyint, 0, &e)]);
+    for r in &runs {
+        save(&cfg.out, &format!("{tag}-{}-{}", cfg.label, r.rep), r);
+    }
+    runs
+}
+
+fn failed_ttff(cfg: &Config, keyint: f64, rep: usize, e: &anyhow::Error) -> TtffRun {
+    warn!(keyint, rep, error = %format!("{e:#}"), "TTFF run failed");
+    TtffRun {
+        label: cfg.label.clone(),
+        keyint_s: keyint,
+        rep,
+        ok: false,
+        error: Some(format!("{e:#}")),
+        req_first_packet_ms: None,
+        req_first_keyframe_ms: None,
+        play_first_picture_ms: None,
+        start_first_picture_ms: None,
+    }
+}
+
+async fn ttff_body(cfg: &Config, lab: &mut Lab, keyint: f64) -> anyhow::Result<Vec<TtffRun>> {
+    lab.start(
+        &["--keyint".into(), keyint.to_string()],
+        &cfg.daemon_args,
+        |_, _| None,
+    )
+    .await?;
+    let resident = lab.client("resident", &[])?;
+    wait_stream(&resident, Duration::from_secs(60), |s| s.packets > 100)
+        .await
+        .context("the resident client got no stream within 60 s")?;
+    let mut runs = Vec::new();
+    for rep in 0..cfg.reps {
+        let r = ttff_rep(lab, keyint, rep).await;
+        let run = match r {
+            Ok(mut run) => {
+                run.label = cfg.label.clone();
+                run
+            }
+            Err(e) => failed_ttff(cfg, keyint, rep, &e),
+        };
+        info!(?run, "TTFF");
+        runs.push(run);
+        // Let the next repetition start at a random point of the GOP.
+        tokio::time::sleep(Duration::from_millis(300 + 137 * rep as u64 % 700)).await;
+    }
+    Ok(runs)
+}
+
+async fn ttff_rep(lab: &mut Lab, keyint: f64, rep: usize) -> anyhow::Result<TtffRun> {
+    let port = 19_000 + (keyint as u16) * 100 + rep as u16;
+    let reader = format!("reader-{rep}");
+    let client = format!("client-{rep}");
+    // The player stand-in: decodes one picture from the client's UDP output, then exits.
+    let args: Vec<OsString> = [
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-threads",
+        "1",
+        "-probesize",
+        "32768",
+        "-analyzeduration",
+        "0",
+        "-i",
+        &format!("udp://127.0.0.1:{port}"),
+        "-frames:v",
+        "1",
+        "-f",
+        "null",
+        "-",
+    ]
+    .iter()
+    .map(OsString::from)
+    .collect();
+    lab.sup.spawn(&reader, PathBuf::from("ffmpeg"), args)?;
+    let t = Instant::now();
+    while !udp_bound(port) {
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(5),
+            "ffmpeg did not bind UDP {port}"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let t0 = Instant::now();
+    let stats = lab.client(
+        &client,
+        &["--output".into(), format!("udp://127.0.0.1:{port}")],
+    )?;
+    let mut picture = None;
+    while t0.elapsed() < Duration::from_secs(20) {
+        let done = lab.sup.exited();
+        if let Some((_, status)) = done.iter().find(|(n, _)| *n == reader) {
+            anyhow::ensure!(status.success(), "ffmpeg reader failed: {status}");
+            picture = Some(t0.elapsed());
+            break;
+        }
+        anyhow::ensure!(!done.iter().any(|(n, _)| *n == client), "the client exited");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let s = wait_stream(&stats, Duration::from_secs(3), |s| {
+        s.first_keyframe_ms.is_some()
+    })
+    .await
+    .unwrap_or_else(|| stream_now(&stats));
+    lab.sup.stop(&client, Duration::from_secs(2)).await?;
+    lab.sup.stop(&reader, Duration::from_secs(1)).await?;
+    let since_play = |t: Option<u64>| s.play_ms.zip(t).map(|(p, t)| t.saturating_sub(p) as f64);
+    let pic_ms = picture.map(|d| d.as_secs_f64() * 1e3);
+    let play_pic = s.play_ms.zip(pic_ms).map(|(p, t)| t - p as f64);
+    let mut missing = Vec::new();
+    if s.first_packet_ms.is_none() {
+        missing.push("first packet");
+    }
+    if s.first_keyframe_ms.is_none() {
+        missing.push("first keyframe");
+    }
+    if play_pic.is_none() {
+        missing.push("first picture within 20 s");
+    }
+    Ok(TtffRun {
+        label: String::new(),
+        keyint_s: keyint,
+        rep,
+        ok: missing.is_empty(),
+        error: (!missing.is_empty()).then(|| format!("missing: {}", missing.join(", "))),
+        req_first_packet_ms: since_play(s.first_packet_ms),
+        req_first_keyframe_ms: since_play(s.first_keyframe_ms),
+        play_first_picture_ms: play_pic,
+        start_first_picture_ms: pic_ms,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Experiment 2: delivery ratio vs loss.
+
+/// The loss conditions: (label, nominal %, impair spec without seed).
+pub fn loss_conditions() -> Vec<(String, f64, Option<String>)> {
+    vec![
+        ("0 %".into(), 0.0, None),
+        ("1 %".into(), 1.0, Some("loss=1%".into())),
+        ("5 %".into(), 5.0, Some("loss=5%".into())),
+        ("10 %".into(), 10.0, Some("loss=10%".into())),
+        (
+            "1 %, bursts of 2".into(),
+            1.0,
+            Some("loss=1%,burst=2".into()),
+        ),
+    ]
+}
+
+async fn loss_run(
+    cfg: &Config,
+    bins: &Binaries,
+    cond: &(String, f64, Option<String>),
+    seed: u64,
+) -> LossRun {
+    let (name, pct, spec) = cond;
+    let slug: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
+    let tag = format!("loss-{slug}-s{seed}");
+    let mut run = LossRun {
+        label: cfg.label.clone(),
+        condition: spec.clone().unwrap_or_else(|| "none".into()),
+        loss_pct: *pct,
+        seed,
+        secs: cfg.loss_secs,
+        ok: false,
+        error: None,
+        packets: 0,
+        lost: 0,
+        cc_lost: 0,
+        delivered_ratio: None,
+        retransmitted: 0,
+        overhead_pct: 0.0,
+        source_changes: 0,
+    };
+    let r: anyhow::Result<StreamSummary> = async {
+        let mut lab = Lab::new(
+            bins,
+            cfg,
+            cfg.log_dir.join(&tag),
+            &block(LINE_TOPOLOGY, 92),
+            "127.0.92.1",
+            "127.0.92.4",
+        )?;
+        // Every host gets its own seed, so the links lose different datagrams.
+        let spec_for = |i: usize| {
+            spec.as_ref()
+                .map(|s| format!("{s},seed={}", seed * 100 + i as u64))
+        };
+        let body = async {
+            lab.start(&[], &cfg.daemon_args, |i, _| spec_for(i)).await?;
+            let extra: Vec<String> = spec_for(99)
+                .map(|s| vec!["--impair".into(), s])
+                .unwrap_or_default();
+            let stats = lab.client("client", &extra)?;
+            wait_stream(&stats, Duration::from_secs(60), |s| {
+                s.first_packet_ms.is_some()
+            })
+            .await
+            .context("no first packet within 60 s")?;
+            tokio::time::sleep(Duration::from_secs(cfg.loss_secs)).await;
+            // The last `stats` line is at most 1 s old.
+            Ok::<_, anyhow::Error>(stream_now(&stats))
+        }
+        .await;
+        lab.stop().await;
+        body
+    }
+    .await;
+    match r {
+        Ok(s) => {
+            run.packets = s.packets;
+            run.lost = s.lost;
+            run.cc_lost = s.cc_lost;
+            run.source_changes = s.source_changes.len();
+            run.retransmitted = s.retransmitted.unwrap_or(0);
+            if s.packets + s.lost > 0 {
+                run.ok = true;
+                run.delivered_ratio = Some(s.packets as f64 / (s.packets + s.lost) as f64);
+                run.overhead_pct = 100.0 * run.retransmitted as f64 / s.packets.max(1) as f64;
+            } else {
+                run.error = Some("no stats line with counters".into());
+            }
+        }
+        Err(e) => run.error = Some(format!("{e:#}")),
+    }
+    info!(?run, "loss run");
+    save(&cfg.out, &format!("{tag}-{}", cfg.label), &run);
+    run
+}
+
+// ---------------------------------------------------------------------------------------------
+// Experiment 3: failover gap.
+
+const SQUARE_TOPOLOGY: &str = r#"
+"127.0.93.1" = ["127.0.93.2", "127.0.93.3"]
+"127.0.93.2" = ["127.0.93.1", "127.0.93.4"]
+"127.0.93.3" = ["127.0.93.1", "127.0.93.4"]
+"127.0.93.4" = ["127.0.93.2", "127.0.93.3"]
+"#;
+
+/// The log line a node writes when it subscribes upstream (names `upstream=IP:PORT`).
+const UPSTREAM_LINE: &str = ": subscribe upstream";
+
+/// The upstream named by the latest subscription line of a node's log.
+pub fn upstream_of(log: &str) -> Option<String> {
+    let line = log.lines().rev().find(|l| l.contains(UPSTREAM_LINE))?;
+    let at = line.find("upstream=")? + "upstream=".len();
+    line[at..].split([' ', ':']).next().map(str::to_owned)
+}
+
+async fn failover_trial(cfg: &Config, bins: &Binaries, trial: usize) -> FailoverRun {
+    let tag = format!("failover-{trial}");
+    let mut run = FailoverRun {
+        label: cfg.label.clone(),
+        trial,
+        ok: false,
+        error: None,
+        killed: None,
+        recovered: false,
+        gap_ms: None,
+        lost: 0,
+    };
+    let r: anyhow::Result<()> = async {
+        let mut lab = Lab::new(
+            bins,
+            cfg,
+            cfg.log_dir.join(&tag),
+            SQUARE_TOPOLOGY,
+            "127.0.93.1",
+            "127.0.93.4",
+        )?;
+        let body = async {
+            lab.start(&[], &cfg.daemon_args, |_, _| None).await?;
+            let t_client = Instant::now();
+            let stats = lab.client("client", &[])?;
+            wait_stream(&stats, Duration::from_secs(60), |s| s.packets > 100)
+                .await
+                .context("no stream within 60 s")?;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let pop = crate::process_name("node", "127.0.93.4".parse()?);
+            let relay = upstream_of(&lab.log(&pop)).context("no upstream in the PoP's log")?;
+            anyhow::ensure!(
+                relay == "127.0.93.2" || relay == "127.0.93.3",
+                "the PoP's upstream is {relay}, not a relay"
+            );
+            let before = stream_now(&stats);
+            let kill_ms = t_client.elapsed().as_millis() as u64;
+            lab.sup
+                .kill(&crate::process_name("node", relay.parse()?))
+                .await?;
+            run.killed = Some(relay);
+            let recovered = wait_stream(&stats, Duration::from_secs(20), |s| {
+                s.packets > before.packets + 100
+            })
+            .await;
+            run.recovered = recovered.is_some();
+            // One more `stats` line for the final lost count.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            let after = stream_now(&stats);
+            run.lost = after.lost.saturating_sub(before.lost);
+            run.gap_ms = after
+                .gaps
+                .iter()
+                .filter(|(end, _)| *end >= kill_ms)
+                .map(|(_, g)| *g)
+                .reduce(f64::max);
+            if !run.recovered {
+                // Still silent: the gap is at least the time since the kill.
+                run.gap_ms = Some(t_client.elapsed().as_millis() as f64 - kill_ms as f64);
+            }
+            Ok(())
+        }
+        .await;
+        lab.stop().await;
+        body
+    }
+    .await;
+    match r {
+        Ok(()) => run.ok = true,
+        Err(e) => run.error = Some(format!("{e:#}")),
+    }
+    info!(?run, "failover trial");
+    save(&cfg.out, &format!("{tag}-{}", cfg.label), &run);
+    run
+}
+
+// ---------------------------------------------------------------------------------------------
+// Runner and report.
+
+/// Everything measured by one invocation.
+#[derive(Debug, Default)]
+pub struct Results {
+    /// TTFF repetitions.
+    pub ttff: Vec<TtffRun>,
+    /// Loss runs.
+    pub loss: Vec<LossRun>,
+    /// Failover trials.
+    pub failover: Vec<FailoverRun>,
+}
+
+/// Runs the configured experiments, one after the other, and writes the report.
+pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
+    std::fs::create_dir_all(cfg.out.join("runs"))?;
+    let mut res = Results::default();
+    let want = |e: &str| cfg.experiments.iter().any(|x| x == e);
+    if want("ttff") {
+        for k in &cfg.keyints {
+            info!(keyint = k, "experiment: time to first frame");
+            res.ttff.extend(ttff(cfg, bins, *k).await);
+        }
+    }
+    if want("loss") {
+        for cond in loss_conditions() {
+            for seed in &cfg.seeds {
+                info!(condition = %cond.0, seed, "experiment: delivery under loss");
+                res.loss.push(loss_run(cfg, bins, &cond, *seed).await);
+            }
+        }
+    }
+    if want("failover") {
+        for t in 0..cfg.trials {
+            info!(trial = t, "experiment: failover");
+            res.failover.push(failover_trial(cfg, bins, t).await);
+        }
+    }
+    let md = render_results(cfg, &res);
+    std::fs::write(cfg.out.join("RESULTS.md"), md)?;
+    if let Err(e) = crate::bench_plots::all(&cfg.out, &res) {
+        warn!(error = %format!("{e:#}"), "plots failed");
+    }
+    Ok(res)
+}
+
+/// Whether a distribution meets a goal.
+type Judge = fn(&Dist) -> bool;
+
+/// A TTFF metric: name, value of a run, goal text, judgement.
+type Metric = (
+    &'static str,
+    fn(&TtffRun) -> Option<f64>,
+    &'static str,
+    Option<Judge>,
+);
+
+fn ttff_metrics() -> [Metric; 3] {
+    [
+        (
+            "request → first packet",
+            |r| r.req_first_packet_ms,
+            "—",
+            None,
+        ),
+        (
+            "request → first keyframe",
+            |r| r.req_first_keyframe_ms,
+            "≤ 50 ms (p95)",
+            Some(|d| d.p95 <= 50.0),
+        ),
+        (
+            "Play → first picture",
+            |r| r.play_first_picture_ms,
+            "≤ 300 ms p50, ≤ 500 ms p95",
+            Some(|d| d.p50 <= 300.0 && d.p95 <= 500.0),
+        ),
+    ]
+}
+
+/// Goal per loss condition label: minimum delivered ratio.
+fn loss_goal(condition: &str) -> Option<f64> {
+    match condition {
+        "loss=5%" => Some(0.999),
+        "loss=10%" => Some(0.99),
+        "loss=1%,burst=2" => Some(1.0),
+        _ => None,
+    }
+}
+
+/// Aggregates of the loss runs per (label, condition): (label, condition, runs).
+pub fn loss_groups(runs: &[LossRun]) -> Vec<(String, String, Vec<&LossRun>)> {
+    let mut out: Vec<(String, String, Vec<&LossRun>)> = Vec::new();
+    for r in runs {
+        match out
+            .iter_mut()
+            .find(|(l, c, _)| *l == r.label && *c == r.condition)
+        {
+            Some(g) => g.2.push(r),
+            None => out.push((r.label.clone(), r.condition.clone(), vec![r])),
+        }
+    }
+    out
+}
+
+/// RESULTS.md.
+pub fn render_results(cfg: &Config, res: &Results) -> String {
+    let mut s = String::new();
+    let _ = writeln!(s, "# Benchmark results\n");
+    let _ = writeln!(
+        s,
+        "Produced by `cargo run --release -p lab --bin bench --{}` (variant `{}`), on {} CPU(s); \
+         every process of the overlay runs on this one machine over loopback. Method and caveats: \
+         README, section *Benchmarks*; raw runs: `runs/` (not committed).\n",
+        if cfg.quick { " --quick" } else { "" },
+        cfg.label,
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+    );
+    if !res.ttff.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Time to first frame\n\nServer → relay → relay → PoP → client (`127.0.91.x`), a \
+             resident client keeps the channel flowing to the PoP (warm channel); each repetition \
+             starts a new client with `--output udp://…` read by `ffmpeg -frames:v 1` (the \
+             player stand-in). `request` = the client's `play` event (Subscribe sent).\n"
+        );
+        let mut rows = Vec::new();
+        for k in &cfg.keyints {
+            let runs: Vec<&TtffRun> = res.ttff.iter().filter(|r| r.keyint_s == *k).collect();
+            for (name, get, goal, judge) in ttff_metrics() {
+                let v: Vec<f64> = runs.iter().filter_map(|r| get(r)).collect();
+                let d = Dist::of(&v);
+                rows.push(vec![
+                    format!("{k} s"),
+                    name.to_owned(),
+                    format!("{}/{}", v.len(), runs.len()),
+                    ms(d.map(|d| d.p50)),
+                    ms(d.map(|d| d.p95)),
+                    ms(d.map(|d| d.max)),
+                    goal.to_owned(),
+                    match judge {
+                        Some(j) => verdict(d.map(|d| j(&d))),
+                        None => "—".into(),
+                    },
+                ]);
+            }
+        }
+        s += &md_table(
+            &[
+                "keyint", "metric", "n", "p50", "p95", "max", "goal", "result",
+            ],
+            &rows,
+        );
+        s.push('\n');
+    }
+    if !res.loss.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Delivery ratio under loss\n\nServer → relay → relay → PoP → client \
+             (`127.0.92.x`), `--impair` on every send path (server, nodes, client), {} s per run \
+             after the first packet. Delivered = datagrams received / (received + lost), where \
+             lost = sequence numbers never received between the first and the last one \
+             (the server numbers every datagram). No loss recovery exists yet: every loss is \
+             final.\n",
+            cfg.loss_secs
+        );
+        let mut rows = Vec::new();
+        for (label, cond, runs) in loss_groups(&res.loss) {
+            let ok: Vec<&&LossRun> = runs.iter().filter(|r| r.ok).collect();
+            let ratios: Vec<f64> = ok.iter().filter_map(|r| r.delivered_ratio).collect();
+            let mean = |v: &[f64]| (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64);
+            let ratio = mean(&ratios);
+            let min = ratios.iter().copied().reduce(f64::min);
+            let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
+            let cc: Vec<f64> = ok.iter().map(|r| r.cc_lost as f64).collect();
+            let over: Vec<f64> = ok.iter().map(|r| r.overhead_pct).collect();
+            let goal = loss_goal(&cond);
+            rows.push(vec![
+                cond.clone(),
+                label,
+                format!("{}/{}", ok.len(), runs.len()),
+                ratio.map_or("-".into(), |r| format!("{:.3} %", r * 100.0)),
+                min.map_or("-".into(), |r| format!("{:.3} %", r * 100.0)),
+                mean(&lost).map_or("-".into(), |v| format!("{v:.0}")),
+                mean(&cc).map_or("-".into(), |v| format!("{v:.0}")),
+                mean(&over).map_or("-".into(), |v| format!("{v:.2} %")),
+                goal.map_or("—".into(), |g| format!("≥ {} %", g * 100.0)),
+                match goal {
+                    Some(g) => verdict(min.map(|m| m >= g)),
+                    None => "—".into(),
+                },
+            ]);
+        }
+        s += &md_table(
+            &[
+                "impairment (per link)",
+                "variant",
+                "runs ok",
+                "delivered (mean)",
+                "delivered (worst run)",
+                "lost datagrams (mean)",
+                "TS packets lost by CC (mean)",
+                "retransmission overhead",
+                "goal",
+                "result",
+            ],
+            &rows,
+        );
+        s.push('\n');
+    }
+    if !res.failover.is_empty() {
+        let _ = writeln!(
+            s,
+            "## Failover gap\n\nSquare (`127.0.93.x`): server S, relays A and B, PoP C, client on \
+             C. Each trial starts a fresh overlay, kills (SIGKILL) the relay the PoP subscribed \
+             through, and measures the longest silence at the client ending after the kill (the \
+             client's `gap` events, > 100 ms; none = under 100 ms, counted as 100 ms).\n"
+        );
+        let ok: Vec<&FailoverRun> = res.failover.iter().filter(|r| r.ok).collect();
+        let gaps: Vec<f64> = ok.iter().map(|r| r.gap_ms.unwrap_or(100.0)).collect();
+        let d = Dist::of(&gaps);
+        let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
+        let ld = Dist::of(&lost);
+        s += &md_table(
+            &[
+                "trials ok",
+                "recovered",
+                "gap p50",
+                "gap p95",
+                "gap max",
+                "lost datagrams p50 / max",
+                "goal",
+                "result",
+            ],
+            &[vec![
+                format!("{}/{}", ok.len(), res.failover.len()),
+                format!("{}/{}", ok.iter().filter(|r| r.recovered).count(), ok.len()),
+                ms(d.map(|d| d.p50)),
+                ms(d.map(|d| d.p95)),
+                ms(d.map(|d| d.max)),
+                ld.map_or("-".into(), |d| format!("{:.0} / {:.0}", d.p50, d.max)),
+                "≤ 300 ms (p95)".into(),
+                verdict(d.map(|d| d.p95 <= 300.0)),
+            ]],
+        );
+        s.push('\n');
+        let rows: Vec<Vec<String>> = res
+            .failover
+            .iter()
+            .map(|r| {
+                vec![
+                    r.trial.to_string(),
+                    r.killed.clone().unwrap_or("-".into()),
+                    if r.ok {
+                        r.gap_ms.map_or("< 100 ms".into(), |g| format!("{g:.0} ms"))
+                    } else {
+                        "-".into()
+                    },
+                    r.recovered.to_string(),
+                    r.lost.to_string(),
+                    r.error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        s += &md_table(
+            &["trial", "killed", "gap", "recovered", "lost", "error"],
+            &rows,
+        );
+        s.push('\n');
+    }
+    let failed: Vec<String> = res
+        .ttff
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| {
+            format!(
+                "TTFF keyint {} s rep {}: {}",
+                r.keyint_s,
+                r.rep,
+                r.error.clone().unwrap_or_default()
+            )
+        })
+        .chain(res.loss.iter().filter(|r| !r.ok).map(|r| {
+            format!(
+                "loss {} seed {}: {}",
+                r.condition,
+                r.seed,
+                r.error.clone().unwrap_or_default()
+            )
+        }))
+        .collect();
+    if !failed.is_empty() {
+        let _ = writeln!(s, "## Failed runs\n");
+        for f in failed {
+            let _ = writeln!(s, "- {f}");
+        }
+        s.push('\n');
+    }
+    let _ = writeln!(
+        s,
+        "Plots: `ttff.png`, `delivery.png`, `failover.png`, `overhead.png`."
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_interpolate_between_ranks() {
+        assert_eq!(percentile(&[], 50.0), None);
+        assert_eq!(percentile(&[7.0], 95.0), Some(7.0));
+        let v = [4.0, 1.0, 3.0, 2.0];
+        assert_eq!(percentile(&v, 0.0), Some(1.0));
+        assert_eq!(percentile(&v, 50.0), Some(2.5));
+        assert_eq!(percentile(&v, 100.0), Some(4.0));
+        let p95 = percentile(&v, 95.0).unwrap();
+        assert!((p95 - 3.85).abs() < 1e-9, "{p95}");
+        let d = Dist::of(&(1..=20).map(f64::from).collect::<Vec<_>>()).unwrap();
+        assert_eq!((d.n, d.p50, d.max), (20, 10.5, 20.0));
+        assert!((d.p95 - 19.05).abs() < 1e-9);
+    }
+
+    #[test]
+    fn tables_and_verdicts_render() {
+        let t = md_table(&["a", "b"], &[vec!["1".into(), "2".into()]]);
+        assert_eq!(t, "| a | b |\n|---|---|\n| 1 | 2 |\n");
+        assert_eq!(verdict(Some(true)), "PASS");
+        assert_eq!(verdict(Some(false)), "**FAIL**");
+        assert_eq!(verdict(None), "n/a");
+    }
+
+    #[test]
+    fn upstream_is_read_from_the_latest_subscription() {
+        let log = "x: subscribe upstream channel=1 upstream=127.0.93.2:8010\n\
+                   y: subscribe upstream channel=1 upstream=127.0.93.3:8010\nz: other";
+        assert_eq!(upstream_of(log).as_deref(), Some("127.0.93.3"));
+        assert_eq!(upstream_of("nothing"), None);
+    }
+
+    #[test]
+    fn results_render_goals_and_verdicts() {
+        let cfg = Config::new(true, PathBuf::from("report"));
+        let ttff = (0..3)
+            .map(|rep| TtffRun {
+                label: "baseline".into(),
+                keyint_s: 1.0,
+                rep,
+                ok: true,
+                error: None,
+                req_first_packet_ms: Some(10.0),
+                req_first_keyframe_ms: Some(400.0 + rep as f64),
+                play_first_picture_ms: Some(200.0),
+                start_first_picture_ms: Some(250.0),
+            })
+            .collect();
+        let loss = vec![LossRun {
+            label: "baseline".into(),
+            condition: "loss=5%".into(),
+            loss_pct: 5.0,
+            seed: 1,
+            secs: 15,
+            ok: true,
+            error: None,
+            packets: 900,
+            lost: 100,
+            cc_lost: 700,
+            delivered_ratio: Some(0.9),
+            retransmitted: 0,
+            overhead_pct: 0.0,
+            source_changes: 0,
+        }];
+        let failover = vec![FailoverRun {
+            label: "baseline".into(),
+            trial: 0,
+            ok: true,
+            error: None,
+            killed: Some("127.0.93.2".into()),
+            recovered: true,
+            gap_ms: Some(250.0),
+            lost: 12,
+        }];
+        let md = render_results(
+            &cfg,
+            &Results {
+                ttff,
+                loss,
+                failover,
+            },
+        );
+        assert!(md.contains("| 1 s | request → first keyframe | 3/3 | 401 ms | 402 ms | 402 ms | ≤ 50 ms (p95) | **FAIL** |"), "{md}");
+        assert!(md.contains("| 1 s | Play → first picture | 3/3 | 200 ms | 200 ms | 200 ms | ≤ 300 ms p50, ≤ 500 ms p95 | PASS |"), "{md}");
+        assert!(md.contains("| loss=5% | baseline | 1/1 | 90.000 % | 90.000 % | 100 | 700 | 0.00 % | ≥ 99.9 % | **FAIL** |"), "{md}");
+        assert!(
+            md.contains(
+                "| 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 300 ms (p95) | PASS |"
+            ),
+            "{md}"
+        );
+    }
+}
