@@ -8,21 +8,20 @@
 //!
 //! Skipped (with a message) if `ffmpeg` is not installed. Address block: 127.0.55.*.
 
+mod support;
+
 use bytes::Bytes;
 use common::host::{join_overlay, OverlayArgs};
-use common::topology::Topology;
-use common::transport::{Incoming, Transport, TransportConfig};
 use common::ts::TsSplitter;
-use common::wire::{video_flags, ChannelId, ChannelInfo, Message};
-use common::NodeId;
+use common::wire::{video_flags, ChannelId, ChannelInfo};
 use node::{Relay, RelayConfig};
 use server::pacer::DatagramAssembler;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use std::time::Duration;
+use support::{start_bootstrapper, Daemon, Video};
 use tokio_util::sync::CancellationToken;
 
 const CHANNEL: &str = "clip";
@@ -31,27 +30,9 @@ const PORT: u16 = 18055;
 /// Length of the generated clip; the test is over well before it ends.
 const CLIP_SECS: u32 = 25;
 
-/// A real `node` process; killed when dropped.
-struct Daemon(Child);
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
+/// A node of the chain (logging at `warn`: its lines are not read).
 fn node(ip: &str, bport: u16) -> Daemon {
-    Daemon(
-        Command::new(env!("CARGO_BIN_EXE_node"))
-            .args(["--ip", ip, "--port", &PORT.to_string()])
-            .args(["--bootstrapper", &format!("{P}.250")])
-            .args(["--bootstrapper-port", &bport.to_string()])
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    Daemon::start_quiet(ip, PORT, P, bport)
 }
 
 fn ffmpeg_available() -> bool {
@@ -111,112 +92,35 @@ fn clip_datagrams(dir: &Path) -> Vec<(Bytes, bool)> {
     out
 }
 
-/// A fake client: pings its PoP every 0.5 s (soft state), lists until the channel is offered,
-/// subscribes, then records `(seq, flags, payload)` of every video datagram.
-struct Client {
-    transport: Transport,
-    incoming: mpsc::Receiver<Incoming>,
-    pop: SocketAddr,
-}
-
-impl Client {
-    async fn start(ip: &str, pop: &str, shutdown: &CancellationToken) -> Client {
-        let pop: SocketAddr = format!("{pop}:{PORT}").parse().unwrap();
-        let socket = tokio::net::UdpSocket::bind(format!("{ip}:0"))
-            .await
-            .unwrap();
-        common::host::grow_receive_buffer(&socket, common::host::RECEIVE_BUFFER);
-        let (transport, incoming, _task) = Transport::spawn(
-            socket,
-            NodeId::random(),
-            TransportConfig::default(),
-            shutdown.clone(),
-        )
-        .unwrap();
-        let (t, stop) = (transport.clone(), shutdown.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let mut nonce = 0;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {
-                        nonce += 1;
-                        let _ = t.send_unreliable(pop, Message::Ping { nonce }).await;
-                    }
-                }
-            }
-        });
-        Client {
-            transport,
-            incoming,
-            pop,
-        }
-    }
-
-    async fn list_and_subscribe(&mut self) {
-        let ch = ChannelId::of_name(CHANNEL);
-        let t0 = Instant::now();
-        loop {
-            assert!(t0.elapsed() < Duration::from_secs(30), "never listed");
-            let _ = self
-                .transport
-                .send_unreliable(self.pop, Message::ListChannels)
-                .await;
-            let until = tokio::time::Instant::now() + Duration::from_millis(300);
-            while let Ok(Some(item)) = tokio::time::timeout_at(until, self.incoming.recv()).await {
-                if let Incoming::Message {
-                    msg: Message::Channels { channels, .. },
-                    ..
-                } = item
-                {
-                    if channels.iter().any(|c| c.id == ch) {
-                        self.transport
-                            .send_reliable(self.pop, Message::Subscribe { channel: ch })
-                            .await
-                            .unwrap();
-                        return;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Video received during `span` (from the subscription on).
-    async fn receive(&mut self, span: Duration) -> Vec<(u64, u8, Bytes)> {
-        let deadline = tokio::time::Instant::now() + span;
-        let mut out = Vec::new();
-        while let Ok(Some(item)) = tokio::time::timeout_at(deadline, self.incoming.recv()).await {
-            if let Incoming::Video { packet, .. } = item {
-                out.push((packet.seq, packet.flags, packet.payload));
-            }
-        }
-        out
-    }
+/// A fake client of [`CHANNEL`] at `ip` (with the daemons' large receive buffer), whose PoP
+/// is `pop`:[`PORT`].
+async fn client(ip: &str, pop: &str, shutdown: &CancellationToken) -> support::Client {
+    let pop: SocketAddr = format!("{pop}:{PORT}").parse().unwrap();
+    support::Client::start_with_big_buffer(ip, pop, CHANNEL, shutdown).await
 }
 
 /// Checks one client's stream; returns the burst length.
-fn check(name: &str, got: &[(u64, u8, Bytes)], dir: &Path) -> usize {
+fn check(name: &str, got: &[Video], dir: &Path) -> usize {
     assert!(got.len() > 50, "{name}: only {} datagrams", got.len());
-    let (seq0, flags0, _) = &got[0];
+    let (seq0, flags0) = (got[0].seq, got[0].flags);
     assert!(
         flags0 & video_flags::KEYFRAME != 0 && flags0 & video_flags::FROM_CACHE != 0,
         "{name}: first datagram (seq {seq0}) has flags {flags0:#b}, not KEYFRAME|FROM_CACHE"
     );
     let burst = got
         .iter()
-        .take_while(|(_, f, _)| f & video_flags::FROM_CACHE != 0)
+        .take_while(|d| d.flags & video_flags::FROM_CACHE != 0)
         .count();
     assert!(
         got[burst..]
             .iter()
-            .all(|(_, f, _)| f & video_flags::FROM_CACHE == 0),
+            .all(|d| d.flags & video_flags::FROM_CACHE == 0),
         "{name}: FROM_CACHE datagrams after live ones"
     );
     for w in got.windows(2) {
         assert_eq!(
-            w[1].0,
-            w[0].0 + 1,
+            w[1].seq,
+            w[0].seq + 1,
             "{name}: sequence numbers not contiguous (gap, duplicate or reorder)"
         );
     }
@@ -225,12 +129,12 @@ fn check(name: &str, got: &[(u64, u8, Bytes)], dir: &Path) -> usize {
     // pacer starts a fresh access unit) so that only the start is judged.
     let end = got
         .iter()
-        .rposition(|(_, f, _)| f & video_flags::KEYFRAME != 0)
+        .rposition(|d| d.flags & video_flags::KEYFRAME != 0)
         .filter(|&i| i > 0)
         .unwrap_or(got.len());
     let bytes: Vec<u8> = got[..end]
         .iter()
-        .flat_map(|(_, _, p)| p.iter().copied())
+        .flat_map(|d| d.payload.iter().copied())
         .collect();
     std::fs::write(&file, &bytes).unwrap();
     let out = Command::new("ffmpeg")
@@ -248,8 +152,8 @@ fn check(name: &str, got: &[(u64, u8, Bytes)], dir: &Path) -> usize {
         "{name}: {} datagrams, seq {}..={}, burst {burst} datagrams ({} KB), decodes cleanly",
         got.len(),
         seq0,
-        got.last().unwrap().0,
-        got[..burst].iter().map(|g| g.2.len()).sum::<usize>() / 1024
+        got.last().unwrap().seq,
+        got[..burst].iter().map(|g| g.payload.len()).sum::<usize>() / 1024
     );
     burst
 }
@@ -274,25 +178,15 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
     let period = Duration::from_secs(CLIP_SECS.into()) / datagrams.len() as u32;
 
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (topology, _) = Topology::parse(&format!(
-        "\"{P}.1\" = [\"{P}.2\"]\n\"{P}.2\" = [\"{P}.1\", \"{P}.3\"]\n\"{P}.3\" = [\"{P}.2\"]\n"
-    ))
-    .unwrap();
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        P,
+        &format!(
+            "\"{P}.1\" = [\"{P}.2\"]\n\"{P}.2\" = [\"{P}.1\", \"{P}.3\"]\n\"{P}.3\" = [\"{P}.2\"]\n"
+        ),
+        PORT,
+    );
     let shutdown = CancellationToken::new();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(format!("{P}.250:0")))
-        .unwrap();
-    let bport = listener.local_addr().unwrap().port();
-    let (_topo_tx, topo_rx) = tokio::sync::watch::channel(Arc::new(topology));
-    rt.spawn(bootstrapper::run(
-        listener,
-        topo_rx,
-        bootstrapper::Config {
-            overlay_port: PORT,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
     let _n1 = node(&format!("{P}.2"), bport);
     let _n2 = node(&format!("{P}.3"), bport);
 
@@ -338,20 +232,20 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
     rt.block_on(async {
         // A: first viewer anywhere, at the end of the chain: n2 and n1 are not receiving the
         // channel yet, so A's start comes from the server's cache through n1 and n2.
-        let mut a = Client::start(&format!("{P}.200"), &format!("{P}.3"), &shutdown).await;
-        a.list_and_subscribe().await;
-        let got = a.receive(Duration::from_millis(3500)).await;
+        let mut a = client(&format!("{P}.200"), &format!("{P}.3"), &shutdown).await;
+        a.list_and_subscribe(Duration::from_secs(30)).await;
+        let got = a.receive(usize::MAX, Duration::from_millis(3500)).await;
         bursts.push(("A (n2, first viewer)", check("A", &got, &dir)));
         // B joins n2 while the channel flows there (at another point of the GOP): n2's cache.
         tokio::time::sleep(Duration::from_millis(700)).await;
-        let mut b = Client::start(&format!("{P}.201"), &format!("{P}.3"), &shutdown).await;
-        b.list_and_subscribe().await;
-        let got = b.receive(Duration::from_millis(3500)).await;
+        let mut b = client(&format!("{P}.201"), &format!("{P}.3"), &shutdown).await;
+        b.list_and_subscribe(Duration::from_secs(30)).await;
+        let got = b.receive(usize::MAX, Duration::from_millis(3500)).await;
         bursts.push(("B (n2, flowing)", check("B", &got, &dir)));
         // C joins n1 (flowing, feeding n2): n1's cache.
-        let mut c = Client::start(&format!("{P}.202"), &format!("{P}.2"), &shutdown).await;
-        c.list_and_subscribe().await;
-        let got = c.receive(Duration::from_millis(3500)).await;
+        let mut c = client(&format!("{P}.202"), &format!("{P}.2"), &shutdown).await;
+        c.list_and_subscribe(Duration::from_secs(30)).await;
+        let got = c.receive(usize::MAX, Duration::from_millis(3500)).await;
         bursts.push(("C (n1, flowing)", check("C", &got, &dir)));
         // The server sent one burst (to n1); A's came through n1 and n2 unchanged.
         let s = relay.stats().await;
@@ -366,5 +260,6 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
     });
     println!("bursts: {bursts:?}");
     shutdown.cancel();
+    bshut.cancel();
     let _ = std::fs::remove_dir_all(&dir);
 }

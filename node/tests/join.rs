@@ -2,132 +2,47 @@
 //! links (with `--impair` on), refuses to start when it is not in the topology, and stops
 //! promptly on SIGTERM.
 
-use common::topology::Topology;
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
-use tokio_util::sync::CancellationToken;
+mod support;
 
-/// Starts the bootstrapper on 127.0.40.250 (ephemeral port) for the chain .1 – .2 – .3.
-fn start_bootstrapper(rt: &tokio::runtime::Runtime) -> (u16, CancellationToken) {
-    let (topology, _) = Topology::parse(
-        "\"127.0.40.1\" = [\"127.0.40.2\"]\n\
-         \"127.0.40.2\" = [\"127.0.40.1\", \"127.0.40.3\"]\n\
-         \"127.0.40.3\" = [\"127.0.40.2\"]\n",
-    )
-    .unwrap();
-    let shutdown = CancellationToken::new();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.40.250:0"))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(topology));
-    std::mem::forget(tx);
-    rt.spawn(bootstrapper::run(
-        listener,
-        rx,
-        bootstrapper::Config {
-            overlay_port: 18040,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    (port, shutdown)
-}
+use std::process::Command;
+use std::time::Duration;
+use support::{start_bootstrapper, Daemon};
 
-struct Daemon {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
+const P: &str = "127.0.40";
+const PORT: u16 = 18040;
 
-impl Daemon {
-    fn start(ip: &str, bootstrapper_port: u16, extra: &[&str]) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_node"))
-            .args(["--ip", ip, "--port", "18040"])
-            .args(["--bootstrapper", "127.0.40.250"])
-            .args(["--bootstrapper-port", &bootstrapper_port.to_string()])
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing every one of `parts`.
-    fn expect(&mut self, parts: &[&str], within: Duration) -> String {
-        let t0 = Instant::now();
-        while t0.elapsed() < within {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(100)) {
-                self.seen.push(line.clone());
-                if parts.iter().all(|p| line.contains(p)) {
-                    return line;
-                }
-            }
-        }
-        panic!(
-            "no line with {parts:?} within {within:?}; saw:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    fn sigterm_and_wait(mut self, within: Duration) -> std::process::ExitStatus {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let t0 = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
-            }
-            if t0.elapsed() > within {
-                let _ = self.child.kill();
-                panic!("node did not stop within {within:?} of SIGTERM");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
+/// The chain .1 – .2 – .3 (bootstrapper on .250).
+const CHAIN: &str = "\"127.0.40.1\" = [\"127.0.40.2\"]\n\
+                     \"127.0.40.2\" = [\"127.0.40.1\", \"127.0.40.3\"]\n\
+                     \"127.0.40.3\" = [\"127.0.40.2\"]\n";
 
 #[test]
 fn nodes_join_measure_links_and_stop_on_sigterm() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (port, shutdown) = start_bootstrapper(&rt);
-    let mut a = Daemon::start(
+    let (port, shutdown) = start_bootstrapper(&rt, P, CHAIN, PORT);
+    let mut a = Daemon::start_with(
         "127.0.40.2",
+        PORT,
+        P,
         port,
         &["--impair", "loss=10%,delay=5ms,seed=3"],
     );
-    let mut b = Daemon::start("127.0.40.3", port, &[]);
-    a.expect(
+    let mut b = Daemon::start("127.0.40.3", PORT, P, port);
+    a.expect_next(
         &["joined the overlay", "127.0.40.1:18040", "127.0.40.3:18040"],
         Duration::from_secs(10),
     );
-    a.expect(&["TESTING AID", "loss=10%"], Duration::from_secs(5));
-    b.expect(
+    a.expect_next(&["TESTING AID", "loss=10%"], Duration::from_secs(5));
+    b.expect_next(
         &["joined the overlay", "127.0.40.2:18040"],
         Duration::from_secs(10),
     );
     // Each sees the other through reliable pings (through a's 10 % loss).
-    a.expect(
+    a.expect_next(
         &["neighbour up", "127.0.40.3:18040"],
         Duration::from_secs(10),
     );
-    b.expect(
+    b.expect_next(
         &["neighbour up", "127.0.40.2:18040"],
         Duration::from_secs(10),
     );
@@ -139,7 +54,7 @@ fn nodes_join_measure_links_and_stop_on_sigterm() {
 #[test]
 fn a_node_outside_the_topology_is_refused_and_exits() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (port, shutdown) = start_bootstrapper(&rt);
+    let (port, shutdown) = start_bootstrapper(&rt, P, CHAIN, PORT);
     let out = Command::new(env!("CARGO_BIN_EXE_node"))
         .args(["--ip", "127.0.40.9", "--port", "18040"])
         .args([

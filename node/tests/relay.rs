@@ -5,139 +5,20 @@
 //! Address blocks: 127.0.51.* (chain), 127.0.52.* (square failover), 127.0.53.* (catastrophic),
 //! 127.0.54.* (10 % loss everywhere, no false failover).
 
+mod support;
+
 use bytes::Bytes;
 use common::host::{join_overlay, OverlayArgs};
-use common::topology::Topology;
-use common::transport::{Incoming, Transport, TransportConfig};
-use common::wire::{ChannelId, ChannelInfo, Message};
+use common::wire::{ChannelId, ChannelInfo};
 use common::NodeId;
 use node::{Relay, RelayConfig};
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
+use support::{start_bootstrapper, Daemon, Video};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const CHANNEL: &str = "testcard";
-
-/// Starts the bootstrapper on `<prefix>.250` (ephemeral port) for `topology`.
-fn start_bootstrapper(
-    rt: &tokio::runtime::Runtime,
-    prefix: &str,
-    topology: &str,
-    overlay_port: u16,
-) -> (u16, CancellationToken) {
-    let (topology, _) = Topology::parse(topology).unwrap();
-    let shutdown = CancellationToken::new();
-    let listener = rt
-        .block_on(tokio::net::TcpListener::bind(format!("{prefix}.250:0")))
-        .unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let (tx, rx) = tokio::sync::watch::channel(Arc::new(topology));
-    std::mem::forget(tx);
-    rt.spawn(bootstrapper::run(
-        listener,
-        rx,
-        bootstrapper::Config {
-            overlay_port,
-            ..Default::default()
-        },
-        shutdown.clone(),
-    ));
-    (port, shutdown)
-}
-
-/// A real `node` process; killed when dropped.
-struct Daemon {
-    child: Child,
-    lines: std_mpsc::Receiver<String>,
-    seen: Vec<String>,
-}
-
-impl Daemon {
-    fn start(ip: &str, port: u16, prefix: &str, bootstrapper_port: u16) -> Daemon {
-        Daemon::start_with(ip, port, prefix, bootstrapper_port, &[])
-    }
-
-    /// [`start`](Self::start) with extra arguments (e.g. `--impair`).
-    fn start_with(
-        ip: &str,
-        port: u16,
-        prefix: &str,
-        bootstrapper_port: u16,
-        extra: &[&str],
-    ) -> Daemon {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_node"))
-            .args(["--ip", ip, "--port", &port.to_string()])
-            .args(extra)
-            .args(["--bootstrapper", &format!("{prefix}.250")])
-            .args(["--bootstrapper-port", &bootstrapper_port.to_string()])
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let (tx, lines) = std_mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        Daemon {
-            child,
-            lines,
-            seen: Vec::new(),
-        }
-    }
-
-    /// Waits for a log line containing every one of `parts` (lines already seen count too).
-    fn expect(&mut self, parts: &[&str], within: Duration) -> String {
-        if let Some(l) = self
-            .seen
-            .iter()
-            .find(|l| parts.iter().all(|p| l.contains(p)))
-        {
-            return l.clone();
-        }
-        let t0 = Instant::now();
-        while t0.elapsed() < within {
-            if let Ok(line) = self.lines.recv_timeout(Duration::from_millis(50)) {
-                self.seen.push(line.clone());
-                if parts.iter().all(|p| line.contains(p)) {
-                    return line;
-                }
-            }
-        }
-        panic!(
-            "no line with {parts:?} within {within:?}; saw:\n{}",
-            self.seen.join("\n")
-        );
-    }
-
-    /// Collects the lines written so far.
-    fn drain(&mut self) {
-        while let Ok(line) = self.lines.try_recv() {
-            self.seen.push(line);
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        // RELAY_TEST_LOGS=1 prints every daemon's log (for diagnosing a failure or timing).
-        if std::env::var_os("RELAY_TEST_LOGS").is_some() {
-            self.drain();
-            for l in &self.seen {
-                println!("{l}");
-            }
-        }
-    }
-}
 
 /// The in-process server: a relay with one local channel, fed a numbered 1316-byte chunk
 /// every 10 ms (chunk `i` carries `i` in its first 8 bytes, and gets sequence number `i`).
@@ -201,133 +82,33 @@ async fn start_server_impaired(
     Server { relay, demand }
 }
 
-/// A fake client: pings its PoP every 0.5 s (until `stop_pings`), lists, subscribes, and
-/// records `(arrival, seq, counter in payload, sender)` of every video datagram.
-struct Client {
-    transport: Transport,
-    incoming: mpsc::Receiver<Incoming>,
-    pop: SocketAddr,
-    stop_pings: CancellationToken,
-}
-
-impl Client {
-    async fn start(ip: &str, pop: SocketAddr, shutdown: &CancellationToken) -> Client {
-        let socket = tokio::net::UdpSocket::bind(format!("{ip}:0"))
-            .await
-            .unwrap();
-        let (transport, incoming, _task) = Transport::spawn(
-            socket,
-            NodeId::random(),
-            TransportConfig::default(),
-            shutdown.clone(),
-        )
-        .unwrap();
-        let stop_pings = shutdown.child_token();
-        let (t, stop) = (transport.clone(), stop_pings.clone());
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(500));
-            let mut nonce = 0;
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = tick.tick() => {
-                        nonce += 1;
-                        let _ = t.send_unreliable(pop, Message::Ping { nonce }).await;
-                    }
-                }
-            }
-        });
-        Client {
-            transport,
-            incoming,
-            pop,
-            stop_pings,
-        }
-    }
-
-    /// Lists channels until the PoP offers ours, then subscribes.
-    async fn list_and_subscribe(&mut self, within: Duration) -> Duration {
-        let t0 = Instant::now();
-        let ch = ChannelId::of_name(CHANNEL);
-        let mut got_pong = false;
-        loop {
-            assert!(
-                t0.elapsed() < within,
-                "{} never listed {CHANNEL} (pong seen: {got_pong})",
-                self.pop
-            );
-            self.transport
-                .send_unreliable(self.pop, Message::ListChannels)
-                .await
-                .unwrap();
-            let until = tokio::time::Instant::now() + Duration::from_millis(300);
-            while let Ok(Some(item)) = tokio::time::timeout_at(until, self.incoming.recv()).await {
-                match item {
-                    Incoming::Message {
-                        msg: Message::Pong { .. },
-                        ..
-                    } => got_pong = true,
-                    Incoming::Message {
-                        msg:
-                            Message::Channels {
-                                channels,
-                                page,
-                                pages,
-                            },
-                        ..
-                    } => {
-                        assert!(page < pages);
-                        if channels.iter().any(|c| c.id == ch && c.name == CHANNEL) {
-                            self.transport
-                                .send_reliable(self.pop, Message::Subscribe { channel: ch })
-                                .await
-                                .unwrap();
-                            return t0.elapsed();
-                        }
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Receives video until `n` datagrams arrived (or `within` passed); returns
-    /// `(arrival, seq, counter, sender)` per datagram.
-    async fn receive(&mut self, n: usize, within: Duration) -> Vec<(Instant, u64, u64, NodeId)> {
-        let deadline = tokio::time::Instant::now() + within;
-        let mut out = Vec::new();
-        while out.len() < n {
-            match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
-                Ok(Some(Incoming::Video { sender, packet, .. })) => {
-                    assert_eq!(packet.channel, ChannelId::of_name(CHANNEL));
-                    let mut c = [0u8; 8];
-                    c.copy_from_slice(&packet.payload[..8]);
-                    out.push((Instant::now(), packet.seq, u64::from_le_bytes(c), sender));
-                }
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => break,
-            }
-        }
-        out
-    }
+/// A fake client of [`CHANNEL`].
+async fn start_client(ip: &str, pop: SocketAddr, shutdown: &CancellationToken) -> support::Client {
+    support::Client::start(ip, pop, CHANNEL, shutdown).await
 }
 
 /// Asserts sequence numbers are increasing, equal to the payload counters, and the stream is
 /// nearly complete; returns the longest silence between two datagrams.
-fn check_stream(v: &[(Instant, u64, u64, NodeId)], pop_id: NodeId) -> Duration {
+fn check_stream(v: &[Video], pop_id: NodeId) -> Duration {
     assert!(!v.is_empty());
     let mut gap = Duration::ZERO;
     for w in v.windows(2) {
-        assert!(w[1].1 > w[0].1, "out of order: {} then {}", w[0].1, w[1].1);
-        gap = gap.max(w[1].0 - w[0].0);
+        assert!(
+            w[1].seq > w[0].seq,
+            "out of order: {} then {}",
+            w[0].seq,
+            w[1].seq
+        );
+        gap = gap.max(w[1].arrival - w[0].arrival);
     }
-    for (_, seq, counter, sender) in v {
+    for d in v {
         assert_eq!(
-            seq, counter,
+            d.seq,
+            d.counter(),
             "the server's sequence numbers are kept end to end"
         );
         assert_eq!(
-            *sender, pop_id,
+            d.sender, pop_id,
             "the PoP re-stamps the header with its own id"
         );
     }
@@ -338,13 +119,16 @@ fn check_stream(v: &[(Instant, u64, u64, NodeId)], pop_id: NodeId) -> Duration {
 /// reads them, so only datagrams read after the kill are used, and the silence from the kill
 /// to the first of them counts), and when the stream came back
 /// relative to the kill.
-fn failover_gap(after: &[(Instant, u64, u64, NodeId)], killed: Instant) -> (Duration, Duration) {
-    let first = after.first().map(|a| a.0 - killed).unwrap_or_default();
+fn failover_gap(after: &[Video], killed: Instant) -> (Duration, Duration) {
+    let first = after
+        .first()
+        .map(|a| a.arrival - killed)
+        .unwrap_or_default();
     let mut best = (first, first);
     for w in after.windows(2) {
-        let g = w[1].0 - w[0].0;
+        let g = w[1].arrival - w[0].arrival;
         if g > best.0 {
-            best = (g, w[1].0 - killed);
+            best = (g, w[1].arrival - killed);
         }
     }
     best
@@ -372,17 +156,17 @@ fn chain_streams_in_order_and_a_silent_client_is_dropped() {
     let mut n2 = Daemon::start("127.0.51.3", PORT, P, bport);
     let mut server = rt.block_on(start_server("127.0.51.1", PORT, P, bport, &shutdown));
     let pop: SocketAddr = format!("127.0.51.3:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(Client::start("127.0.51.200", pop, &shutdown));
+    let mut client = rt.block_on(start_client("127.0.51.200", pop, &shutdown));
     let listed = rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
     println!("chain: channel listed at the PoP after {listed:?}");
     let stream = rt.block_on(client.receive(200, Duration::from_secs(30)));
     assert_eq!(stream.len(), 200, "stream stalled");
     let gap = check_stream(&stream, pop_id("127.0.51.3"));
-    let span = stream.last().unwrap().1 - stream[0].1 + 1;
+    let span = stream.last().unwrap().seq - stream[0].seq + 1;
     println!(
         "chain: 200 datagrams in order, seq {}..={}, {} lost, longest gap {gap:?}",
-        stream[0].1,
-        stream.last().unwrap().1,
+        stream[0].seq,
+        stream.last().unwrap().seq,
         span - 200
     );
     assert!(span <= 220, "too many lost: {span} sent for 200 received");
@@ -411,7 +195,7 @@ fn chain_streams_in_order_and_a_silent_client_is_dropped() {
 
     // The client goes silent: its PoP drops it (5 s), unsubscribes upstream, and so on up to
     // the server, whose channel becomes unwatched.
-    client.stop_pings.cancel();
+    client.stop_pings();
     let t0 = Instant::now();
     n2.expect(
         &["subscriber expired", "127.0.51.200"],
@@ -461,7 +245,7 @@ fn square_fails_over_to_the_other_path() {
     let mut c = Daemon::start("127.0.52.4", PORT, P, bport);
     let _server = rt.block_on(start_server("127.0.52.1", PORT, P, bport, &shutdown));
     let pop: SocketAddr = format!("127.0.52.4:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(Client::start("127.0.52.200", pop, &shutdown));
+    let mut client = rt.block_on(start_client("127.0.52.200", pop, &shutdown));
     rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
     let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
     assert_eq!(before.len(), 100, "stream never started");
@@ -470,7 +254,7 @@ fn square_fails_over_to_the_other_path() {
     c.expect(&[": subscribe upstream"], Duration::from_secs(5));
     c.drain();
     let line = c
-        .seen
+        .seen()
         .iter()
         .rev()
         .find(|l| l.contains(": subscribe upstream"))
@@ -481,7 +265,7 @@ fn square_fails_over_to_the_other_path() {
     } else {
         (b, a, "127.0.52.3:18052", "127.0.52.2:18052")
     };
-    let _ = victim.child.kill();
+    victim.kill();
     let killed = Instant::now();
     let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
     assert_eq!(after.len(), 300, "stream did not resume after the kill");
@@ -501,7 +285,7 @@ fn square_fails_over_to_the_other_path() {
     println!(
         "square: killed {victim_addr}; longest gap {gap:?}, stream back {resumed:?} after the kill; \
          {} datagrams lost across the failover",
-        all.last().unwrap().1 - all[0].1 + 1 - all.len() as u64
+        all.last().unwrap().seq - all[0].seq + 1 - all.len() as u64
     );
     // Heartbeats every 100 ms, dead after 6 silent intervals: sub-second (was 3 s before).
     assert!(gap < Duration::from_secs(2), "gap {gap:?}");
@@ -533,7 +317,7 @@ fn catastrophic_death_falls_back_to_the_dead_nodes_parent() {
     let _d = Daemon::start("127.0.53.5", PORT, P, bport);
     let _server = rt.block_on(start_server("127.0.53.1", PORT, P, bport, &shutdown));
     let pop: SocketAddr = format!("127.0.53.5:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(Client::start("127.0.53.200", pop, &shutdown));
+    let mut client = rt.block_on(start_client("127.0.53.200", pop, &shutdown));
     rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
     let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
     assert_eq!(before.len(), 100, "stream never started");
@@ -541,7 +325,7 @@ fn catastrophic_death_falls_back_to_the_dead_nodes_parent() {
         &["subscribe upstream", "127.0.53.3:18053"],
         Duration::from_secs(5),
     );
-    let _ = b.child.kill();
+    b.kill();
     let killed = Instant::now();
     let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
     assert_eq!(after.len(), 300, "stream did not resume after B died");
@@ -609,7 +393,7 @@ fn ten_percent_loss_everywhere_is_no_reason_to_fail_over() {
         &shutdown,
     ));
     let pop: SocketAddr = format!("127.0.54.4:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(Client::start("127.0.54.200", pop, &shutdown));
+    let mut client = rt.block_on(start_client("127.0.54.200", pop, &shutdown));
     rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
     let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
     assert_eq!(before.len(), 100, "stream never started");
@@ -619,16 +403,16 @@ fn ten_percent_loss_everywhere_is_no_reason_to_fail_over() {
         .iter_mut()
         .map(|n| {
             n.drain();
-            n.seen.len()
+            n.seen().len()
         })
         .collect();
     let window = Duration::from_secs(20);
     let stream = rt.block_on(client.receive(usize::MAX, window));
     let mut gap = Duration::ZERO;
     for w in stream.windows(2) {
-        gap = gap.max(w[1].0 - w[0].0);
+        gap = gap.max(w[1].arrival - w[0].arrival);
     }
-    let sent = stream.last().unwrap().1 - stream[0].1 + 1;
+    let sent = stream.last().unwrap().seq - stream[0].seq + 1;
     println!(
         "loss10: {} of {sent} datagrams received in {window:?} over 3 lossy hops, longest gap \
          {gap:?}",
@@ -638,7 +422,7 @@ fn ten_percent_loss_everywhere_is_no_reason_to_fail_over() {
     assert!(gap < Duration::from_secs(1), "gap {gap:?}");
     for (n, mark) in nodes.iter_mut().zip(marks) {
         n.drain();
-        let bad: Vec<&String> = n.seen[mark..]
+        let bad: Vec<&String> = n.seen()[mark..]
             .iter()
             .filter(|l| {
                 ["neighbour down", "upstream lost"]
