@@ -9,6 +9,7 @@ pub mod failure;
 pub mod host;
 pub mod id;
 pub mod impair;
+pub mod jitter;
 pub mod nack;
 pub mod reliable;
 pub mod rng;
