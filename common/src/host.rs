@@ -36,6 +36,10 @@ pub struct OverlayArgs {
     /// dup, reorder, gap, corrupt, blackout=AT+DUR[/EVERY], seed, to.
     #[arg(long = "impair", value_name = "SPEC")]
     pub impair: Vec<String>,
+    /// Disable per-hop loss recovery (no NACKs sent, none answered), e.g. to measure what it
+    /// brings.
+    #[arg(long)]
+    pub no_recovery: bool,
 }
 
 impl OverlayArgs {

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     common::runtime::init_tracing();
     let shutdown = common::runtime::shutdown_on_signals();
     let joined = join_overlay(&args.overlay, &shutdown).await?;
-    let (_relay, task) = Relay::spawn(joined, RelayConfig::default(), shutdown);
+    let (_relay, task) = Relay::spawn(joined, RelayConfig::from_args(&args.overlay), shutdown);
     task.await?;
     Ok(())
 }

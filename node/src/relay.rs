@@ -33,6 +33,20 @@
 //! forwarded (the burst of a new upstream after a switch) is dropped, so existing subscribers
 //! never see sequence numbers go back. The cache of a channel is forgotten when the channel
 //! stops being watched.
+//!
+//! # Loss recovery (per-hop NACK)
+//!
+//! With [`RelayConfig::recovery`] (the default; `--no-recovery` turns it off), every datagram
+//! sent live to a channel's subscribers (the same encoded `Bytes`) also goes into the channel's
+//! [`RetransmitBuffer`]; a `Nack` from a subscriber of the channel is answered from it, to that
+//! subscriber only, with the original bytes (not flagged `RETRANSMIT`, which would cost a
+//! decode and an encode per retransmission). A node tracks the video of each channel from its
+//! current upstream with a [`NackTracker`] (deadline [`RelayConfig::recovery_deadline`]):
+//! duplicates and datagrams whose gap was given up are dropped, new and recovered ones are
+//! forwarded and buffered (so recovery also fills downstream gaps), a seq jump (reset) clears
+//! the buffer. Due NACKs are sent (unreliably) to the upstream on every tick; the tracker's RTT
+//! is the transport's SRTT of the upstream, refreshed on the reliable-ping rounds. A change of
+//! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
 use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
@@ -40,6 +54,7 @@ use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
 use common::failure::FailureConfig;
 use common::host::Joined;
+use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
 use common::transport::{Incoming, Transport};
 use common::wire::{
     limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
@@ -88,6 +103,16 @@ pub struct RelayConfig {
     pub command_queue: usize,
     /// Bounds of the per-channel GOP cache (instant start for new subscribers).
     pub gop: GopConfig,
+    /// Per-hop loss recovery (see the module docs): keep a [`RetransmitBuffer`] per channel
+    /// sent and answer subscribers' `Nack`s; NACK gaps in the video from our upstream. `false`
+    /// (CLI `--no-recovery`) disables both, for comparison. Default true.
+    pub recovery: bool,
+    /// Latency budget of a gap at this hop: a missing seq is NACKed upstream until this long
+    /// after its gap was detected, then given up ([`NackConfig::deadline`]). Default 150 ms
+    /// (the client adds its own 200 ms budget).
+    pub recovery_deadline: Duration,
+    /// Bounds and rate limits of the per-channel retransmission buffers.
+    pub retransmit: RetransmitConfig,
 }
 
 impl Default for RelayConfig {
@@ -104,6 +129,19 @@ impl Default for RelayConfig {
             switch_min_gain: Duration::from_millis(2),
             command_queue: 1024,
             gop: GopConfig::default(),
+            recovery: true,
+            recovery_deadline: Duration::from_millis(150),
+            retransmit: RetransmitConfig::default(),
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The defaults, with what the daemons' shared flags change (`--no-recovery`).
+    pub fn from_args(args: &common::host::OverlayArgs) -> RelayConfig {
+        RelayConfig {
+            recovery: !args.no_recovery,
+            ..RelayConfig::default()
         }
     }
 }
@@ -155,6 +193,31 @@ pub struct RelayStats {
     /// Datagrams flagged `FROM_CACHE` received that were not newer than what we had already
     /// forwarded (a new upstream's burst after a switch), dropped.
     pub gop_behind: u64,
+    /// `Nack`s received from subscribers (answered from the retransmission buffer).
+    pub nacks_in: u64,
+    /// `Nack`s received from peers that are not subscribers of the channel, or while recovery
+    /// is disabled (dropped; also counted in `unexpected`).
+    pub nacks_ignored: u64,
+    /// Seqs requested by those `Nack`s.
+    pub nack_seqs_in: u64,
+    /// Datagrams retransmitted in answer (also counted in `video_out`).
+    pub retransmitted: u64,
+    /// `Nack`s sent to our upstreams.
+    pub nacks_out: u64,
+    /// Seqs in those `Nack`s (a seq NACKed three times counts three).
+    pub nack_seqs_out: u64,
+    /// Missing seqs from upstream that arrived in time (forwarded; [`Arrival::Recovered`]).
+    pub recovered: u64,
+    /// Missing seqs given up (deadline passed, or the tracker was reset).
+    pub given_up: u64,
+    /// Video datagrams from the upstream already received (dropped).
+    pub video_duplicates: u64,
+    /// Video datagrams from the upstream whose gap was already given up (dropped).
+    pub video_too_old: u64,
+    /// Seq jumps from the upstream that restarted the tracker and cleared the buffer.
+    pub recovery_resets: u64,
+    /// Datagrams currently held by the retransmission buffers.
+    pub retransmit_datagrams: usize,
 }
 
 enum Command {
@@ -318,6 +381,18 @@ struct Engine {
     stats: RelayStats,
     /// The current GOP of every channel we send.
     gop: GopCaches,
+    /// Per channel we send, what we sent recently (to answer NACKs). Only with `recovery`.
+    retx: HashMap<ChannelId, RetransmitBuffer>,
+    /// Per channel we receive, gap tracking of its current upstream (the address it tracks,
+    /// the RTT last fed to it). Only with `recovery`.
+    trackers: HashMap<ChannelId, Tracked>,
+}
+
+/// The [`NackTracker`] of one channel from one upstream.
+struct Tracked {
+    upstream: SocketAddr,
+    srtt: Option<Duration>,
+    tracker: NackTracker,
 }
 
 fn now() -> Instant {
@@ -371,6 +446,8 @@ impl Engine {
             nonce: 0,
             stats: RelayStats::default(),
             gop: GopCaches::new(cfg.gop),
+            retx: HashMap::new(),
+            trackers: HashMap::new(),
             cfg,
         }
     }
@@ -427,6 +504,7 @@ impl Engine {
                 for old in &self.local {
                     if !ids.contains(&old.id) {
                         self.gop.remove(old.id);
+                        self.retx.remove(&old.id);
                     }
                 }
                 self.local = channels;
@@ -434,6 +512,7 @@ impl Engine {
                 for id in &ids {
                     self.fallback.remove(id);
                     self.previous.remove(id);
+                    self.drop_tracker(*id);
                 }
                 self.apply(actions).await;
                 self.next_flood = now();
@@ -452,6 +531,12 @@ impl Engine {
                 s.gop_overflows = self.gop.overflows();
                 s.gop_bytes_cached = self.gop.bytes();
                 s.gop_datagrams_cached = self.gop.datagrams();
+                s.given_up += self
+                    .trackers
+                    .values()
+                    .map(|t| t.tracker.stats().given_up)
+                    .sum::<u64>();
+                s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
                 for (ch, (subs, up)) in self.subs.snapshot() {
                     s.subscribers.insert(ch, subs);
                     if let Some(up) = up {
@@ -488,7 +573,9 @@ impl Engine {
         let (seq, keyframe) = (packet.seq, keyframe);
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
             Ok(bytes) => {
-                self.cache(now(), channel, seq, keyframe, bytes.clone());
+                let t = now();
+                self.cache(t, channel, seq, keyframe, bytes.clone());
+                self.remember(t, channel, seq, &bytes);
                 self.fan_out(channel, bytes).await
             }
             Err(e) => {
@@ -502,6 +589,142 @@ impl Engine {
     fn cache(&mut self, t: Instant, channel: ChannelId, seq: u64, keyframe: bool, bytes: Bytes) {
         if self.gop.push(t, channel, seq, keyframe, bytes) == Pushed::Overflow {
             debug!(%channel, seq, "GOP larger than the cache; not cached until the next keyframe");
+        }
+    }
+
+    /// Records a datagram about to be sent to the subscribers of `channel` in its
+    /// retransmission buffer (with recovery on).
+    fn remember(&mut self, t: Instant, channel: ChannelId, seq: u64, bytes: &Bytes) {
+        if !self.cfg.recovery {
+            return;
+        }
+        let cfg = &self.cfg.retransmit;
+        self.retx
+            .entry(channel)
+            .or_insert_with(|| RetransmitBuffer::new(cfg.clone()))
+            .insert(t, seq, bytes.clone());
+    }
+
+    /// Forgets the gap tracking of `channel` (its upstream changed or went away); what it was
+    /// still missing counts as given up.
+    fn drop_tracker(&mut self, channel: ChannelId) {
+        if let Some(mut t) = self.trackers.remove(&channel) {
+            t.tracker.reset();
+            self.stats.given_up += t.tracker.stats().given_up;
+        }
+    }
+
+    /// Classifies a datagram of `channel` from its current upstream `from`; false if it must be
+    /// dropped (duplicate, or too late for this hop). Always true without recovery.
+    fn track(&mut self, t: Instant, from: SocketAddr, channel: ChannelId, seq: u64) -> bool {
+        if !self.cfg.recovery {
+            return true;
+        }
+        if self
+            .trackers
+            .get(&channel)
+            .is_some_and(|tr| tr.upstream != from)
+        {
+            self.drop_tracker(channel);
+        }
+        let srtt = self.link_cost.get(&from).copied();
+        let deadline = self.cfg.recovery_deadline;
+        let tr = self.trackers.entry(channel).or_insert_with(|| {
+            let mut tracker = NackTracker::new(NackConfig {
+                deadline,
+                ..NackConfig::default()
+            });
+            if let Some(r) = srtt {
+                tracker.set_rtt(r);
+            }
+            Tracked {
+                upstream: from,
+                srtt,
+                tracker,
+            }
+        });
+        match tr.tracker.on_packet(t, seq) {
+            Arrival::New => true,
+            Arrival::Recovered => {
+                self.stats.recovered += 1;
+                true
+            }
+            Arrival::Duplicate => {
+                self.stats.video_duplicates += 1;
+                false
+            }
+            Arrival::TooOld => {
+                self.stats.video_too_old += 1;
+                false
+            }
+            Arrival::Reset => {
+                self.stats.recovery_resets += 1;
+                if let Some(b) = self.retx.get_mut(&channel) {
+                    b.clear();
+                }
+                true
+            }
+        }
+    }
+
+    /// A subscriber's NACK: sends it (only it) what the buffer still holds of `seqs`.
+    async fn nack(
+        &mut self,
+        t: Instant,
+        from: SocketAddr,
+        sender: NodeId,
+        channel: ChannelId,
+        seqs: &[u64],
+    ) {
+        if !self.cfg.recovery || !self.subs.is_subscriber(from, channel) {
+            self.stats.nacks_ignored += 1;
+            self.stats.unexpected += 1;
+            return;
+        }
+        self.stats.nacks_in += 1;
+        self.stats.nack_seqs_in += seqs.len().min(limits::NACK_SEQS) as u64;
+        let Some(buf) = self.retx.get_mut(&channel) else {
+            return;
+        };
+        // The exact bytes sent originally (not flagged RETRANSMIT: that would cost a decode
+        // and an encode per retransmission).
+        for (_, bytes) in buf.handle_nack(t, sender, seqs) {
+            self.stats.retransmitted += 1;
+            self.stats.video_out += 1;
+            let _ = self.transport.send_bytes(from, bytes).await;
+        }
+    }
+
+    /// Sends the due NACKs of every channel to its current upstream (unreliably); expires the
+    /// retransmission buffers.
+    async fn poll_nacks(&mut self, t: Instant) {
+        if !self.cfg.recovery {
+            return;
+        }
+        for b in self.retx.values_mut() {
+            b.expire(t);
+        }
+        let mut out: Vec<(SocketAddr, ChannelId, Vec<u64>)> = Vec::new();
+        let mut stale = Vec::new();
+        for (&ch, tr) in self.trackers.iter_mut() {
+            if self.subs.upstream(ch) != Some(Upstream::Node(tr.upstream)) {
+                stale.push(ch);
+                continue;
+            }
+            while let Some(seqs) = tr.tracker.poll_nacks(t) {
+                out.push((tr.upstream, ch, seqs));
+            }
+        }
+        for ch in stale {
+            self.drop_tracker(ch);
+        }
+        for (up, channel, seqs) in out {
+            self.stats.nacks_out += 1;
+            self.stats.nack_seqs_out += seqs.len() as u64;
+            let _ = self
+                .transport
+                .send_unreliable(up, Message::Nack { channel, seqs })
+                .await;
         }
     }
 
@@ -632,7 +855,8 @@ impl Engine {
                     self.peer_dead(t, from, "goodbye").await;
                 }
             }
-            Message::Channels { .. } | Message::Nack { .. } => self.stats.unexpected += 1,
+            Message::Nack { channel, seqs } => self.nack(t, from, sender, channel, &seqs).await,
+            Message::Channels { .. } => self.stats.unexpected += 1,
         }
     }
 
@@ -759,10 +983,16 @@ impl Engine {
             return;
         }
         let (seq, keyframe) = (packet.seq, packet.flags & video_flags::KEYFRAME != 0);
+        // Gap tracking of the current upstream only (the former one's last datagrams during a
+        // switch are forwarded as before).
+        if self.subs.upstream(ch) == Some(Upstream::Node(from)) && !self.track(t, from, ch, seq) {
+            return;
+        }
         // Re-stamp the header with our id: decode (done by the transport) + encode once.
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
             Ok(bytes) => {
                 self.cache(t, ch, seq, keyframe, bytes.clone());
+                self.remember(t, ch, seq, &bytes);
                 self.fan_out(ch, bytes).await
             }
             Err(_) => self.stats.malformed += 1,
@@ -778,6 +1008,8 @@ impl Engine {
             match a {
                 SubAction::Subscribe(channel, up) => {
                     info!(%channel, upstream = %up, "subscribe upstream");
+                    // A new upstream (maybe another replica, another seq space).
+                    self.drop_tracker(channel);
                     self.last_subscribe.insert(channel, t);
                     self.last_video.remove(&channel);
                     if !self.routing.is_neighbour(up) {
@@ -795,8 +1027,10 @@ impl Engine {
                     info!(%channel, upstream = %up, "unsubscribe upstream");
                     if !self.subs.is_watched(channel) {
                         self.gop.remove(channel);
+                        self.retx.remove(&channel);
                     }
                     if self.subs.upstream(channel).is_none() {
+                        self.drop_tracker(channel);
                         self.fallback.remove(&channel);
                         self.previous.remove(&channel);
                         self.last_subscribe.remove(&channel);
@@ -813,6 +1047,7 @@ impl Engine {
                     info!(%channel, watched, "local demand");
                     if !watched {
                         self.gop.remove(channel);
+                        self.retx.remove(&channel);
                     }
                     self.demand.retain(|tx| match tx.try_send((channel, watched)) {
                         Ok(()) => true,
@@ -1002,6 +1237,7 @@ impl Engine {
         }
         self.reconcile(t).await;
         self.resubscribe_stalled(t).await;
+        self.poll_nacks(t).await;
         if t >= self.next_stats {
             self.next_stats = t + self.cfg.flood_interval;
             let s = self.routing.stats();
@@ -1069,6 +1305,12 @@ impl Engine {
                 self.link_cost
                     .insert(p, rtt.srtt.max(Duration::from_micros(1)));
                 self.routing.rtt_sample(p, rtt.srtt, rtt.rttvar);
+                for tr in self.trackers.values_mut() {
+                    if tr.upstream == p && tr.srtt != Some(rtt.srtt) {
+                        tr.srtt = Some(rtt.srtt);
+                        tr.tracker.set_rtt(rtt.srtt);
+                    }
+                }
             }
         }
     }

@@ -198,6 +198,7 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
             bootstrapper: format!("{P}.250").parse().unwrap(),
             bootstrapper_port: bport,
             impair: vec![],
+            no_recovery: false,
         };
         let joined = join_overlay(&args, &shutdown).await.unwrap();
         let (relay, _task) = Relay::spawn(joined, RelayConfig::default(), shutdown.clone());

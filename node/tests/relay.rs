@@ -3,7 +3,8 @@
 //! numbered chunks every 10 ms) and a fake client (a `Transport` speaking the wire protocol).
 //!
 //! Address blocks: 127.0.51.* (chain), 127.0.52.* (square failover), 127.0.53.* (catastrophic),
-//! 127.0.54.* (10 % loss everywhere, no false failover).
+//! 127.0.54.* (10 % loss everywhere, no false failover), 127.0.56.* / 127.0.57.* (5 % loss on
+//! two hops, with / without NACK recovery).
 
 mod support;
 
@@ -46,15 +47,29 @@ async fn start_server_impaired(
     impair: Vec<String>,
     shutdown: &CancellationToken,
 ) -> Server {
+    start_server_with(ip, port, prefix, bootstrapper_port, impair, false, shutdown).await
+}
+
+/// [`start_server_impaired`], with `--no-recovery` if `no_recovery`.
+async fn start_server_with(
+    ip: &str,
+    port: u16,
+    prefix: &str,
+    bootstrapper_port: u16,
+    impair: Vec<String>,
+    no_recovery: bool,
+    shutdown: &CancellationToken,
+) -> Server {
     let args = OverlayArgs {
         ip: ip.parse().unwrap(),
         port,
         bootstrapper: format!("{prefix}.250").parse().unwrap(),
         bootstrapper_port,
         impair,
+        no_recovery,
     };
     let joined = join_overlay(&args, shutdown).await.unwrap();
-    let (relay, _task) = Relay::spawn(joined, RelayConfig::default(), shutdown.clone());
+    let (relay, _task) = Relay::spawn(joined, RelayConfig::from_args(&args), shutdown.clone());
     let demand = relay.local_demand();
     relay
         .set_local_channels(vec![ChannelInfo {
@@ -437,4 +452,105 @@ fn ten_percent_loss_everywhere_is_no_reason_to_fail_over() {
     }
     shutdown.cancel();
     bshut.cancel();
+}
+
+/// A chain server (.1) – n1 (.2) – n2 (.3), the server and n1 losing 5 % of what they send; a
+/// client at n2 counts the distinct seqs it got over ~10 s. Returns the ratio.
+fn lossy_chain(block: u8, recovery: bool) -> f64 {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let p = format!("127.0.{block}");
+    let port = 18000 + u16::from(block);
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        &p,
+        &format!(
+            "\"{p}.1\" = [\"{p}.2\"]\n\
+             \"{p}.2\" = [\"{p}.1\", \"{p}.3\"]\n\
+             \"{p}.3\" = [\"{p}.2\"]\n"
+        ),
+        port,
+    );
+    let shutdown = CancellationToken::new();
+    let mut extra1 = vec!["--impair", "loss=5%,seed=21"];
+    let mut extra2: Vec<&str> = vec![];
+    if !recovery {
+        extra1.push("--no-recovery");
+        extra2.push("--no-recovery");
+    }
+    let _n1 = Daemon::start_with(&format!("{p}.2"), port, &p, bport, &extra1);
+    let _n2 = Daemon::start_with(&format!("{p}.3"), port, &p, bport, &extra2);
+    let server = rt.block_on(start_server_with(
+        &format!("{p}.1"),
+        port,
+        &p,
+        bport,
+        vec!["loss=5%,seed=11".into()],
+        !recovery,
+        &shutdown,
+    ));
+    let pop: SocketAddr = format!("{p}.3:{port}").parse().unwrap();
+    let mut client = rt.block_on(support::Client::start_with_big_buffer(
+        &format!("{p}.200"),
+        pop,
+        CHANNEL,
+        &shutdown,
+    ));
+    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    let first = rt.block_on(client.receive(50, Duration::from_secs(30)));
+    assert_eq!(first.len(), 50, "stream never started");
+    let stream = rt.block_on(client.receive(usize::MAX, Duration::from_secs(10)));
+    assert!(!stream.is_empty());
+    // The range: from the first live seq after start-up to 0.5 s before the last one seen
+    // (whose gaps may still be under recovery when the window closed).
+    let lo = stream[0].seq;
+    let hi = stream.iter().map(|v| v.seq).max().unwrap() - 50;
+    let mut got: Vec<u64> = stream
+        .iter()
+        .map(|v| v.seq)
+        .filter(|s| (lo..=hi).contains(s))
+        .collect();
+    got.sort_unstable();
+    let received = got.len();
+    got.dedup();
+    let duplicates = received - got.len();
+    let range = hi - lo + 1;
+    let ratio = got.len() as f64 / range as f64;
+    let stats = rt.block_on(server.relay.stats());
+    println!(
+        "lossy chain (recovery {recovery}): {} of {range} seqs received = {:.2}% (without \
+         recovery expected ≈ {:.2}%), {duplicates} duplicates; server: nacks_in {}, \
+         nack_seqs_in {}, retransmitted {}, nacks_ignored {}, video_out {}, retransmit \
+         buffer {} datagrams",
+        got.len(),
+        100.0 * ratio,
+        100.0 * 0.95f64.powi(2),
+        stats.nacks_in,
+        stats.nack_seqs_in,
+        stats.retransmitted,
+        stats.nacks_ignored,
+        stats.video_out,
+        stats.retransmit_datagrams,
+    );
+    if recovery {
+        assert!(stats.nacks_in > 0 && stats.retransmitted > 0, "{stats:?}");
+    } else {
+        assert_eq!(stats.retransmitted, 0);
+        assert_eq!(stats.retransmit_datagrams, 0);
+    }
+    shutdown.cancel();
+    bshut.cancel();
+    ratio
+}
+
+#[test]
+fn nack_recovery_fills_losses_of_two_lossy_hops() {
+    let ratio = lossy_chain(56, true);
+    assert!(ratio >= 0.995, "with recovery: {ratio}");
+}
+
+#[test]
+fn without_recovery_two_lossy_hops_lose_about_ten_percent() {
+    let ratio = lossy_chain(57, false);
+    // ≈ 0.95² = 0.9025 (1000 samples: a few points either way).
+    assert!((0.85..0.95).contains(&ratio), "without recovery: {ratio}");
 }

@@ -74,7 +74,7 @@ async fn main() -> anyhow::Result<()> {
         joined,
         manager,
         chunks,
-        node::RelayConfig::default(),
+        node::RelayConfig::from_args(&args.overlay),
         shutdown,
     )
     .await;
