@@ -1199,11 +1199,18 @@ impl Engine {
                         Some(cur) => {
                             let min_gain =
                                 u64::try_from(self.cfg.switch_min_gain.as_micros()).unwrap_or(0);
-                            if b.cost_us.saturating_mul(100)
+                            let cheaper = b.cost_us.saturating_mul(100)
                                 <= cur.cost_us.saturating_mul(self.cfg.switch_percent)
-                                && b.cost_us.saturating_add(min_gain) <= cur.cost_us
-                            {
+                                && b.cost_us.saturating_add(min_gain) <= cur.cost_us;
+                            // Costs within the noise margin are equal: then fewer hops wins
+                            // (e.g. a nearer replica announced after we subscribed). Stable: the
+                            // way back needs a clearly cheaper route.
+                            let shorter = b.hops < cur.hops
+                                && b.cost_us <= cur.cost_us.saturating_add(min_gain);
+                            if cheaper {
                                 self.switch(ch, b.via, b.cost_us, "better route").await;
+                            } else if shorter {
+                                self.switch(ch, b.via, b.cost_us, "shorter route").await;
                             }
                         }
                     }
