@@ -94,16 +94,18 @@ impl FakePop {
         seq0: u64,
         looping: bool,
     ) -> FakePop {
-        FakePop::start_lossy(addr, pong_delay, seq0, looping, 0).await
+        FakePop::start_lossy(addr, pong_delay, seq0, looping, 1, 0).await
     }
 
-    /// Like [`FakePop::start`], but every `drop_every`-th datagram (not the clip's last) is not
-    /// sent the first time (0: none dropped); a NACK gets it.
+    /// Like [`FakePop::start`], but a non-looping PoP sends the clip `rounds` times, and every
+    /// `drop_every`-th datagram (not the very last) is not sent the first time (0: none
+    /// dropped); a NACK gets it.
     pub async fn start_lossy(
         addr: SocketAddr,
         pong_delay: Duration,
         seq0: u64,
         looping: bool,
+        rounds: usize,
         drop_every: usize,
     ) -> FakePop {
         let socket = UdpSocket::bind(addr).await.unwrap();
@@ -203,7 +205,8 @@ impl FakePop {
                     if !alive.load(Ordering::SeqCst) || subs.is_empty() {
                         continue;
                     }
-                    if i >= clip.len() && !looping {
+                    let total = clip.len() * rounds;
+                    if i >= total && !looping {
                         continue;
                     }
                     let payload = clip[i % clip.len()].clone();
@@ -227,9 +230,8 @@ impl FakePop {
                         st.insert(seq, encode(common::wire::video_flags::RETRANSMIT));
                         st.remove(&seq.wrapping_sub(1000));
                     }
-                    let dropped = drop_every > 0
-                        && (i + 1) % drop_every == 0
-                        && (looping || i + 1 < clip.len());
+                    let dropped =
+                        drop_every > 0 && (i + 1) % drop_every == 0 && (looping || i + 1 < total);
                     if !dropped {
                         for s in subs {
                             let _ = transport.send_bytes(s, bytes.clone()).await;
