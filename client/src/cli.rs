@@ -53,6 +53,13 @@ pub struct Args {
     /// every 100 ms (e.g. `800ms`, `2s`).
     #[arg(long, default_value = "800ms", value_parser = humantime::parse_duration)]
     pub pop_timeout: Duration,
+    /// Jitter-buffer latency: datagrams are reordered and lost ones recovered (NACKs to the
+    /// PoP) within this delay (e.g. `200ms`); `0` passes video straight through.
+    #[arg(long, default_value = "200ms", value_parser = humantime::parse_duration)]
+    pub latency: Duration,
+    /// Do not NACK lost datagrams (the jitter buffer still reorders).
+    #[arg(long)]
+    pub no_recovery: bool,
 }
 
 /// Parses `udp://IP:PORT`.
@@ -119,6 +126,8 @@ impl Args {
             duration,
             core: CoreConfig {
                 pop_timeout: self.pop_timeout,
+                latency: self.latency,
+                recovery: !self.no_recovery,
                 ..CoreConfig::default()
             },
         })
@@ -158,6 +167,20 @@ mod tests {
         assert_eq!(c.output, Some("127.0.0.1:5000".parse().unwrap()));
         assert_eq!(c.duration, Some(Duration::from_millis(2500)));
         assert_eq!(c.core.pop_timeout, Duration::from_secs(2));
+        assert_eq!(c.core.latency, Duration::from_millis(200));
+        assert!(c.core.recovery);
+        let a = Args::try_parse_from([
+            "client",
+            "--servers",
+            "127.0.0.2",
+            "--latency",
+            "0ms",
+            "--no-recovery",
+        ])
+        .unwrap();
+        let c = a.engine_config().unwrap();
+        assert_eq!(c.core.latency, Duration::ZERO);
+        assert!(!c.core.recovery);
         assert!(parse_udp_url("127.0.0.1:5").is_err());
     }
 }

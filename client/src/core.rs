@@ -28,15 +28,21 @@
 //!   recovered PoP never takes a stream back (no flapping).
 //! * A subscribed stream that receives nothing for [`CoreConfig::stall_resubscribe`] re-sends
 //!   its `Subscribe` (the PoP may have restarted and forgotten us).
-//! * Video is accepted only from the stream's current PoP; duplicates are dropped by `seq`
-//!   ([`SeqTracker`]), and the sequence space is reset on a source change.
+//! * Video is accepted only from the stream's current PoP. With a latency
+//!   ([`CoreConfig::latency`], `--latency`, default 200 ms) it goes through the stream's
+//!   [`Playout`] (NACK recovery to the PoP, jitter buffer; see [`crate::playout`]) and only
+//!   what that releases, in `seq` order, comes out of [`poll_output`](ClientCore::poll_output)
+//!   for the sinks. With latency 0 it is passed through at once after duplicate suppression by
+//!   `seq` ([`SeqTracker`]). Both are reset on a source change (what the jitter buffer held is
+//!   released first).
 
+use crate::playout::{Playout, PlayoutCounters};
 use crate::seq::SeqTracker;
 use crate::stats::StatEvent;
 use bytes::Bytes;
 use common::failure::{FailureConfig, FailureDetector};
 use common::ts::{datagram_packets, ContinuityChecker};
-use common::wire::{ChannelId, ChannelInfo, Message, VideoPacket};
+use common::wire::{video_flags, ChannelId, ChannelInfo, Message, VideoPacket};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -62,6 +68,11 @@ pub struct CoreConfig {
     pub settle: Duration,
     /// Re-send `Subscribe` when a subscribed stream has received nothing for this long.
     pub stall_resubscribe: Duration,
+    /// Jitter-buffer latency (`--latency`); zero: video passes straight through (no
+    /// reordering, no recovery). Default 200 ms.
+    pub latency: Duration,
+    /// NACK lost datagrams to the PoP (`--no-recovery` clears it). Default true.
+    pub recovery: bool,
 }
 
 impl Default for CoreConfig {
@@ -75,6 +86,8 @@ impl Default for CoreConfig {
             stats_interval: Duration::from_secs(1),
             settle: Duration::from_millis(700),
             stall_resubscribe: Duration::from_secs(2),
+            latency: Duration::from_millis(200),
+            recovery: true,
         }
     }
 }
@@ -134,7 +147,7 @@ impl Pop {
 /// Most pages of a `Channels` answer we assemble.
 const MAX_PAGES: u16 = 256;
 
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct Stream {
     channel: Option<ChannelId>,
     pop: Option<SocketAddr>,
@@ -144,6 +157,8 @@ struct Stream {
     first_packet: bool,
     last_activity: Instant,
     seq: SeqTracker,
+    /// `None`: pass-through (latency 0).
+    playout: Option<Playout>,
     cc: ContinuityChecker,
     packets: u64,
     bytes: u64,
@@ -174,7 +189,8 @@ pub struct StreamView {
     pub packets: u64,
     /// Payload bytes kept.
     pub bytes: u64,
-    /// Sequence numbers lost.
+    /// Sequence numbers lost for the viewer: skipped by the jitter buffer (after recovery);
+    /// with `--latency 0`, sequence gaps.
     pub lost: u64,
     /// TS packets lost by continuity counter.
     pub cc_lost: u64,
@@ -182,6 +198,8 @@ pub struct StreamView {
     pub duplicates: u64,
     /// Source changes.
     pub source_changes: u64,
+    /// Recovery and jitter-buffer counters (zero with `--latency 0`).
+    pub playout: PlayoutCounters,
 }
 
 /// What the GUI shows: a copy of the core's state.
@@ -216,6 +234,8 @@ pub struct ClientCore {
     /// PoP liveness.
     liveness: FailureDetector<SocketAddr>,
     actions: VecDeque<Action>,
+    /// Payloads for the sinks, in order per stream.
+    output: VecDeque<(String, Bytes)>,
     /// The latest `now` we were given.
     now: Instant,
 }
@@ -265,6 +285,7 @@ impl ClientCore {
             nonce: 0,
             union: BTreeSet::new(),
             actions: VecDeque::new(),
+            output: VecDeque::new(),
             now,
         }
     }
@@ -279,6 +300,12 @@ impl ClientCore {
         self.actions.pop_front()
     }
 
+    /// The next payload for a stream's sinks (released by its jitter buffer), if any. Drain it
+    /// after every `handle_*` call.
+    pub fn poll_output(&mut self) -> Option<(String, Bytes)> {
+        self.output.pop_front()
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_ping.min(self.next_list).min(self.next_stats);
@@ -290,6 +317,9 @@ impl ClientCore {
                 t = t.min(s.last_activity + self.cfg.stall_resubscribe);
             } else if !self.settled() {
                 t = t.min(self.start + self.cfg.settle);
+            }
+            if let Some(d) = s.playout.as_ref().and_then(Playout::poll_timeout) {
+                t = t.min(d);
             }
         }
         t
@@ -346,6 +376,15 @@ impl ClientCore {
             self.fail_over(&went_down);
         }
         self.assign_waiting();
+        let names: Vec<String> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| s.playout.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.pump(now, &name);
+        }
         // Stalled subscriptions: re-send Subscribe.
         let stall = self.cfg.stall_resubscribe;
         for s in self.streams.values_mut() {
@@ -464,30 +503,47 @@ impl ClientCore {
         self.assign_waiting();
     }
 
-    /// A video datagram from `from`. Returns the stream's name and the payload to write to its
-    /// sinks, or `None` if it is dropped (not ours, not from the stream's PoP, duplicate).
+    /// A video datagram from `from`. Returns the stream's name if the datagram is taken (from
+    /// the stream's PoP, not a duplicate or too late); what goes to the sinks comes out of
+    /// [`poll_output`](Self::poll_output), and NACKs out of [`poll_action`](Self::poll_action).
     pub fn handle_video(
         &mut self,
         now: Instant,
         from: SocketAddr,
         packet: VideoPacket,
-    ) -> Option<(String, Bytes)> {
+    ) -> Option<String> {
         self.tick(now);
         self.liveness.heard(now, from);
+        let srtt = self
+            .pops
+            .iter()
+            .find(|p| p.addr == from)
+            .and_then(|p| p.srtt);
         let (name, s) = self
             .streams
             .iter_mut()
             .find(|(_, s)| s.pop == Some(from) && s.channel == Some(packet.channel))?;
+        let name = name.clone();
         s.last_activity = now;
-        if !s.seq.push(packet.seq).accept() {
+        let taken = match &mut s.playout {
+            None => {
+                let ok = s.seq.push(packet.seq).accept();
+                if ok {
+                    deliver(&name, s, packet.payload, &mut self.output);
+                }
+                ok
+            }
+            Some(p) => {
+                if let Some(rtt) = srtt {
+                    p.set_rtt(rtt);
+                }
+                let key = is_keyframe(packet.flags, &packet.payload);
+                let retransmit = packet.flags & video_flags::RETRANSMIT != 0;
+                p.push(now, packet.seq, key, retransmit, packet.payload)
+            }
+        };
+        if !taken {
             return None;
-        }
-        s.packets += 1;
-        s.bytes += packet.payload.len() as u64;
-        // TS continuity: counts losses inside the stream (e.g. upstream of the server's
-        // numbering); TS-level duplicates are counted by the checker and passed through.
-        for pkt in datagram_packets(&packet.payload).flatten() {
-            s.cc.push(&pkt);
         }
         if !s.first_packet {
             s.first_packet = true;
@@ -497,7 +553,30 @@ impl ClientCore {
                     pop: from,
                 }));
         }
-        Some((name.clone(), packet.payload))
+        self.pump(now, &name);
+        Some(name)
+    }
+
+    /// Releases what the stream's jitter buffer has due to the sinks and sends its due NACKs.
+    fn pump(&mut self, now: Instant, name: &str) {
+        let Some(s) = self.streams.get_mut(name) else {
+            return;
+        };
+        let Some(mut p) = s.playout.take() else {
+            return;
+        };
+        while let Some(b) = p.poll_release(now) {
+            deliver(name, s, b, &mut self.output);
+        }
+        while let Some(seqs) = p.poll_nacks(now) {
+            if let (Some(to), Some(channel)) = (s.pop, s.channel) {
+                self.actions.push_back(Action::SendUnreliable {
+                    to,
+                    msg: Message::Nack { channel, seqs },
+                });
+            }
+        }
+        s.playout = Some(p);
     }
 
     /// A reliable message to `peer` was never acknowledged. The liveness of PoPs is judged by
@@ -528,6 +607,8 @@ impl ClientCore {
                 first_packet: false,
                 last_activity: now,
                 seq: SeqTracker::new(),
+                playout: (!self.cfg.latency.is_zero())
+                    .then(|| Playout::new(self.cfg.latency, self.cfg.recovery)),
                 cc: ContinuityChecker::new(),
                 packets: 0,
                 bytes: 0,
@@ -542,9 +623,17 @@ impl ClientCore {
     /// Returns whether it was playing.
     pub fn stop(&mut self, now: Instant, name: &str, reason: &str) -> bool {
         self.tick(now);
-        let Some(s) = self.streams.remove(name) else {
+        let Some(mut s) = self.streams.remove(name) else {
             return false;
         };
+        // What the jitter buffer holds still goes to the sinks.
+        if let Some(mut p) = s.playout.take() {
+            p.reset(now);
+            while let Some(b) = p.poll_release(now) {
+                deliver(name, &mut s, b, &mut self.output);
+            }
+            s.playout = Some(p);
+        }
         if let (Some(pop), Some(channel)) = (s.pop, s.channel) {
             self.actions
                 .push_back(Action::Event(stats_event(name, pop, &s)));
@@ -606,10 +695,11 @@ impl ClientCore {
                     pop: s.pop,
                     packets: s.packets,
                     bytes: s.bytes,
-                    lost: s.seq.lost(),
+                    lost: lost(s),
                     cc_lost: s.cc.lost(),
-                    duplicates: s.seq.duplicates(),
+                    duplicates: duplicates(s),
                     source_changes: s.source_changes,
+                    playout: counters(s),
                 })
                 .collect(),
             notices: Vec::new(),
@@ -706,6 +796,14 @@ impl ClientCore {
             s.pop = Some(pop);
             s.channel = Some(channel);
             s.seq.reset();
+            if let Some(mut p) = s.playout.take() {
+                // Release what the old source's buffer held, then start afresh.
+                p.reset(self.now);
+                while let Some(b) = p.poll_release(self.now) {
+                    deliver(&name, s, b, &mut self.output);
+                }
+                s.playout = Some(p);
+            }
             s.cc.reset_pids();
             s.last_activity = self.now;
             self.actions.push_back(Action::SendReliable {
@@ -739,16 +837,68 @@ impl ClientCore {
 }
 
 fn stats_event(name: &str, pop: SocketAddr, s: &Stream) -> StatEvent {
+    let c = counters(s);
     StatEvent::Stats {
         stream: name.to_string(),
         pop,
         packets: s.packets,
         bytes: s.bytes,
-        lost: s.seq.lost(),
+        lost: lost(s),
         cc_lost: s.cc.lost(),
-        duplicates: s.seq.duplicates(),
+        duplicates: duplicates(s),
         source_changes: s.source_changes,
+        late: c.late,
+        skipped: c.skipped,
+        recovered: c.recovered,
+        nacks: c.nacks,
+        retransmitted: c.retransmitted,
     }
+}
+
+fn counters(s: &Stream) -> PlayoutCounters {
+    s.playout
+        .as_ref()
+        .map(Playout::counters)
+        .unwrap_or_default()
+}
+
+/// Lost for the viewer: skipped by the jitter buffer, or sequence gaps in pass-through.
+fn lost(s: &Stream) -> u64 {
+    match &s.playout {
+        Some(p) => p.counters().skipped,
+        None => s.seq.lost(),
+    }
+}
+
+fn duplicates(s: &Stream) -> u64 {
+    match &s.playout {
+        Some(p) => p.counters().duplicates,
+        None => s.seq.duplicates(),
+    }
+}
+
+/// Hands a payload to the stream's sinks: counts it and checks TS continuity (in release
+/// order; TS-level duplicates are counted by the checker and passed through).
+fn deliver(name: &str, s: &mut Stream, b: Bytes, output: &mut VecDeque<(String, Bytes)>) {
+    s.packets += 1;
+    s.bytes += b.len() as u64;
+    for pkt in datagram_packets(&b).flatten() {
+        s.cc.push(&pkt);
+    }
+    output.push_back((name.to_owned(), b));
+}
+
+/// Whether a decoder can start at this datagram: the server's `KEYFRAME` flag, or a random
+/// access point starting a video PES (audio packets carry the indicator too).
+pub fn is_keyframe(flags: u8, payload: &[u8]) -> bool {
+    flags & video_flags::KEYFRAME != 0
+        || payload.chunks(188).any(|c| {
+            common::ts::TsPacket::parse(c).is_ok_and(|p| {
+                p.random_access_indicator()
+                    && p.payload_unit_start()
+                    && matches!(p.payload(), [0, 0, 1, id, ..] if id & 0xF0 == 0xE0)
+            })
+        })
 }
 
 fn ms(d: Duration) -> f64 {
@@ -769,7 +919,6 @@ fn advance(deadline: Instant, period: Duration, now: Instant) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::wire::video_flags;
 
     fn addr(i: u8) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, i], 8010))
@@ -799,19 +948,29 @@ mod tests {
         inflight: Vec<(Instant, SocketAddr, Message)>,
         events: Vec<(Instant, StatEvent)>,
         reliable: Vec<(SocketAddr, Message)>,
+        /// NACKs sent: (to, seqs).
+        nacks: Vec<(SocketAddr, Vec<u64>)>,
+        /// What reached the sinks.
+        output: Vec<(String, Bytes)>,
     }
 
     impl Sim {
         fn new(pops: Vec<FakePop>) -> Sim {
+            Sim::with(CoreConfig::default(), pops)
+        }
+
+        fn with(cfg: CoreConfig, pops: Vec<FakePop>) -> Sim {
             let now = Instant::now();
             let addrs: Vec<SocketAddr> = pops.iter().map(|p| p.addr).collect();
             Sim {
-                core: ClientCore::new(CoreConfig::default(), &addrs, now),
+                core: ClientCore::new(cfg, &addrs, now),
                 now,
                 pops,
                 inflight: Vec::new(),
                 events: Vec::new(),
                 reliable: Vec::new(),
+                nacks: Vec::new(),
+                output: Vec::new(),
             }
         }
 
@@ -820,8 +979,15 @@ mod tests {
         }
 
         fn collect(&mut self) {
+            while let Some(o) = self.core.poll_output() {
+                self.output.push(o);
+            }
             while let Some(a) = self.core.poll_action() {
                 match a {
+                    Action::SendUnreliable {
+                        to,
+                        msg: Message::Nack { seqs, .. },
+                    } => self.nacks.push((to, seqs)),
                     Action::SendUnreliable { to, msg } => {
                         let p = self.pops.iter().find(|p| p.addr == to).unwrap();
                         if !p.alive {
@@ -1061,9 +1227,144 @@ mod tests {
         assert_eq!(sim.source_changes(), [(addr(2), addr(3))]);
     }
 
+    fn two_pops_with(cfg: CoreConfig) -> Sim {
+        let mut sim = two_pops();
+        let pops = std::mem::take(&mut sim.pops);
+        Sim::with(cfg, pops)
+    }
+
+    fn seq_of(b: &Bytes) -> u64 {
+        u64::from_be_bytes(b[..8].try_into().unwrap())
+    }
+
+    /// A datagram whose payload starts with its seq (keyframe flag on request).
+    fn numbered(name: &str, seq: u64, key: bool, flags: u8) -> VideoPacket {
+        VideoPacket {
+            channel: ChannelId::of_name(name),
+            seq,
+            flags: flags | if key { video_flags::KEYFRAME } else { 0 },
+            payload: Bytes::from(seq.to_be_bytes().to_vec()),
+        }
+    }
+
+    #[test]
+    fn jitter_buffer_reorders_nacks_and_counts() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let a = addr(3);
+        let t = sim.now;
+        // 100 is the keyframe; 103 is lost, 102 and 101 swapped, 101 duplicated.
+        for (seq, key) in [
+            (100, true),
+            (102, false),
+            (101, false),
+            (101, false),
+            (104, false),
+        ] {
+            sim.core.handle_video(t, a, numbered("news", seq, key, 0));
+        }
+        sim.collect();
+        let got: Vec<u64> = sim.output.iter().map(|(_, b)| seq_of(b)).collect();
+        assert_eq!(got, [100, 101, 102]);
+        // The gap is NACKed to the stream's PoP after the reorder delay...
+        sim.run_for(Duration::from_millis(10));
+        assert_eq!(sim.nacks, [(a, vec![103])]);
+        // ...and the retransmission fills it.
+        let now = sim.now;
+        sim.core.handle_video(
+            now,
+            a,
+            numbered("news", 103, false, video_flags::RETRANSMIT),
+        );
+        sim.collect();
+        let got: Vec<u64> = sim.output.iter().map(|(_, b)| seq_of(b)).collect();
+        assert_eq!(got, [100, 101, 102, 103, 104]);
+        let v = &sim.core.snapshot(now).streams[0];
+        assert_eq!((v.packets, v.lost, v.duplicates), (5, 0, 1));
+        // 101 (a late original) and 103 filled gaps.
+        assert_eq!(
+            (
+                v.playout.recovered,
+                v.playout.nacks,
+                v.playout.retransmitted
+            ),
+            (2, 1, 1)
+        );
+        // A gap never repaired is skipped after the latency (the core's timer does it), and
+        // the retransmission arriving after that is late.
+        sim.core
+            .handle_video(now, a, numbered("news", 106, false, 0));
+        sim.run_for(Duration::from_millis(199));
+        assert_eq!(sim.output.len(), 5);
+        sim.run_for(Duration::from_millis(2));
+        assert_eq!(seq_of(&sim.output.last().unwrap().1), 106);
+        let now = sim.now;
+        assert!(sim
+            .core
+            .handle_video(now, a, numbered("news", 105, false, 0))
+            .is_none());
+        let v = &sim.core.snapshot(now).streams[0];
+        assert_eq!((v.lost, v.playout.skipped, v.playout.late), (1, 1, 1));
+        assert!(v.playout.nacks > 1);
+        sim.collect();
+        sim.events.clear();
+        sim.run_for(Duration::from_secs(1));
+        let stats = sim
+            .events
+            .iter()
+            .find_map(|(_, e)| match e {
+                StatEvent::Stats {
+                    skipped, recovered, ..
+                } => Some((*skipped, *recovered)),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(stats, (1, 2));
+    }
+
+    #[test]
+    fn no_recovery_sends_no_nacks_and_source_change_flushes() {
+        let mut sim = two_pops_with(CoreConfig {
+            recovery: false,
+            ..CoreConfig::default()
+        });
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let (a, b) = (addr(3), addr(2));
+        let t = sim.now;
+        for seq in [10, 12, 13] {
+            sim.core
+                .handle_video(t, a, numbered("news", seq, seq == 10, 0));
+        }
+        sim.run_for(Duration::from_millis(50));
+        assert!(sim.nacks.is_empty());
+        assert_eq!(sim.output.len(), 1);
+        // The PoP dies: its held datagrams are released at the source change (11 skipped).
+        sim.pop(a).alive = false;
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.stream_pop("news"), Some(b));
+        let got: Vec<u64> = sim.output.iter().map(|(_, b)| seq_of(b)).collect();
+        assert_eq!(got, [10, 12, 13]);
+        // The replica numbers differently; it starts at its keyframe.
+        let now = sim.now;
+        for seq in [5_000_001, 5_000_000] {
+            sim.core
+                .handle_video(now, b, numbered("news", seq, seq == 5_000_000, 0));
+        }
+        sim.collect();
+        let got: Vec<u64> = sim.output.iter().map(|(_, b)| seq_of(b)).collect();
+        assert_eq!(got, [10, 12, 13, 5_000_000, 5_000_001]);
+        assert_eq!(sim.core.snapshot(now).streams[0].lost, 1);
+    }
+
     #[test]
     fn video_is_deduplicated_counted_and_reset_on_source_change() {
-        let mut sim = two_pops();
+        // Pass-through (--latency 0): the old behaviour.
+        let mut sim = two_pops_with(CoreConfig {
+            latency: Duration::ZERO,
+            ..CoreConfig::default()
+        });
         sim.play("news");
         sim.run_for(Duration::from_secs(1));
         let (a, b) = (addr(3), addr(2));

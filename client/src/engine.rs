@@ -264,12 +264,9 @@ pub async fn run(
                 }
                 Some(Incoming::Message { from, msg, .. }) => e.core.handle_message(now(), from, msg),
                 Some(Incoming::Video { from, packet, .. }) => {
-                    let keyframe = packet.flags & common::wire::video_flags::KEYFRAME != 0;
-                    if let Some((name, payload)) = e.core.handle_video(now(), from, packet) {
-                        e.arrival(now(), &name, from, keyframe, &payload);
-                        if let Some(o) = e.outputs.get_mut(&name) {
-                            o.write(&payload);
-                        }
+                    let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
+                    if let Some(name) = e.core.handle_video(now(), from, packet) {
+                        e.arrival(now(), &name, from, keyframe);
                     }
                 }
                 Some(Incoming::TimedOut { peer, .. }) => {
@@ -375,6 +372,7 @@ impl Engine {
         if self.core.stop(now, name, reason) {
             info!(stream = name, reason, "stream stopped");
         }
+        self.write_output();
         if let Some(o) = self.outputs.remove(name) {
             o.close().await;
         }
@@ -408,7 +406,17 @@ impl Engine {
         }
     }
 
+    /// Hands what the core released (in order per stream) to the sinks.
+    fn write_output(&mut self) {
+        while let Some((name, payload)) = self.core.poll_output() {
+            if let Some(o) = self.outputs.get_mut(&name) {
+                o.write(&payload);
+            }
+        }
+    }
+
     async fn drain_actions(&mut self) {
+        self.write_output();
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::SendUnreliable { to, msg } => {
@@ -427,17 +435,7 @@ impl Engine {
     }
 
     /// Stats of arrivals: the first keyframe, and silences ended (`gap`).
-    fn arrival(&mut self, now: Instant, name: &str, pop: SocketAddr, key: bool, payload: &[u8]) {
-        // The server's KEYFRAME flag, else a random access point starting a video PES (audio
-        // packets carry the indicator too).
-        let key = key
-            || payload.chunks(188).any(|c| {
-                common::ts::TsPacket::parse(c).is_ok_and(|p| {
-                    p.random_access_indicator()
-                        && p.payload_unit_start()
-                        && matches!(p.payload(), [0, 0, 1, id, ..] if id & 0xF0 == 0xE0)
-                })
-            });
+    fn arrival(&mut self, now: Instant, name: &str, pop: SocketAddr, key: bool) {
         let (last, keyed) = self.arrivals.entry(name.to_owned()).or_insert((now, false));
         let gap = now.saturating_duration_since(*last);
         *last = now;

@@ -8,7 +8,8 @@
 //!
 //! Layout:
 //! * [`core`] — the protocol logic, an I/O-free state machine fed `(now, event)` (fake-clock
-//!   tests); [`seq`] — duplicate suppression and loss counting by sequence number.
+//!   tests); [`seq`] — duplicate suppression and loss counting by sequence number (`--latency
+//!   0`); [`playout`] — per-stream jitter buffer and NACK loss recovery.
 //! * [`engine`] — the tokio task that drives the core: network (through the one task owning
 //!   the socket, `common::transport`), sinks, stats file, GUI snapshot.
 //! * [`outputs`] — player, recording and UDP sinks (player choice and flags documented there).
@@ -20,5 +21,6 @@ pub mod core;
 pub mod engine;
 pub mod gui;
 pub mod outputs;
+pub mod playout;
 pub mod seq;
 pub mod stats;

@@ -62,6 +62,11 @@ fn log_summary(s: &Summary) {
             cc_lost = v.cc_lost,
             duplicates = v.duplicates,
             source_changes = v.source_changes,
+            skipped = v.playout.skipped,
+            late = v.playout.late,
+            recovered = v.playout.recovered,
+            nacks = v.playout.nacks,
+            retransmitted = v.playout.retransmitted,
             "summary"
         );
     }

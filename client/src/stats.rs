@@ -13,13 +13,21 @@
 //! {"event":"first_keyframe","t_ms":852,"stream":"news","pop":"127.0.0.2:8010"}
 //! {"event":"gap","t_ms":6210,"stream":"news","pop":"127.0.0.3:8010","gap_ms":412.5}
 //! {"event":"source_changed","t_ms":5120,"stream":"news","from":"127.0.0.2:8010","to":"127.0.0.3:8010"}
-//! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0}
+//! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0,"late":0,"skipped":0,"recovered":3,"nacks":3,"retransmitted":3}
 //! {"event":"stop","t_ms":9000,"stream":"news","reason":"exit"}
 //! ```
 //!
-//! `stats` lines come every second for each stream that has a source, with cumulative counts:
-//! `packets` are datagrams kept after duplicate suppression, `bytes` their payload bytes, `lost`
-//! sequence numbers never received (gaps), `cc_lost` TS packets missing by continuity counter.
+//! `stats` lines come every second for each stream that has a source (and once at `stop`), with
+//! cumulative counts: `packets` are datagrams handed to the sinks (released by the jitter
+//! buffer, in order; duplicates never reach them), `bytes` their payload bytes, `lost` sequence
+//! numbers the viewer never got: skipped by the jitter buffer after recovery (equal to
+//! `skipped`; with `--latency 0`, sequence gaps), `cc_lost` TS packets missing by continuity
+//! counter, `duplicates` copies dropped. Recovery and jitter buffer (all 0 with `--latency 0`):
+//! `late` datagrams that arrived after their slot was given up, `skipped` sequence numbers
+//! given up (never played), `recovered` missing datagrams that arrived in time (NACKed
+//! retransmissions or late originals), `nacks` `Nack` messages sent to the PoP,
+//! `retransmitted` datagrams received flagged `RETRANSMIT` (every copy, useful or not: the
+//! recovery overhead).
 //! `first_keyframe` is the first datagram flagged `KEYFRAME` or carrying a TS random access
 //! indicator (a player can start decoding there). `gap` is written when a datagram ends a
 //! silence longer than 100 ms in a stream that already had packets: `gap_ms` is the time since
@@ -96,11 +104,12 @@ pub enum StatEvent {
         stream: String,
         /// Current source.
         pop: SocketAddr,
-        /// Datagrams kept (after duplicate suppression).
+        /// Datagrams handed to the sinks.
         packets: u64,
-        /// Payload bytes kept.
+        /// Their payload bytes.
         bytes: u64,
-        /// Sequence numbers lost (gaps).
+        /// Sequence numbers lost for the viewer (skipped by the jitter buffer; with
+        /// `--latency 0`, gaps).
         lost: u64,
         /// TS packets lost according to continuity counters.
         cc_lost: u64,
@@ -108,6 +117,16 @@ pub enum StatEvent {
         duplicates: u64,
         /// Source changes so far.
         source_changes: u64,
+        /// Datagrams arriving after their slot was given up.
+        late: u64,
+        /// Sequence numbers given up by the jitter buffer.
+        skipped: u64,
+        /// Missing datagrams that arrived in time.
+        recovered: u64,
+        /// `Nack` messages sent.
+        nacks: u64,
+        /// Datagrams received flagged `RETRANSMIT`.
+        retransmitted: u64,
     },
     /// A stream stopped.
     Stop {

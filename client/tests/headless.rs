@@ -156,6 +156,80 @@ async fn fails_over_to_the_next_pop_and_keeps_receiving() {
     assert!(stderr.contains("source changed"), "{stderr}");
 }
 
+/// Every 20th datagram is dropped on first send; the fake PoP answers NACKs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_datagrams_are_recovered_by_nacks() {
+    let pop = FakePop::start_lossy(
+        "127.0.64.1:0".parse().unwrap(),
+        Duration::ZERO,
+        0,
+        false,
+        4,
+        20,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, stats, record) = common_args(&[&pop], dir.path(), "4");
+    args.extend(["--video-player".into(), "none".into()]);
+    let (ok, stderr) = run_client(&args, None).await;
+    assert!(ok, "client failed:\n{stderr}");
+    let ev = events(&stats);
+    let sent = pop.sent.lock().unwrap().clone();
+    assert!(sent.len() >= 200, "{}", sent.len());
+    assert!(!pop.resent.lock().unwrap().is_empty(), "no NACK answered");
+    let last = *of_kind(&ev, "stats").last().unwrap();
+    eprintln!("last stats: {last}");
+    assert!(
+        last["recovered"].as_u64().unwrap() >= (sent.len() / 20) as u64 - 1,
+        "{last}"
+    );
+    assert!(last["nacks"].as_u64().unwrap() > 0, "{last}");
+    assert!(last["retransmitted"].as_u64().unwrap() > 0, "{last}");
+    assert_eq!(last["skipped"], 0, "{last}");
+    assert_eq!(last["lost"], 0, "{last}");
+    assert_eq!(last["packets"], sent.len() as u64, "{last}");
+    let recorded = std::fs::read(&record).unwrap();
+    let expected: Vec<u8> = sent.iter().flat_map(|b| b.iter().copied()).collect();
+    assert_eq!(recorded.len(), expected.len());
+    assert!(recorded == expected, "recording differs from what was sent");
+}
+
+/// The same loss with `--no-recovery`: the jitter buffer skips the holes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_recovery_lost_datagrams_are_skipped() {
+    let pop = FakePop::start_lossy(
+        "127.0.65.1:0".parse().unwrap(),
+        Duration::ZERO,
+        0,
+        false,
+        4,
+        20,
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut args, stats, record) = common_args(&[&pop], dir.path(), "4");
+    args.extend([
+        "--video-player".into(),
+        "none".into(),
+        "--no-recovery".into(),
+    ]);
+    let (ok, stderr) = run_client(&args, None).await;
+    assert!(ok, "client failed:\n{stderr}");
+    let ev = events(&stats);
+    let sent = pop.sent.lock().unwrap().clone();
+    assert!(pop.resent.lock().unwrap().is_empty());
+    let last = *of_kind(&ev, "stats").last().unwrap();
+    eprintln!("last stats: {last}");
+    let dropped = (sent.len() / 20) as u64;
+    assert_eq!(last["skipped"], dropped, "{last}");
+    assert_eq!(last["lost"], dropped, "{last}");
+    assert_eq!(last["nacks"], 0, "{last}");
+    assert_eq!(last["recovered"], 0, "{last}");
+    assert_eq!(last["packets"], sent.len() as u64 - dropped, "{last}");
+    let recorded = std::fs::read(&record).unwrap();
+    assert!(recorded.len() < sent.iter().map(|b| b.len()).sum::<usize>());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_mpv_is_reported_and_the_stream_goes_on() {
     let pop = FakePop::start("127.0.63.1:0".parse().unwrap(), Duration::ZERO, 0, true).await;

@@ -9,7 +9,7 @@ use common::transport::{Incoming, Transport, TransportConfig};
 use common::ts::{DatagramChunker, TsSplitter};
 use common::wire::{Body, ChannelId, ChannelInfo, Datagram, Message, VideoPacket};
 use common::NodeId;
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -76,11 +76,14 @@ pub fn clip() -> Arc<Vec<Bytes>> {
 
 /// A fake PoP: answers pings (after `pong_delay`) and channel lists, accepts subscriptions and
 /// streams the clip to its subscribers every 5 ms. `alive = false` makes it silent.
+/// It answers `Nack`s by resending the datagrams asked for (flagged `RETRANSMIT`).
 pub struct FakePop {
     pub addr: SocketAddr,
     pub alive: Arc<AtomicBool>,
-    /// Payloads sent to subscribers, in order.
+    /// Payloads sent to subscribers, in order (including those dropped on first send).
     pub sent: Arc<Mutex<Vec<Bytes>>>,
+    /// Seqs resent in answer to NACKs.
+    pub resent: Arc<Mutex<Vec<u64>>>,
     stop: CancellationToken,
 }
 
@@ -90,6 +93,20 @@ impl FakePop {
         pong_delay: Duration,
         seq0: u64,
         looping: bool,
+    ) -> FakePop {
+        FakePop::start_lossy(addr, pong_delay, seq0, looping, 1, 0).await
+    }
+
+    /// Like [`FakePop::start`], but a non-looping PoP sends the clip `rounds` times, and every
+    /// `drop_every`-th datagram (not the very last) is not sent the first time (0: none
+    /// dropped); a NACK gets it.
+    pub async fn start_lossy(
+        addr: SocketAddr,
+        pong_delay: Duration,
+        seq0: u64,
+        looping: bool,
+        rounds: usize,
+        drop_every: usize,
     ) -> FakePop {
         let socket = UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
@@ -104,13 +121,18 @@ impl FakePop {
         let alive = Arc::new(AtomicBool::new(true));
         let sent = Arc::new(Mutex::new(Vec::new()));
         let subscribers = Arc::new(Mutex::new(BTreeSet::<SocketAddr>::new()));
+        let resent = Arc::new(Mutex::new(Vec::new()));
+        // seq → the datagram flagged RETRANSMIT.
+        let store = Arc::new(Mutex::new(HashMap::<u64, Bytes>::new()));
         let channel = ChannelId::of_name(CHANNEL);
         {
-            let (t, alive, subs, stop) = (
+            let (t, alive, subs, stop, store, resent) = (
                 transport.clone(),
                 alive.clone(),
                 subscribers.clone(),
                 stop.clone(),
+                store.clone(),
+                resent.clone(),
             );
             tokio::spawn(async move {
                 loop {
@@ -153,6 +175,15 @@ impl FakePop {
                         Message::Unsubscribe { channel: c } if c == channel => {
                             subs.lock().unwrap().remove(&from);
                         }
+                        Message::Nack { channel: c, seqs } if c == channel => {
+                            for seq in seqs {
+                                let d = store.lock().unwrap().get(&seq).cloned();
+                                if let Some(d) = d {
+                                    resent.lock().unwrap().push(seq);
+                                    let _ = t.send_bytes(from, d).await;
+                                }
+                            }
+                        }
                         _ => {}
                     }
                 }
@@ -174,23 +205,37 @@ impl FakePop {
                     if !alive.load(Ordering::SeqCst) || subs.is_empty() {
                         continue;
                     }
-                    if i >= clip.len() && !looping {
+                    let total = clip.len() * rounds;
+                    if i >= total && !looping {
                         continue;
                     }
                     let payload = clip[i % clip.len()].clone();
-                    let bytes = Datagram::new(
-                        NodeId::for_ip(addr.ip()),
-                        Body::Video(VideoPacket {
-                            channel,
-                            seq: seq0 + i as u64,
-                            flags: 0,
-                            payload: payload.clone(),
-                        }),
-                    )
-                    .encode()
-                    .unwrap();
-                    for s in subs {
-                        let _ = transport.send_bytes(s, bytes.clone()).await;
+                    let seq = seq0 + i as u64;
+                    let encode = |flags| {
+                        Datagram::new(
+                            NodeId::for_ip(addr.ip()),
+                            Body::Video(VideoPacket {
+                                channel,
+                                seq,
+                                flags,
+                                payload: payload.clone(),
+                            }),
+                        )
+                        .encode()
+                        .unwrap()
+                    };
+                    let bytes = encode(0);
+                    {
+                        let mut st = store.lock().unwrap();
+                        st.insert(seq, encode(common::wire::video_flags::RETRANSMIT));
+                        st.remove(&seq.wrapping_sub(1000));
+                    }
+                    let dropped =
+                        drop_every > 0 && (i + 1) % drop_every == 0 && (looping || i + 1 < total);
+                    if !dropped {
+                        for s in subs {
+                            let _ = transport.send_bytes(s, bytes.clone()).await;
+                        }
                     }
                     sent.lock().unwrap().push(payload);
                     i += 1;
@@ -201,6 +246,7 @@ impl FakePop {
             addr,
             alive,
             sent,
+            resent,
             stop,
         }
     }
