@@ -39,8 +39,8 @@
 //! With [`RelayConfig::recovery`] (the default; `--no-recovery` turns it off), every datagram
 //! sent live to a channel's subscribers (the same encoded `Bytes`) also goes into the channel's
 //! [`RetransmitBuffer`]; a `Nack` from a subscriber of the channel is answered from it, to that
-//! subscriber only, with the original bytes (not flagged `RETRANSMIT`, which would cost a
-//! decode and an encode per retransmission). A node tracks the video of each channel from its
+//! subscriber only, flagged `RETRANSMIT` (one decode + encode per resend, a few % of the
+//! traffic) so receivers can count the recovery overhead. A node tracks the video of each channel from its
 //! current upstream with a [`NackTracker`] (deadline [`RelayConfig::recovery_deadline`]):
 //! duplicates and datagrams whose gap was given up are dropped, new and recovered ones are
 //! forwarded and buffered (so recovery also fills downstream gaps), a seq jump (reset) clears
@@ -686,11 +686,12 @@ impl Engine {
         let Some(buf) = self.retx.get_mut(&channel) else {
             return;
         };
-        // The exact bytes sent originally (not flagged RETRANSMIT: that would cost a decode
-        // and an encode per retransmission).
         for (_, bytes) in buf.handle_nack(t, sender, seqs) {
             self.stats.retransmitted += 1;
             self.stats.video_out += 1;
+            // Flagged RETRANSMIT (one re-encode per resend, a few % of the traffic) so receivers
+            // can count the recovery overhead.
+            let bytes = common::nack::mark_retransmit(&bytes).unwrap_or(bytes);
             let _ = self.transport.send_bytes(from, bytes).await;
         }
     }
