@@ -304,17 +304,8 @@ impl Lab {
     fn client(&mut self, name: &str, extra: &[String]) -> anyhow::Result<PathBuf> {
         let stats = self.dir.join(format!("{name}-stats.jsonl"));
         let pops: Vec<String> = self.plan.pops.iter().map(|p| p.to_string()).collect();
-        let mut a: Vec<OsString> = vec![
-            "--servers".into(),
-            pops.join(",").into(),
-            "--headless".into(),
-            "--video-player".into(),
-            "none".into(),
-            "--stats".into(),
-            stats.clone().into(),
-            "--stream".into(),
-            CHANNEL.into(),
-        ];
+        let mut a = crate::headless_client_args(&pops, &stats);
+        a.extend(["--stream".into(), CHANNEL.into()]);
         a.extend(extra.iter().chain(&self.client_args).map(OsString::from));
         self.sup.spawn(name, self.bins.path("client"), a)?;
         Ok(stats)

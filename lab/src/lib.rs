@@ -207,6 +207,20 @@ pub fn server_args(plan: &Plan, ip: IpAddr, media: &Media, impair: Option<&str>)
     a
 }
 
+/// Arguments of a headless client without a player, watching `pops` and writing its stats to
+/// `stats` (the tests' and the benchmark's client).
+pub fn headless_client_args(pops: &[String], stats: &std::path::Path) -> Vec<OsString> {
+    vec![
+        "--servers".into(),
+        pops.join(",").into(),
+        "--headless".into(),
+        "--video-player".into(),
+        "none".into(),
+        "--stats".into(),
+        stats.into(),
+    ]
+}
+
 /// Waits until `addr` accepts TCP connections (the bootstrapper is up), up to `within`.
 pub async fn wait_for_tcp(addr: SocketAddr, within: Duration) -> anyhow::Result<()> {
     let t0 = std::time::Instant::now();

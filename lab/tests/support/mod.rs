@@ -140,15 +140,8 @@ impl Overlay {
     /// Starts a headless client with `--stats` into the scratch folder; returns the stats path.
     pub fn client(&mut self, name: &str, pops: &[&str], extra: &[&str]) -> PathBuf {
         let stats = self.dir.path().join(format!("{name}-stats.jsonl"));
-        let mut args: Vec<OsString> = vec![
-            "--servers".into(),
-            pops.join(",").into(),
-            "--headless".into(),
-            "--video-player".into(),
-            "none".into(),
-            "--stats".into(),
-            stats.clone().into(),
-        ];
+        let pops: Vec<String> = pops.iter().map(|p| p.to_string()).collect();
+        let mut args = lab::headless_client_args(&pops, &stats);
         args.extend(extra.iter().map(OsString::from));
         let _g = self.rt.enter();
         self.sup
