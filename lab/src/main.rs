@@ -40,7 +40,8 @@ struct Args {
     /// No window: the client runs headless and the lab prints a summary every 5 s.
     #[arg(long)]
     headless: bool,
-    /// Player of the client: mpv, ffplay, none, or auto (mpv if installed, else ffplay).
+    /// Player of the client: mpv, ffplay, none, or auto (mpv if installed, else ffplay; none
+    /// when headless).
     #[arg(long, default_value = "auto")]
     video_player: String,
     /// Scenario file (timed kills, restarts, impairments); see lab/src/scenario.rs.
@@ -171,7 +172,7 @@ async fn run(
             "--stats".into(),
             stats_path.clone().into(),
             "--video-player".into(),
-            player(&args.video_player).into(),
+            player(&args.video_player, headless).into(),
         ];
         let streams: Vec<String> =
             if args.streams.is_empty() && media.videos.is_none() && media.sources.is_empty() {
@@ -256,10 +257,14 @@ fn on_path(program: &str) -> bool {
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
 }
 
-/// The player to give the client: `auto` picks mpv, else ffplay, else none (with a hint).
-fn player(choice: &str) -> String {
+/// The player to give the client: `auto` picks mpv, else ffplay, else none (with a hint); with
+/// no display (headless) `auto` means none: a player could not open a window.
+fn player(choice: &str, headless: bool) -> String {
     if choice != "auto" {
         return choice.to_owned();
+    }
+    if headless {
+        return "none".to_owned();
     }
     for p in ["mpv", "ffplay"] {
         if on_path(p) {

@@ -63,7 +63,9 @@ fn run_lab_until_streaming(net: u8, dir: &std::path::Path) -> (std::process::Chi
     .unwrap();
     let logs = dir.join("logs");
     let child = Command::new(env!("CARGO_BIN_EXE_lab"))
-        .args(["--no-build", "--headless", "--video-player", "none"])
+        // The default player choice: with --headless the lab must not start one (it would exit
+        // without a display and stop the stream).
+        .args(["--no-build", "--headless"])
         .arg("--topology")
         .arg(&topo)
         .args(["--bootstrapper-ip", &format!("127.0.{net}.250")])
@@ -81,7 +83,7 @@ fn run_lab_until_streaming(net: u8, dir: &std::path::Path) -> (std::process::Chi
         let s = lab::stats::Summary::load(&stats);
         if s.streams
             .get(lab::DEMO_CHANNEL)
-            .is_some_and(|d| d.packets > 20)
+            .is_some_and(|d| d.packets > 300)
         {
             break;
         }
