@@ -55,6 +55,10 @@ pub struct FailureConfig {
     pub k: u32,
     /// How long a peer that died and came back stays unusable. Default 2 s.
     pub hold_down: Duration,
+    /// Heartbeat period of *fast* peers ([`FailureDetector::set_fast`]). Default 25 ms.
+    pub fast_interval: Duration,
+    /// Heartbeat periods of silence before a fast peer is dead. Default 6 (150 ms).
+    pub fast_k: u32,
 }
 
 impl Default for FailureConfig {
@@ -63,6 +67,8 @@ impl Default for FailureConfig {
             heartbeat_interval: Duration::from_millis(100),
             k: 8,
             hold_down: Duration::from_secs(2),
+            fast_interval: Duration::from_millis(25),
+            fast_k: 6,
         }
     }
 }
@@ -73,14 +79,26 @@ impl FailureConfig {
         self.heartbeat_interval.saturating_mul(self.k.max(1))
     }
 
+    /// The timeout of a fast peer without RTT information: `fast_k × fast_interval`.
+    pub fn fast_floor(&self) -> Duration {
+        self.fast_interval.saturating_mul(self.fast_k.max(1))
+    }
+
     /// The timeout for a peer with this smoothed RTT and variation:
     /// `max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)`.
     pub fn timeout(&self, srtt: Duration, rttvar: Duration) -> Duration {
-        self.floor().max(
-            srtt.saturating_mul(2)
-                .saturating_add(rttvar.saturating_mul(4)),
-        )
+        self.floor().max(rtt_term(srtt, rttvar))
     }
+
+    /// The timeout of a fast peer: `max(fast_k × fast_interval, 2·SRTT + 4·RTTVAR)`.
+    pub fn fast_timeout(&self, srtt: Duration, rttvar: Duration) -> Duration {
+        self.fast_floor().max(rtt_term(srtt, rttvar))
+    }
+}
+
+fn rtt_term(srtt: Duration, rttvar: Duration) -> Duration {
+    srtt.saturating_mul(2)
+        .saturating_add(rttvar.saturating_mul(4))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -89,7 +107,9 @@ struct PeerState {
     alive: bool,
     /// When it came back after being declared dead (start of the hold-down).
     revived_at: Option<Instant>,
-    timeout: Duration,
+    /// Last RTT estimate (SRTT, RTTVAR).
+    rtt: Option<(Duration, Duration)>,
+    fast: bool,
 }
 
 /// Per-peer liveness (see the module documentation). `P` is the peer's key, normally its
@@ -117,12 +137,12 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
     /// Starts watching `peer`, presumed alive at `now` (its silence counts from `now`). No
     /// effect on a watched peer.
     pub fn watch(&mut self, now: Instant, peer: P) {
-        let timeout = self.cfg.floor();
         self.peers.entry(peer).or_insert(PeerState {
             last_heard: now,
             alive: true,
             revived_at: None,
-            timeout,
+            rtt: None,
+            fast: false,
         });
     }
 
@@ -161,9 +181,31 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
     /// A new RTT estimate of `peer`: its timeout becomes
     /// `max(k × heartbeat_interval, 2·srtt + 4·rttvar)`.
     pub fn rtt_sample(&mut self, peer: P, srtt: Duration, rttvar: Duration) {
-        let timeout = self.cfg.timeout(srtt, rttvar);
         if let Some(p) = self.peers.get_mut(&peer) {
-            p.timeout = timeout;
+            p.rtt = Some((srtt, rttvar));
+        }
+    }
+
+    /// Makes `peer` fast (or normal again): the caller heartbeats it every
+    /// [`FailureConfig::fast_interval`], and its timeout's floor is `fast_k × fast_interval`
+    /// (see the module documentation). Its silence so far counts against the new timeout.
+    pub fn set_fast(&mut self, peer: P, fast: bool) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            p.fast = fast;
+        }
+    }
+
+    /// Whether `peer` is watched and fast.
+    pub fn is_fast(&self, peer: P) -> bool {
+        self.peers.get(&peer).is_some_and(|p| p.fast)
+    }
+
+    fn peer_timeout(cfg: &FailureConfig, p: &PeerState) -> Duration {
+        match (p.fast, p.rtt) {
+            (false, None) => cfg.floor(),
+            (true, None) => cfg.fast_floor(),
+            (false, Some((s, v))) => cfg.timeout(s, v),
+            (true, Some((s, v))) => cfg.fast_timeout(s, v),
         }
     }
 
@@ -176,7 +218,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
     pub fn timeout(&self, peer: P) -> Duration {
         self.peers
             .get(&peer)
-            .map_or(self.cfg.floor(), |p| p.timeout)
+            .map_or(self.cfg.floor(), |p| Self::peer_timeout(&self.cfg, p))
     }
 
     /// Declares `peer` dead now (e.g. a reliable message to it timed out, or it said goodbye).
@@ -194,7 +236,11 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
         let mut dead: Vec<P> = self
             .peers
             .iter()
-            .filter(|(_, p)| p.alive && now.saturating_duration_since(p.last_heard) >= p.timeout)
+            .filter(|(_, p)| {
+                p.alive
+                    && now.saturating_duration_since(p.last_heard)
+                        >= Self::peer_timeout(&self.cfg, p)
+            })
             .map(|(k, _)| *k)
             .collect();
         dead.sort();
@@ -212,7 +258,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
         self.peers
             .values()
             .filter(|p| p.alive)
-            .map(|p| p.last_heard + p.timeout)
+            .map(|p| p.last_heard + Self::peer_timeout(&self.cfg, p))
             .min()
     }
 
@@ -401,5 +447,87 @@ mod tests {
         let dflt = FailureConfig::default();
         assert_eq!(dflt.timeout(200 * MS, 25 * MS), 800 * MS);
         assert_eq!(dflt.timeout(400 * MS, 50 * MS), 1000 * MS);
+    }
+
+    /// Simulates `secs` seconds of a fast peer over a link losing each datagram with
+    /// probability `loss` each way: our heartbeats every `fast_interval` (answered), its own
+    /// pings every 100 ms, and `video_per_s` video datagrams a second. Returns the false deaths.
+    fn fast_false_deaths(
+        cfg: FailureConfig,
+        loss: f64,
+        video_per_s: u64,
+        secs: u64,
+        seed: u64,
+    ) -> usize {
+        let t0 = Instant::now();
+        let mut rng = Rng::seeded(seed);
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t0, 1u8);
+        d.set_fast(1, true);
+        d.rtt_sample(1, MS, MS / 2);
+        // Arrival times of everything that gets through, in 1 ms steps.
+        let mut deaths = 0;
+        let hb = cfg.fast_interval.as_millis() as u64;
+        let video_every = if video_per_s == 0 {
+            u64::MAX
+        } else {
+            1000 / video_per_s
+        };
+        for ms in 0..secs * 1000 {
+            let now = t0 + MS * ms as u32;
+            deaths += d.poll_dead(now).len();
+            let mut heard = false;
+            // Our heartbeat sent 1 ms ago, answered now.
+            if ms % hb == 1 && !rng.chance(loss) && !rng.chance(loss) {
+                heard = true;
+            }
+            if ms % 100 == 50 && !rng.chance(loss) {
+                heard = true;
+            }
+            if ms % video_every == 3 && !rng.chance(loss) {
+                heard = true;
+            }
+            if heard {
+                d.heard(now, 1);
+            }
+        }
+        deaths
+    }
+
+    #[test]
+    fn a_fast_peer_dies_within_150_ms_and_not_falsely_at_ten_percent_loss() {
+        let cfg = FailureConfig::default();
+        let t = Instant::now();
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t, "up");
+        d.watch(t, "other");
+        d.set_fast("up", true);
+        assert!(d.is_fast("up") && !d.is_fast("other"));
+        assert_eq!(d.timeout("up"), 150 * MS);
+        assert_eq!(d.poll_timeout(), Some(t + 150 * MS));
+        assert!(d.poll_dead(t + 149 * MS).is_empty());
+        assert_eq!(d.poll_dead(t + 150 * MS), vec!["up"]);
+        // Back to normal: the ordinary floor (k × 100 ms).
+        d.set_fast("other", true);
+        d.set_fast("other", false);
+        assert_eq!(d.timeout("other"), 800 * MS);
+        // The RTT term still applies to a fast peer on a long link.
+        d.rtt_sample("up", 100 * MS, 10 * MS);
+        assert_eq!(d.timeout("up"), 240 * MS, "2·100 + 4·10");
+
+        // 10 minutes at 10 % loss each way, streaming 50 datagrams/s: no false death.
+        for seed in 1..=3 {
+            assert_eq!(
+                fast_false_deaths(cfg, 0.10, 50, 600, seed),
+                0,
+                "seed {seed}"
+            );
+        }
+        // Heartbeats only (a stalled source): ≈ 0.03 expected per 10 min.
+        assert!(fast_false_deaths(cfg, 0.10, 0, 600, 4) <= 1);
+        // Teeth: with fast_k = 2 (50 ms) the heartbeats-only link dies falsely, often.
+        let k2 = FailureConfig { fast_k: 2, ..cfg };
+        let n = fast_false_deaths(k2, 0.10, 0, 600, 4);
+        assert!(n > 50, "fast_k = 2: {n} false deaths");
     }
 }
