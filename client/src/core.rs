@@ -268,6 +268,7 @@ impl ClientCore {
             heartbeat_interval: interval,
             k: u32::try_from(k).unwrap_or(u32::MAX),
             hold_down: cfg.hold_down,
+            ..FailureConfig::default()
         });
         for p in &pops {
             liveness.watch(now, p.addr);
