@@ -40,6 +40,11 @@ pub struct OverlayArgs {
     /// brings.
     #[arg(long)]
     pub no_recovery: bool,
+    /// Hitless failover: receive every channel through this many upstreams (1 or 2) on
+    /// different paths where the topology allows, merged by sequence number (SMPTE 2022-7
+    /// style). Costs one more copy of each watched channel on the links of the second path.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
+    pub redundancy: u8,
 }
 
 impl OverlayArgs {

@@ -61,7 +61,7 @@ use common::wire::{
     VideoPacket,
 };
 use common::NodeId;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -113,6 +113,10 @@ pub struct RelayConfig {
     pub recovery_deadline: Duration,
     /// Bounds and rate limits of the per-channel retransmission buffers.
     pub retransmit: RetransmitConfig,
+    /// Upstreams per received channel (`--redundancy`, 1 or 2). With 2, each channel is also
+    /// subscribed at a *secondary* upstream, on a path disjoint from the primary's where the
+    /// routes allow, and the two are merged by seq (see the module docs). Default 1.
+    pub redundancy: u8,
 }
 
 impl Default for RelayConfig {
@@ -132,6 +136,7 @@ impl Default for RelayConfig {
             recovery: true,
             recovery_deadline: Duration::from_millis(150),
             retransmit: RetransmitConfig::default(),
+            redundancy: 1,
         }
     }
 }
@@ -141,6 +146,7 @@ impl RelayConfig {
     pub fn from_args(args: &common::host::OverlayArgs) -> RelayConfig {
         RelayConfig {
             recovery: !args.no_recovery,
+            redundancy: args.redundancy.clamp(1, 2),
             ..RelayConfig::default()
         }
     }
@@ -218,6 +224,15 @@ pub struct RelayStats {
     pub recovery_resets: u64,
     /// Datagrams currently held by the retransmission buffers.
     pub retransmit_datagrams: usize,
+    /// Per channel received through two upstreams (`redundancy` 2), its secondary upstream.
+    pub secondaries: BTreeMap<ChannelId, SocketAddr>,
+    /// Secondary upstreams subscribed.
+    pub secondary_subscribes: u64,
+    /// Secondaries that became primary (the primary died or a better route goes through it).
+    pub promotions: u64,
+    /// Datagrams delivered first by the secondary upstream (forwarded; the primary's copy,
+    /// if it comes, is a duplicate).
+    pub secondary_first: u64,
 }
 
 enum Command {
@@ -384,8 +399,24 @@ struct Engine {
     /// Per channel we send, what we sent recently (to answer NACKs). Only with `recovery`.
     retx: HashMap<ChannelId, RetransmitBuffer>,
     /// Per channel we receive, gap tracking of its current upstream (the address it tracks,
-    /// the RTT last fed to it). Only with `recovery`.
+    /// the RTT last fed to it). With `recovery`, or `redundancy` 2 (for the merge).
     trackers: HashMap<ChannelId, Tracked>,
+    /// Per channel, its secondary upstream (`redundancy` 2).
+    secondary: HashMap<ChannelId, Secondary>,
+    /// A switch of `(channel, to)` that is the promotion of its secondary (read by `apply`).
+    promoting: Option<(ChannelId, SocketAddr)>,
+    /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
+    fast: Vec<SocketAddr>,
+    next_fast_heartbeat: Instant,
+}
+
+/// The second upstream of a channel (`redundancy` 2).
+#[derive(Debug, Clone, Copy)]
+struct Secondary {
+    addr: SocketAddr,
+    /// When we subscribed (or last re-sent `Subscribe`).
+    subscribed: Instant,
+    last_video: Option<Instant>,
 }
 
 /// The [`NackTracker`] of one channel from one upstream.
@@ -448,6 +479,10 @@ impl Engine {
             gop: GopCaches::new(cfg.gop),
             retx: HashMap::new(),
             trackers: HashMap::new(),
+            secondary: HashMap::new(),
+            promoting: None,
+            fast: Vec::new(),
+            next_fast_heartbeat: t,
             cfg,
         }
     }
@@ -537,6 +572,7 @@ impl Engine {
                     .map(|t| t.tracker.stats().given_up)
                     .sum::<u64>();
                 s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
+                s.secondaries = self.secondary.iter().map(|(c, s)| (*c, s.addr)).collect();
                 for (ch, (subs, up)) in self.subs.snapshot() {
                     s.subscribers.insert(ch, subs);
                     if let Some(up) = up {
@@ -617,13 +653,15 @@ impl Engine {
     /// Classifies a datagram of `channel` from its current upstream `from`; false if it must be
     /// dropped (duplicate, or too late for this hop). Always true without recovery.
     fn track(&mut self, t: Instant, from: SocketAddr, channel: ChannelId, seq: u64) -> bool {
-        if !self.cfg.recovery {
+        if !self.tracking() {
             return true;
         }
-        if self
-            .trackers
-            .get(&channel)
-            .is_some_and(|tr| tr.upstream != from)
+        let from_secondary = self.secondary.get(&channel).is_some_and(|s| s.addr == from);
+        if !from_secondary
+            && self
+                .trackers
+                .get(&channel)
+                .is_some_and(|tr| tr.upstream != from)
         {
             self.drop_tracker(channel);
         }
@@ -644,7 +682,12 @@ impl Engine {
             }
         });
         match tr.tracker.on_packet(t, seq) {
-            Arrival::New => true,
+            Arrival::New => {
+                if from_secondary {
+                    self.stats.secondary_first += 1;
+                }
+                true
+            }
             Arrival::Recovered => {
                 self.stats.recovered += 1;
                 true
@@ -696,10 +739,16 @@ impl Engine {
         }
     }
 
+    /// Whether video from upstreams goes through a [`NackTracker`]: for recovery, or to merge
+    /// two upstreams (duplicates dropped) even without recovery.
+    fn tracking(&self) -> bool {
+        self.cfg.recovery || self.cfg.redundancy >= 2
+    }
+
     /// Sends the due NACKs of every channel to its current upstream (unreliably); expires the
-    /// retransmission buffers.
+    /// retransmission buffers. Without recovery, only expires the trackers' gaps (no NACK).
     async fn poll_nacks(&mut self, t: Instant) {
-        if !self.cfg.recovery {
+        if !self.tracking() {
             return;
         }
         for b in self.retx.values_mut() {
@@ -718,6 +767,9 @@ impl Engine {
         }
         for ch in stale {
             self.drop_tracker(ch);
+        }
+        if !self.cfg.recovery {
+            return;
         }
         for (up, channel, seqs) in out {
             self.stats.nacks_out += 1;
@@ -779,7 +831,7 @@ impl Engine {
                 self.video(t, from, packet).await;
             }
             Incoming::TimedOut { peer, .. } => {
-                if self.routing.is_neighbour(peer) || self.subs.upstream_hosts().contains(&peer) {
+                if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
                         self.routing.mark_dead(peer);
                         self.peer_dead(t, peer, "reliable message timed out").await;
@@ -849,7 +901,7 @@ impl Engine {
                 debug!(peer = %from, "goodbye");
                 let actions = self.subs.drop_peer(from);
                 self.apply(actions).await;
-                if (self.routing.is_neighbour(from) || self.subs.upstream_hosts().contains(&from))
+                if (self.routing.is_neighbour(from) || self.feeding_hosts().contains(&from))
                     && self.routing.is_alive(from)
                 {
                     self.routing.mark_dead(from);
@@ -952,7 +1004,10 @@ impl Engine {
                 self.previous.remove(&ch);
                 true
             }
-            Some(Upstream::Node(_)) => self.previous.get(&ch) == Some(&from),
+            Some(Upstream::Node(_)) => {
+                self.previous.get(&ch) == Some(&from)
+                    || self.secondary.get(&ch).is_some_and(|s| s.addr == from)
+            }
             _ => false,
         };
         if !accepted {
@@ -977,7 +1032,16 @@ impl Engine {
             }
             return;
         }
-        self.last_video.insert(ch, t);
+        let from_secondary = match self.secondary.get_mut(&ch) {
+            Some(s) if s.addr == from => {
+                s.last_video = Some(t);
+                true
+            }
+            _ => {
+                self.last_video.insert(ch, t);
+                false
+            }
+        };
         if packet.flags & video_flags::FROM_CACHE != 0 && self.gop.is_behind(ch, packet.seq) {
             // A new upstream's burst overlapping what we already forwarded.
             self.stats.gop_behind += 1;
@@ -986,7 +1050,8 @@ impl Engine {
         let (seq, keyframe) = (packet.seq, packet.flags & video_flags::KEYFRAME != 0);
         // Gap tracking of the current upstream only (the former one's last datagrams during a
         // switch are forwarded as before).
-        if self.subs.upstream(ch) == Some(Upstream::Node(from)) && !self.track(t, from, ch, seq) {
+        let tracked = from_secondary || self.subs.upstream(ch) == Some(Upstream::Node(from));
+        if tracked && !self.track(t, from, ch, seq) {
             return;
         }
         // Re-stamp the header with our id: decode (done by the transport) + encode once.
@@ -1007,6 +1072,26 @@ impl Engine {
         let t = now();
         for a in actions {
             match a {
+                SubAction::Subscribe(channel, up) if self.promoting == Some((channel, up)) => {
+                    // The secondary becomes primary: same origin, same seqs, already flowing;
+                    // the merge goes on (no new Subscribe, the tracker keeps its state).
+                    self.promoting = None;
+                    info!(%channel, upstream = %up, "subscribe upstream");
+                    let sec = self.secondary.remove(&channel);
+                    self.last_subscribe.insert(channel, t);
+                    match sec.and_then(|s| s.last_video) {
+                        Some(l) => self.last_video.insert(channel, l),
+                        None => self.last_video.remove(&channel),
+                    };
+                    let srtt = self.link_cost.get(&up).copied();
+                    if let Some(tr) = self.trackers.get_mut(&channel) {
+                        tr.upstream = up;
+                        if let Some(r) = srtt {
+                            tr.srtt = Some(r);
+                            tr.tracker.set_rtt(r);
+                        }
+                    }
+                }
                 SubAction::Subscribe(channel, up) => {
                     info!(%channel, upstream = %up, "subscribe upstream");
                     // A new upstream (maybe another replica, another seq space).
@@ -1032,6 +1117,7 @@ impl Engine {
                     }
                     if self.subs.upstream(channel).is_none() {
                         self.drop_tracker(channel);
+                        self.drop_secondary(channel, "channel not received").await;
                         self.fallback.remove(&channel);
                         self.previous.remove(&channel);
                         self.last_subscribe.remove(&channel);
@@ -1064,12 +1150,122 @@ impl Engine {
         self.unwatch_unused(t);
     }
 
-    /// Stops watching non-neighbour hosts that are no longer upstream of anything.
+    /// Every host that feeds us a channel: primary and secondary upstreams.
+    fn feeding_hosts(&self) -> BTreeSet<SocketAddr> {
+        let mut ups = self.subs.upstream_hosts();
+        ups.extend(self.secondary.values().map(|s| s.addr));
+        ups
+    }
+
+    /// Stops watching non-neighbour hosts that are no longer upstream of anything; makes the
+    /// feeding hosts (and only them) fast peers of the failure detector.
     fn unwatch_unused(&mut self, _t: Instant) {
-        let ups = self.subs.upstream_hosts();
+        let ups = self.feeding_hosts();
         for a in self.routing.watched_non_neighbours() {
             if !ups.contains(&a) {
                 self.routing.unwatch(a);
+            }
+        }
+        self.fast = self.routing.set_fast_peers(&ups);
+    }
+
+    /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
+    async fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
+        let Some(s) = self.secondary.remove(&channel) else {
+            return;
+        };
+        info!(%channel, upstream = %s.addr, reason, "unsubscribe secondary");
+        if self.routing.is_alive(s.addr) {
+            let _ = self
+                .transport
+                .send_reliable(s.addr, Message::Unsubscribe { channel })
+                .await;
+        }
+        self.unwatch_unused(now());
+    }
+
+    /// The best route for a secondary upstream of `channel` whose primary is `primary`: same
+    /// origin (same seqs), another neighbour, not a subscriber; a path sharing no relay with the
+    /// primary's is preferred (then cost). `None` if there is no such route.
+    fn choose_secondary(
+        &self,
+        t: Instant,
+        channel: ChannelId,
+        primary: SocketAddr,
+    ) -> Option<(crate::routing::Route, bool)> {
+        let prim = self.routing.route_via(channel, primary)?;
+        let relays = |r: &crate::routing::Route| -> Vec<SocketAddr> {
+            // The path is origin first: the origin is shared by design.
+            r.path.iter().skip(1).map(|h| h.addr).collect()
+        };
+        let prim_relays = relays(&prim);
+        self.routing
+            .routes()
+            .filter(|r| {
+                r.channel == channel
+                    && r.origin == prim.origin
+                    && r.via != primary
+                    && !self.subs.is_subscriber(r.via, channel)
+                    && !r.path.iter().any(|h| h.addr == self.me.addr)
+                    && self.routing.is_usable(t, r.via)
+            })
+            .map(|r| {
+                let disjoint = !relays(r).iter().any(|a| prim_relays.contains(a));
+                (r.clone(), disjoint)
+            })
+            .min_by_key(|(r, disjoint)| (!disjoint, r.key()))
+    }
+
+    /// With `redundancy` 2: gives every received channel with a primary upstream (not a
+    /// fallback) a live secondary, and drops secondaries that no longer qualify.
+    async fn reconcile_secondaries(&mut self, t: Instant) {
+        if self.cfg.redundancy < 2 {
+            return;
+        }
+        let mut chans: Vec<ChannelId> = self.secondary.keys().copied().collect();
+        chans.extend(self.subs.wanted());
+        chans.sort();
+        chans.dedup();
+        for ch in chans {
+            let primary = match self.subs.upstream(ch) {
+                Some(Upstream::Node(p)) if !self.fallback.contains_key(&ch) => Some(p),
+                _ => None,
+            };
+            let Some(primary) = primary.filter(|_| self.subs.is_watched(ch)) else {
+                self.drop_secondary(ch, "no primary").await;
+                continue;
+            };
+            if let Some(s) = self.secondary.get(&ch).copied() {
+                let keep = s.addr != primary
+                    && self.routing.is_alive(s.addr)
+                    && !self.subs.is_subscriber(s.addr, ch)
+                    && self.routing.route_via(ch, s.addr).is_some();
+                if keep {
+                    continue;
+                }
+                self.drop_secondary(ch, "no longer a way to the channel").await;
+            }
+            let Some((route, disjoint)) = self.choose_secondary(t, ch, primary) else {
+                continue;
+            };
+            info!(channel = %ch, upstream = %route.via, disjoint, cost_us = route.cost_us,
+                "subscribe secondary");
+            self.stats.secondary_subscribes += 1;
+            self.secondary.insert(
+                ch,
+                Secondary {
+                    addr: route.via,
+                    subscribed: t,
+                    last_video: None,
+                },
+            );
+            self.unwatch_unused(t);
+            if let Err(e) = self
+                .transport
+                .send_reliable(route.via, Message::Subscribe { channel: ch })
+                .await
+            {
+                debug!(channel = %ch, upstream = %route.via, error = %e, "subscribe not sent");
             }
         }
     }
@@ -1091,7 +1287,28 @@ impl Engine {
         if from == Some(to) {
             return;
         }
-        let actions = self.subs.set_upstream(channel, Some(to));
+        let mut actions = self.subs.set_upstream(channel, Some(to));
+        if self.secondary.get(&channel).is_some_and(|s| s.addr == to) {
+            self.stats.promotions += 1;
+            self.promoting = Some((channel, to));
+            // A live former primary stays on as the secondary (the two swap roles).
+            if let Some(f) = from.filter(|f| self.routing.is_alive(*f)) {
+                actions.retain(|a| *a != SubAction::Unsubscribe(channel, f));
+                self.secondary.insert(
+                    channel,
+                    Secondary {
+                        addr: f,
+                        subscribed: now(),
+                        last_video: None,
+                    },
+                );
+                info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
+                self.stats.resubscriptions += 1;
+                self.fallback.remove(&channel);
+                self.apply(actions).await;
+                return;
+            }
+        }
         if let Some(f) = from {
             info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
             self.stats.resubscriptions += 1;
@@ -1109,6 +1326,17 @@ impl Engine {
         let _ = self.transport.forget_peer(peer).await;
         let actions = self.subs.drop_peer(peer);
         self.apply(actions).await;
+        let lost_secondaries: Vec<ChannelId> = self
+            .secondary
+            .iter()
+            .filter(|(_, s)| s.addr == peer)
+            .map(|(c, _)| *c)
+            .collect();
+        for ch in lost_secondaries {
+            warn!(channel = %ch, upstream = %peer, reason, "secondary lost");
+            self.secondary.remove(&ch);
+        }
+        self.unwatch_unused(t);
         for ch in self.subs.fed_by(peer) {
             self.stats.upstream_losses += 1;
             warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
@@ -1119,6 +1347,17 @@ impl Engine {
 
     /// Finds a new upstream for `channel`, whose upstream `dead` died.
     async fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
+        if let Some(s) = self.secondary.get(&channel).copied() {
+            if s.addr != dead && self.routing.is_alive(s.addr) {
+                let cost = self
+                    .routing
+                    .route_via(channel, s.addr)
+                    .map_or(0, |r| r.cost_us);
+                self.switch(channel, s.addr, cost, "secondary promoted")
+                    .await;
+                return;
+            }
+        }
         if let Some(r) = self.choose(channel, &[dead]) {
             self.switch(channel, r.via, r.cost_us, "upstream lost")
                 .await;
@@ -1242,8 +1481,16 @@ impl Engine {
                 self.next_ping = t + self.cfg.ping_interval;
             }
             self.ping(t, reliable).await;
+        } else if t >= self.next_fast_heartbeat {
+            self.fast_heartbeats().await;
+        }
+        if t >= self.next_fast_heartbeat {
+            // 1 ms early: the ticks that drive this are not exact.
+            self.next_fast_heartbeat =
+                t + self.cfg.failure.fast_interval.saturating_sub(Duration::from_millis(1));
         }
         self.reconcile(t).await;
+        self.reconcile_secondaries(t).await;
         self.resubscribe_stalled(t).await;
         self.poll_nacks(t).await;
         if t >= self.next_stats {
@@ -1292,7 +1539,7 @@ impl Engine {
     async fn ping(&mut self, _t: Instant, reliable: bool) {
         let mut targets: Vec<SocketAddr> =
             self.routing.neighbours().iter().map(|n| n.addr).collect();
-        for u in self.subs.upstream_hosts() {
+        for u in self.feeding_hosts() {
             if !targets.contains(&u) {
                 targets.push(u);
             }
@@ -1323,6 +1570,22 @@ impl Engine {
         }
     }
 
+    /// The heartbeats of fast peers (every upstream in use) between two ordinary rounds:
+    /// unreliable pings every `failure.fast_interval`, whose pongs keep them alive (see
+    /// `common::failure`, "Fast peers"). Dead ones are left to the ordinary rounds.
+    async fn fast_heartbeats(&mut self) {
+        for p in self.fast.clone() {
+            if !self.routing.is_alive(p) {
+                continue;
+            }
+            self.nonce = self.nonce.wrapping_add(1);
+            let _ = self
+                .transport
+                .send_unreliable(p, Message::Ping { nonce: self.nonce })
+                .await;
+        }
+    }
+
     /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.
     async fn resubscribe_stalled(&mut self, t: Instant) {
         let after = self.cfg.resubscribe_after;
@@ -1340,6 +1603,15 @@ impl Engine {
                 if quiet && not_recent && self.routing.is_alive(u) {
                     stalled.push((ch, u));
                 }
+            }
+        }
+        for (ch, s) in self.secondary.iter_mut() {
+            let quiet = s
+                .last_video
+                .is_none_or(|l| t.saturating_duration_since(l) >= after);
+            if quiet && t.saturating_duration_since(s.subscribed) >= after {
+                s.subscribed = t;
+                stalled.push((*ch, s.addr));
             }
         }
         for (channel, u) in stalled {

@@ -20,7 +20,7 @@
 use common::failure::{FailureConfig, FailureDetector};
 use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
 use common::NodeId;
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -495,6 +495,21 @@ impl RoutingTable {
             self.liveness.unwatch(addr);
             self.heard.remove(&addr);
         }
+    }
+
+    /// Makes exactly the watched peers in `fast` fast (see `common::failure`, "Fast peers"):
+    /// the caller heartbeats them every [`FailureConfig::fast_interval`] and they are declared
+    /// dead after `fast_k` silent intervals. Returns the fast peers that are watched.
+    pub fn set_fast_peers(&mut self, fast: &BTreeSet<SocketAddr>) -> Vec<SocketAddr> {
+        let mut out = Vec::new();
+        for p in self.liveness.peers() {
+            let f = fast.contains(&p);
+            self.liveness.set_fast(p, f);
+            if f {
+                out.push(p);
+            }
+        }
+        out
     }
 
     /// The watched peers that are not topology neighbours.

@@ -199,6 +199,7 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
             bootstrapper_port: bport,
             impair: vec![],
             no_recovery: false,
+            redundancy: 1,
         };
         let joined = join_overlay(&args, &shutdown).await.unwrap();
         let (relay, _task) = Relay::spawn(joined, RelayConfig::default(), shutdown.clone());

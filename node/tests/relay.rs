@@ -4,7 +4,7 @@
 //!
 //! Address blocks: 127.0.51.* (chain), 127.0.52.* (square failover), 127.0.53.* (catastrophic),
 //! 127.0.54.* (10 % loss everywhere, no false failover), 127.0.56.* / 127.0.57.* (5 % loss on
-//! two hops, with / without NACK recovery).
+//! two hops, with / without NACK recovery), 127.0.58.* (square with `--redundancy 2`).
 
 mod support;
 
@@ -67,6 +67,7 @@ async fn start_server_with(
         bootstrapper_port,
         impair,
         no_recovery,
+        redundancy: 1,
     };
     let joined = join_overlay(&args, shutdown).await.unwrap();
     let (relay, _task) = Relay::spawn(joined, RelayConfig::from_args(&args), shutdown.clone());
@@ -304,6 +305,81 @@ fn square_fails_over_to_the_other_path() {
     );
     // Heartbeats every 100 ms, dead after 6 silent intervals: sub-second (was 3 s before).
     assert!(gap < Duration::from_secs(2), "gap {gap:?}");
+    drop(survivor);
+    shutdown.cancel();
+    bshut.cancel();
+}
+
+#[test]
+fn redundancy_two_loses_nothing_when_the_primary_path_dies() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    const P: &str = "127.0.58";
+    const PORT: u16 = 18058;
+    // s=.1, a=.2, b=.3, c=.4: s–a, s–b, a–c, b–c; c receives through both a and b.
+    let (bport, bshut) = start_bootstrapper(
+        &rt,
+        P,
+        "\"127.0.58.1\" = [\"127.0.58.2\", \"127.0.58.3\"]\n\
+         \"127.0.58.2\" = [\"127.0.58.1\", \"127.0.58.4\"]\n\
+         \"127.0.58.3\" = [\"127.0.58.1\", \"127.0.58.4\"]\n\
+         \"127.0.58.4\" = [\"127.0.58.2\", \"127.0.58.3\"]\n",
+        PORT,
+    );
+    let shutdown = CancellationToken::new();
+    let a = Daemon::start("127.0.58.2", PORT, P, bport);
+    let b = Daemon::start("127.0.58.3", PORT, P, bport);
+    let mut c = Daemon::start_with("127.0.58.4", PORT, P, bport, &["--redundancy", "2"]);
+    let _server = rt.block_on(start_server("127.0.58.1", PORT, P, bport, &shutdown));
+    let pop: SocketAddr = format!("127.0.58.4:{PORT}").parse().unwrap();
+    let mut client = rt.block_on(start_client("127.0.58.200", pop, &shutdown));
+    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    // Both paths carry the stream: the primary subscription and a disjoint secondary.
+    c.expect(&[": subscribe upstream"], Duration::from_secs(10));
+    let sec = c.expect(
+        &[": subscribe secondary", "disjoint=true"],
+        Duration::from_secs(10),
+    );
+    let before = rt.block_on(client.receive(200, Duration::from_secs(30)));
+    assert_eq!(before.len(), 200, "stream never started");
+    c.drain();
+    let line = c
+        .seen()
+        .iter()
+        .rev()
+        .find(|l| l.contains(": subscribe upstream"))
+        .cloned()
+        .unwrap();
+    let (mut victim, survivor, victim_addr, survivor_addr) = if line.contains("127.0.58.2:") {
+        (a, b, "127.0.58.2:18058", "127.0.58.3:18058")
+    } else {
+        (b, a, "127.0.58.3:18058", "127.0.58.2:18058")
+    };
+    assert!(
+        sec.contains(&format!("upstream={survivor_addr}")),
+        "secondary {sec} is not the other relay"
+    );
+    // Kill the primary: the secondary already feeds c, nothing is lost.
+    victim.kill();
+    let killed = Instant::now();
+    let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
+    assert_eq!(after.len(), 300, "stream did not go on after the kill");
+    c.expect(
+        &[
+            "resubscribed",
+            &format!("from={victim_addr}"),
+            &format!("to={survivor_addr}"),
+            "secondary promoted",
+        ],
+        Duration::from_secs(5),
+    );
+    let mut all = before.clone();
+    all.extend(after.iter().cloned());
+    check_stream(&all, pop_id("127.0.58.4"));
+    let lost = all.last().unwrap().seq - all[0].seq + 1 - all.len() as u64;
+    let (gap, _) = failover_gap(&after, killed);
+    println!("redundancy 2: killed {victim_addr}; longest gap {gap:?}; {lost} datagrams lost");
+    assert_eq!(lost, 0, "a datagram was lost although a second path carried it");
+    assert!(gap < Duration::from_millis(100), "gap {gap:?}");
     drop(survivor);
     shutdown.cancel();
     bshut.cancel();
