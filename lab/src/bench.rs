@@ -33,7 +33,8 @@ pub struct Config {
     pub out: PathBuf,
     /// Where the processes' logs go (one folder per trial).
     pub log_dir: PathBuf,
-    /// Experiments to run: `ttff`, `loss`, `failover`.
+    /// Experiments to run: `ttff`, `loss`, `failover`, `failover-r2` (the same with
+    /// `--redundancy 2` on every daemon).
     pub experiments: Vec<String>,
     /// TTFF repetitions per keyframe interval.
     pub reps: usize,
@@ -60,7 +61,9 @@ impl Config {
             quick,
             out,
             log_dir: PathBuf::from("target/bench"),
-            experiments: vec!["ttff".into(), "loss".into(), "failover".into()],
+            experiments: ["ttff", "loss", "failover", "failover-r2"]
+                .map(String::from)
+                .to_vec(),
             reps: if quick { 3 } else { 10 },
             keyints: vec![1.0, 4.0],
             loss_secs: if quick { 15 } else { 60 },
@@ -213,6 +216,8 @@ pub struct FailoverRun {
     pub ok: bool,
     /// Why not.
     pub error: Option<String>,
+    /// `--redundancy` of the daemons (1: plain failover; 2: a second path already flows).
+    pub redundancy: u8,
     /// The relay killed.
     pub killed: Option<String>,
     /// Whether the stream came back (100 more datagrams within 20 s).
@@ -660,11 +665,21 @@ pub fn upstream_of(log: &str) -> Option<String> {
     line[at..].split([' ', ':']).next().map(str::to_owned)
 }
 
-async fn failover_trial(cfg: &Config, bins: &Binaries, trial: usize) -> FailoverRun {
-    let tag = format!("failover-{trial}");
+async fn failover_trial(
+    cfg: &Config,
+    bins: &Binaries,
+    trial: usize,
+    redundancy: u8,
+) -> FailoverRun {
+    let tag = format!("failover-r{redundancy}-{trial}");
+    let mut daemon_args = cfg.daemon_args.clone();
+    if redundancy > 1 {
+        daemon_args.extend(["--redundancy".into(), redundancy.to_string()]);
+    }
     let mut run = FailoverRun {
         label: cfg.label.clone(),
         trial,
+        redundancy,
         ok: false,
         error: None,
         killed: None,
@@ -682,7 +697,7 @@ async fn failover_trial(cfg: &Config, bins: &Binaries, trial: usize) -> Failover
             "127.0.93.4",
         )?;
         let body = async {
-            lab.start(&[], &cfg.daemon_args, |_, _| None).await?;
+            lab.start(&[], &daemon_args, |_, _| None).await?;
             let t_client = Instant::now();
             let stats = lab.client("client", &[])?;
             wait_stream(&stats, Duration::from_secs(60), |s| s.packets > 100)
@@ -769,10 +784,13 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
             }
         }
     }
-    if want("failover") {
-        for t in 0..cfg.trials {
-            info!(trial = t, "experiment: failover");
-            res.failover.push(failover_trial(cfg, bins, t).await);
+    for (name, redundancy) in [("failover", 1), ("failover-r2", 2)] {
+        if want(name) {
+            for t in 0..cfg.trials {
+                info!(trial = t, redundancy, "experiment: failover");
+                res.failover
+                    .push(failover_trial(cfg, bins, t, redundancy).await);
+            }
         }
     }
     let md = render_results(cfg, &res);
@@ -898,9 +916,9 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             "## Delivery ratio under loss\n\nServer → relay → relay → PoP → client \
              (`127.0.92.x`), `--impair` on every send path (server, nodes, client), {} s per run \
              after the first packet. Delivered = datagrams received / (received + lost), where \
-             lost = sequence numbers never received between the first and the last one \
-             (the server numbers every datagram). No loss recovery exists yet: every loss is \
-             final.\n",
+             lost = sequence numbers the client's jitter buffer had to skip (never received, or \
+             too late for its latency budget; the server numbers every datagram). Variants with \
+             `--no-recovery` show what the same impairment costs without per-hop NACKs.\n",
             cfg.loss_secs
         );
         let mut rows = Vec::new();
@@ -952,16 +970,59 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             s,
             "## Failover gap\n\nSquare (`127.0.93.x`): server S, relays A and B, PoP C, client on \
              C. Each trial starts a fresh overlay, kills (SIGKILL) the relay the PoP subscribed \
-             through, and measures the longest silence at the client ending after the kill (the \
-             client's `gap` events, > 100 ms; none = under 100 ms, counted as 100 ms).\n"
+             through, and measures the longest silence in the datagrams *arriving* at the client \
+             that ends after the kill (the client's `gap` events, > 100 ms; none = under 100 ms, \
+             counted as 100 ms), and the datagrams lost for the viewer (skipped by its jitter \
+             buffer). The player is fed through the 200 ms jitter buffer, so an arrival gap \
+             whose datagrams come later (from the new upstream's GOP cache) within the budget \
+             is not seen at all. Redundancy 1: the PoP detects the dead relay (25 ms \
+             heartbeats to the upstream in use, dead after 150 ms) and resubscribes at the \
+             other. Redundancy 2 (`--redundancy 2` on the daemons): the PoP already receives \
+             the channel through both relays and merges them by sequence number.\n"
         );
-        let ok: Vec<&FailoverRun> = res.failover.iter().filter(|r| r.ok).collect();
-        let gaps: Vec<f64> = ok.iter().map(|r| r.gap_ms.unwrap_or(100.0)).collect();
-        let d = Dist::of(&gaps);
-        let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
-        let ld = Dist::of(&lost);
+        let mut rows = Vec::new();
+        for redundancy in [1u8, 2] {
+            let all: Vec<&FailoverRun> = res
+                .failover
+                .iter()
+                .filter(|r| r.redundancy == redundancy)
+                .collect();
+            if all.is_empty() {
+                continue;
+            }
+            let ok: Vec<&&FailoverRun> = all.iter().filter(|r| r.ok).collect();
+            let gaps: Vec<f64> = ok.iter().map(|r| r.gap_ms.unwrap_or(100.0)).collect();
+            let d = Dist::of(&gaps);
+            let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
+            let ld = Dist::of(&lost);
+            let recovered = ok.iter().filter(|r| r.recovered).count();
+            let all_recovered = !ok.is_empty() && recovered == all.len();
+            let (goal, pass) = if redundancy == 1 {
+                (
+                    "≤ 300 ms (p95), all recover",
+                    d.map(|d| d.p95 <= 300.0 && all_recovered),
+                )
+            } else {
+                (
+                    "0 lost, all recover",
+                    ld.map(|l| l.max == 0.0 && all_recovered),
+                )
+            };
+            rows.push(vec![
+                redundancy.to_string(),
+                format!("{}/{}", ok.len(), all.len()),
+                format!("{recovered}/{}", ok.len()),
+                ms(d.map(|d| d.p50)),
+                ms(d.map(|d| d.p95)),
+                ms(d.map(|d| d.max)),
+                ld.map_or("-".into(), |d| format!("{:.0} / {:.0}", d.p50, d.max)),
+                goal.into(),
+                verdict(pass),
+            ]);
+        }
         s += &md_table(
             &[
+                "redundancy",
                 "trials ok",
                 "recovered",
                 "gap p50",
@@ -971,16 +1032,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 "goal",
                 "result",
             ],
-            &[vec![
-                format!("{}/{}", ok.len(), res.failover.len()),
-                format!("{}/{}", ok.iter().filter(|r| r.recovered).count(), ok.len()),
-                ms(d.map(|d| d.p50)),
-                ms(d.map(|d| d.p95)),
-                ms(d.map(|d| d.max)),
-                ld.map_or("-".into(), |d| format!("{:.0} / {:.0}", d.p50, d.max)),
-                "≤ 300 ms (p95)".into(),
-                verdict(d.map(|d| d.p95 <= 300.0)),
-            ]],
+            &rows,
         );
         s.push('\n');
         let rows: Vec<Vec<String>> = res
@@ -988,6 +1040,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             .iter()
             .map(|r| {
                 vec![
+                    r.redundancy.to_string(),
                     r.trial.to_string(),
                     r.killed.clone().unwrap_or("-".into()),
                     if r.ok {
@@ -1002,7 +1055,15 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             })
             .collect();
         s += &md_table(
-            &["trial", "killed", "gap", "recovered", "lost", "error"],
+            &[
+                "redundancy",
+                "trial",
+                "killed",
+                "gap",
+                "recovered",
+                "lost",
+                "error",
+            ],
             &rows,
         );
         s.push('\n');
@@ -1110,16 +1171,26 @@ mod tests {
             overhead_pct: 0.0,
             source_changes: 0,
         }];
-        let failover = vec![FailoverRun {
+        let plain = FailoverRun {
             label: "baseline".into(),
             trial: 0,
+            redundancy: 1,
             ok: true,
             error: None,
             killed: Some("127.0.93.2".into()),
             recovered: true,
             gap_ms: Some(250.0),
             lost: 12,
-        }];
+        };
+        let failover = vec![
+            plain.clone(),
+            FailoverRun {
+                redundancy: 2,
+                gap_ms: None,
+                lost: 3,
+                ..plain
+            },
+        ];
         let md = render_results(
             &cfg,
             &Results {
@@ -1133,7 +1204,13 @@ mod tests {
         assert!(md.contains("| loss=5% | baseline | 1/1 | 90.000 % | 90.000 % | 100 | 700 | 0.00 % | ≥ 99.9 % | **FAIL** |"), "{md}");
         assert!(
             md.contains(
-                "| 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 300 ms (p95) | PASS |"
+                "| 1 | 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 300 ms (p95), all recover | PASS |"
+            ),
+            "{md}"
+        );
+        assert!(
+            md.contains(
+                "| 2 | 1/1 | 1/1 | 100 ms | 100 ms | 100 ms | 3 / 3 | 0 lost, all recover | **FAIL** |"
             ),
             "{md}"
         );

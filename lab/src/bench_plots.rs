@@ -90,27 +90,26 @@ pub fn all(out: &Path, res: &Results) -> anyhow::Result<()> {
         )?;
     }
     if !res.failover.is_empty() {
-        let mut gaps: Vec<f64> = res
-            .failover
-            .iter()
-            .filter(|r| r.ok)
-            .map(|r| r.gap_ms.unwrap_or(100.0))
-            .collect();
-        gaps.sort_by(f64::total_cmp);
-        let bars: Vec<(String, f64, RGBColor)> = gaps
-            .iter()
-            .enumerate()
-            .map(|(i, g)| {
+        let mut bars: Vec<(String, f64, RGBColor)> = Vec::new();
+        for redundancy in [1u8, 2] {
+            let mut gaps: Vec<f64> = res
+                .failover
+                .iter()
+                .filter(|r| r.ok && r.redundancy == redundancy)
+                .map(|r| r.gap_ms.unwrap_or(100.0))
+                .collect();
+            gaps.sort_by(f64::total_cmp);
+            bars.extend(gaps.iter().enumerate().map(|(i, g)| {
                 (
-                    format!("#{}", i + 1),
+                    format!("r{redundancy} #{}", i + 1),
                     *g,
                     if *g <= 300.0 { GREEN } else { ORANGE },
                 )
-            })
-            .collect();
+            }));
+        }
         bar_chart(
             &out.join("failover.png"),
-            "Failover gap at the client per trial (ms, sorted)",
+            "Failover gap at the client per trial (ms, sorted; r1 plain, r2 --redundancy 2)",
             "ms",
             &bars,
             &[(300.0, "goal p95 300 ms")],

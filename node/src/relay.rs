@@ -1243,7 +1243,8 @@ impl Engine {
                 if keep {
                     continue;
                 }
-                self.drop_secondary(ch, "no longer a way to the channel").await;
+                self.drop_secondary(ch, "no longer a way to the channel")
+                    .await;
             }
             let Some((route, disjoint)) = self.choose_secondary(t, ch, primary) else {
                 continue;
@@ -1486,8 +1487,11 @@ impl Engine {
         }
         if t >= self.next_fast_heartbeat {
             // 1 ms early: the ticks that drive this are not exact.
-            self.next_fast_heartbeat =
-                t + self.cfg.failure.fast_interval.saturating_sub(Duration::from_millis(1));
+            self.next_fast_heartbeat = t + self
+                .cfg
+                .failure
+                .fast_interval
+                .saturating_sub(Duration::from_millis(1));
         }
         self.reconcile(t).await;
         self.reconcile_secondaries(t).await;

@@ -303,7 +303,8 @@ fn square_fails_over_to_the_other_path() {
          {} datagrams lost across the failover",
         all.last().unwrap().seq - all[0].seq + 1 - all.len() as u64
     );
-    // Heartbeats every 100 ms, dead after 6 silent intervals: sub-second (was 3 s before).
+    // The upstream in use is heartbeated every 25 ms and dead after 6 silent intervals
+    // (~150 ms; was 3 s before). The benchmark measures the gap; this only checks sanity.
     assert!(gap < Duration::from_secs(2), "gap {gap:?}");
     drop(survivor);
     shutdown.cancel();
@@ -378,7 +379,10 @@ fn redundancy_two_loses_nothing_when_the_primary_path_dies() {
     let lost = all.last().unwrap().seq - all[0].seq + 1 - all.len() as u64;
     let (gap, _) = failover_gap(&after, killed);
     println!("redundancy 2: killed {victim_addr}; longest gap {gap:?}; {lost} datagrams lost");
-    assert_eq!(lost, 0, "a datagram was lost although a second path carried it");
+    assert_eq!(
+        lost, 0,
+        "a datagram was lost although a second path carried it"
+    );
     assert!(gap < Duration::from_millis(100), "gap {gap:?}");
     drop(survivor);
     shutdown.cancel();

@@ -17,8 +17,13 @@ struct Args {
     /// Output folder (RESULTS.md, plots, runs/).
     #[arg(long, default_value = "report")]
     out: PathBuf,
-    /// Experiments to run (comma-separated): ttff, loss, failover.
-    #[arg(long, value_delimiter = ',', default_value = "ttff,loss,failover")]
+    /// Experiments to run (comma-separated): ttff, loss, failover, failover-r2 (the failover
+    /// trials again with `--redundancy 2` on every daemon).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ttff,loss,failover,failover-r2"
+    )]
     only: Vec<String>,
     /// TTFF repetitions per keyframe interval (default 10, 3 with --quick).
     #[arg(long)]
