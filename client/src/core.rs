@@ -189,6 +189,10 @@ struct Path {
     last_activity: Instant,
     /// Its video arrived since we subscribed: it feeds the stream (a fast peer).
     fed: bool,
+    /// The last of its datagrams merged into the stream: (seq, arrival).
+    merged: Option<(u64, Instant)>,
+    /// Its latest datagram was dropped: numbered unlike the primary's (another origin).
+    mismatched: bool,
 }
 
 impl Path {
@@ -197,9 +201,17 @@ impl Path {
             pop,
             last_activity: now,
             fed: false,
+            merged: None,
+            mismatched: false,
         }
     }
 }
+
+/// A secondary's datagram this far (in `seq`) from the primary's latest one is numbered by
+/// another origin: not merged while the primary delivers (see [`MISMATCH_HOLD`]).
+const MISMATCH_SEQS: u64 = 2048;
+/// ...that is, while the primary's latest merged datagram is younger than this.
+const MISMATCH_HOLD: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Stream {
@@ -651,13 +663,28 @@ impl ClientCore {
         let name = name.clone();
         let primary = s.primary() == Some(from);
         *s.received.entry(from).or_default() += 1;
+        // Another origin's numbering (a replica, not the same stream): not merged while the
+        // primary delivers.
+        let mismatch = !primary
+            && s.paths
+                .first()
+                .and_then(|p| p.merged)
+                .is_some_and(|(q, at)| {
+                    q.abs_diff(packet.seq) > MISMATCH_SEQS
+                        && now.saturating_duration_since(at) < MISMATCH_HOLD
+                });
         let mut newly_fed = false;
         if let Some(p) = s.paths.iter_mut().find(|p| p.pop == from) {
             p.last_activity = now;
             newly_fed = !p.fed;
             p.fed = true;
+            p.mismatched = mismatch;
+            if !mismatch {
+                p.merged = Some((packet.seq, now));
+            }
         }
         let taken = match &mut s.playout {
+            _ if mismatch => false,
             None => {
                 // A joining PoP's cache burst replays what the other path already gave us.
                 let stale = packet.flags & video_flags::FROM_CACHE != 0
@@ -927,11 +954,25 @@ impl ClientCore {
                     });
                 }
             }
-            match s.primary() {
+            match s.paths.first() {
                 // Every path lost: a source change when another PoP is found.
                 None => s.lost_pop = Some(primary),
+                // The survivor numbers the stream differently (another origin): a source change
+                // to it.
+                Some(p) if p.mismatched && lost.contains(&primary) => {
+                    let to = p.pop;
+                    restart(name, s, self.now, &mut self.output);
+                    s.source_changes += 1;
+                    self.actions
+                        .push_back(Action::Event(StatEvent::SourceChanged {
+                            stream: name.clone(),
+                            from: primary,
+                            to,
+                        }));
+                }
                 // The other path carries on (it is the primary now): nothing to reset.
-                Some(survivor) => {
+                Some(p) => {
+                    let survivor = p.pop;
                     for pop in lost {
                         self.actions.push_back(Action::Event(StatEvent::PathLost {
                             stream: name.clone(),
@@ -1000,16 +1041,7 @@ impl ClientCore {
         let s = self.streams.get_mut(name).expect("caller checked");
         s.paths.push(Path::new(pop, now));
         s.channel = Some(channel);
-        s.seq.reset();
-        if let Some(mut p) = s.playout.take() {
-            // Release what the old source's buffer held, then start afresh.
-            p.reset(now);
-            while let Some(b) = p.poll_release(now) {
-                deliver(name, s, b, &mut self.output);
-            }
-            s.playout = Some(p);
-        }
-        s.cc.reset_pids();
+        restart(name, s, now, &mut self.output);
         self.actions.push_back(Action::SendReliable {
             to: pop,
             msg: Message::Subscribe { channel },
@@ -1037,6 +1069,20 @@ impl ClientCore {
     fn settle_over(&self) -> bool {
         self.now >= self.start + self.cfg.settle
     }
+}
+
+/// A source change: what the jitter buffer held goes to the sinks, then sequence tracking and
+/// the jitter buffer start afresh.
+fn restart(name: &str, s: &mut Stream, now: Instant, output: &mut VecDeque<(String, Bytes)>) {
+    s.seq.reset();
+    if let Some(mut p) = s.playout.take() {
+        p.reset(now);
+        while let Some(b) = p.poll_release(now) {
+            deliver(name, s, b, output);
+        }
+        s.playout = Some(p);
+    }
+    s.cc.reset_pids();
 }
 
 fn stats_event(name: &str, pop: SocketAddr, s: &Stream) -> StatEvent {
@@ -2035,5 +2081,41 @@ mod tests {
         assert_eq!(got, (1000..1410).collect::<Vec<u64>>());
         let v = &sim.core.snapshot(t).streams[0];
         assert_eq!((v.lost, v.duplicates), (0, 300 + 10));
+    }
+
+    #[test]
+    fn a_secondary_numbered_by_another_origin_is_not_merged() {
+        let mut sim = two_pops_with(CoreConfig {
+            redundancy: 2,
+            recovery: false,
+            ..CoreConfig::default()
+        });
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let (a, b) = (addr(3), addr(2));
+        assert_eq!(sim.stream_pops("news"), [a, b]);
+        for i in 0..50 {
+            let t = sim.now;
+            sim.core
+                .handle_video(t, a, numbered("news", 100 + i, i % 25 == 0, 0));
+            sim.core
+                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+            sim.run_for(Duration::from_millis(5));
+        }
+        assert_eq!(sim.output_seqs(), (100..150).collect::<Vec<u64>>());
+        assert!(sim.core.streams["news"].paths[1].mismatched);
+        // The primary dies: the survivor's numbering is a new start (a source change).
+        sim.pop(a).alive = false;
+        sim.run_for(Duration::from_millis(300));
+        assert_eq!(sim.stream_pops("news"), [b]);
+        assert_eq!(sim.source_changes(), [(a, b)]);
+        for i in 50..60 {
+            let t = sim.now;
+            sim.core
+                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+            sim.run_for(Duration::from_millis(5));
+        }
+        let got = sim.output_seqs();
+        assert_eq!(got[50..], (9_000_050..9_000_060).collect::<Vec<u64>>());
     }
 }
