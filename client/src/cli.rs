@@ -50,7 +50,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub stats: Option<PathBuf>,
     /// A PoP silent for this long (or `2·SRTT + 4·RTTVAR` if longer) is down; it is pinged
-    /// every 100 ms (e.g. `800ms`, `2s`).
+    /// every 100 ms (e.g. `800ms`, `2s`). A PoP feeding a stream is pinged every 25 ms instead
+    /// and is down after 150 ms of silence.
     #[arg(long, default_value = "800ms", value_parser = humantime::parse_duration)]
     pub pop_timeout: Duration,
     /// Jitter-buffer latency: datagrams are reordered and lost ones recovered (NACKs to the
@@ -60,6 +61,23 @@ pub struct Args {
     /// Do not NACK lost datagrams (the jitter buffer still reorders).
     #[arg(long)]
     pub no_recovery: bool,
+    /// PoPs per stream: 1, or 2 to receive each stream from the two best PoPs at once, merged
+    /// by sequence number (a datagram is lost only if both lose it; losing a PoP loses
+    /// nothing).
+    #[arg(long, value_name = "N", default_value = "1", value_parser = parse_redundancy)]
+    pub redundancy: usize,
+}
+
+/// Parses `--redundancy`: 1 or 2.
+pub fn parse_redundancy(s: &str) -> Result<usize, String> {
+    match s.trim() {
+        "1" => Ok(1),
+        "2" => Ok(2),
+        _ => Err(format!(
+            "{s:?} is not supported: use 1 (one PoP per stream) or 2 (two PoPs per stream, \
+             merged by sequence number)"
+        )),
+    }
 }
 
 /// Parses `udp://IP:PORT`.
@@ -128,6 +146,7 @@ impl Args {
                 pop_timeout: self.pop_timeout,
                 latency: self.latency,
                 recovery: !self.no_recovery,
+                redundancy: self.redundancy,
                 ..CoreConfig::default()
             },
         })
@@ -169,6 +188,7 @@ mod tests {
         assert_eq!(c.core.pop_timeout, Duration::from_secs(2));
         assert_eq!(c.core.latency, Duration::from_millis(200));
         assert!(c.core.recovery);
+        assert_eq!(c.core.redundancy, 1);
         let a = Args::try_parse_from([
             "client",
             "--servers",
@@ -182,5 +202,14 @@ mod tests {
         assert_eq!(c.core.latency, Duration::ZERO);
         assert!(!c.core.recovery);
         assert!(parse_udp_url("127.0.0.1:5").is_err());
+        let a = Args::try_parse_from(["client", "--servers", "127.0.0.2", "--redundancy", "2"])
+            .unwrap();
+        assert_eq!(a.engine_config().unwrap().core.redundancy, 2);
+        for bad in ["0", "3", "two"] {
+            let e = Args::try_parse_from(["client", "--servers", "127.0.0.2", "--redundancy", bad])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("--redundancy") && e.contains("use 1"), "{e}");
+        }
     }
 }

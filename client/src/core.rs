@@ -16,25 +16,46 @@
 //!   loss, see `common::failure`). A down PoP is *up* again after
 //!   [`CoreConfig::recover_pongs`] pongs, so one stray pong does not bring it back, and is not
 //!   chosen for a stream during [`CoreConfig::hold_down`] unless it is the only candidate.
+//! * Fast PoPs (sub-second failover): a PoP that currently *feeds* a stream (we are subscribed
+//!   there and its video has arrived since) is a fast peer of the detector
+//!   ([`FailureDetector::set_fast`]): it is pinged every [`CoreConfig::fast_interval`] (25 ms)
+//!   instead of every `ping_interval`, and it is down after
+//!   `max(fast_timeout, 2·SRTT + 4·RTTVAR)` of silence ([`CoreConfig::fast_timeout`], 150 ms =
+//!   6 × 25 ms). Its video counts as heard, so at 10 % loss a false "down" needs 150 ms without
+//!   a single datagram or pong. When it stops feeding any stream (stop, failover) it is normal
+//!   again. So the death of a PoP in use is noticed in ~150 ms and the stream moves at once;
+//!   a PoP not in use keeps the 800 ms timeout (and its cheaper pings).
 //! * `ListChannels` goes to every up PoP every [`CoreConfig::list_interval`] (and at once when
 //!   it comes up). A PoP's list is replaced when every page of an answer has arrived; a down
 //!   PoP's list is forgotten. The channel list is the union, by name, over up PoPs.
 //! * Play: subscribe (reliable) at the up PoP with the lowest smoothed RTT that lists the
-//!   channel. Until one lists it the stream waits. Right after start, selection waits up to
-//!   [`CoreConfig::settle`] for every PoP to answer, so the first choice is informed.
-//! * Failover: when the PoP of a stream goes down, the stream subscribes at the next best up
-//!   PoP that lists it (and unsubscribes, best effort, from the old one); that is a
-//!   `source_changed`. A stream stays at a working PoP even if another becomes faster, so a
-//!   recovered PoP never takes a stream back (no flapping).
-//! * A subscribed stream that receives nothing for [`CoreConfig::stall_resubscribe`] re-sends
+//!   channel (the stream's *primary*). Until one lists it the stream waits. Right after start,
+//!   selection waits up to [`CoreConfig::settle`] for every PoP to answer, so the first choice
+//!   is informed.
+//! * Redundancy ([`CoreConfig::redundancy`], `--redundancy 2`): a stream is also subscribed
+//!   at the next best up PoP that lists it (its *secondary*; never one in its hold-down), as
+//!   soon as one qualifies (`path_added`). Video of both is merged by `seq` into the stream's
+//!   one jitter buffer (or [`SeqTracker`] with latency 0): a datagram is lost for the viewer
+//!   only if both paths lost it, duplicates never reach the sinks (counted in `duplicates`).
+//!   NACKs go to the primary. When one of the two goes down the stream simply continues from
+//!   the other (`path_lost`; no reset, no `source_changed`), which becomes the primary, and a
+//!   replacement secondary is subscribed when another PoP qualifies. Cache bursts
+//!   (`FROM_CACHE`) of a PoP joining a playing stream are old copies: with latency 0 those
+//!   older than the duplicate window are dropped (counted as duplicates).
+//! * Failover: when the primary of a stream goes down and it has no secondary, the stream
+//!   subscribes at the next best up PoP that lists it (and unsubscribes, best effort, from the
+//!   old one); that is a `source_changed`. A stream stays at a working PoP even if another
+//!   becomes faster, so a recovered PoP never takes a stream back (no flapping; with
+//!   redundancy it may become a secondary again, after its hold-down).
+//! * A subscribed path that receives nothing for [`CoreConfig::stall_resubscribe`] re-sends
 //!   its `Subscribe` (the PoP may have restarted and forgotten us).
-//! * Video is accepted only from the stream's current PoP. With a latency
+//! * Video is accepted only from the stream's PoPs (primary and secondary). With a latency
 //!   ([`CoreConfig::latency`], `--latency`, default 200 ms) it goes through the stream's
-//!   [`Playout`] (NACK recovery to the PoP, jitter buffer; see [`crate::playout`]) and only
+//!   [`Playout`] (NACK recovery to the primary, jitter buffer; see [`crate::playout`]) and only
 //!   what that releases, in `seq` order, comes out of [`poll_output`](ClientCore::poll_output)
 //!   for the sinks. With latency 0 it is passed through at once after duplicate suppression by
 //!   `seq` ([`SeqTracker`]). Both are reset on a source change (what the jitter buffer held is
-//!   released first).
+//!   released first), never when a stream loses one of two paths.
 
 use crate::playout::{Playout, PlayoutCounters};
 use crate::seq::SeqTracker;
@@ -73,6 +94,16 @@ pub struct CoreConfig {
     pub latency: Duration,
     /// NACK lost datagrams to the PoP (`--no-recovery` clears it). Default true.
     pub recovery: bool,
+    /// Ping period of a PoP that feeds a stream (a *fast* peer, see the module doc). Default
+    /// 25 ms.
+    pub fast_interval: Duration,
+    /// Nothing from a PoP that feeds a stream for this long (rounded up to whole
+    /// `fast_interval`s; longer if `2·SRTT + 4·RTTVAR` is): it is down. Default 150 ms (6 ×
+    /// 25 ms).
+    pub fast_timeout: Duration,
+    /// PoPs each stream is subscribed at (`--redundancy`): 1, or 2 for two paths merged by
+    /// `seq` (values outside 1..=2 are clamped). Default 1.
+    pub redundancy: usize,
 }
 
 impl Default for CoreConfig {
@@ -88,6 +119,9 @@ impl Default for CoreConfig {
             stall_resubscribe: Duration::from_secs(2),
             latency: Duration::from_millis(200),
             recovery: true,
+            fast_interval: Duration::from_millis(25),
+            fast_timeout: Duration::from_millis(150),
+            redundancy: 1,
         }
     }
 }
@@ -147,15 +181,48 @@ impl Pop {
 /// Most pages of a `Channels` answer we assemble.
 const MAX_PAGES: u16 = 256;
 
+/// A PoP a stream is subscribed at.
+#[derive(Debug, Clone)]
+struct Path {
+    pop: SocketAddr,
+    /// The last datagram from it for this stream (or the latest (re)subscription).
+    last_activity: Instant,
+    /// Its video arrived since we subscribed: it feeds the stream (a fast peer).
+    fed: bool,
+    /// The last of its datagrams merged into the stream: (seq, arrival).
+    merged: Option<(u64, Instant)>,
+    /// Its latest datagram was dropped: numbered unlike the primary's (another origin).
+    mismatched: bool,
+}
+
+impl Path {
+    fn new(pop: SocketAddr, now: Instant) -> Path {
+        Path {
+            pop,
+            last_activity: now,
+            fed: false,
+            merged: None,
+            mismatched: false,
+        }
+    }
+}
+
+/// A secondary's datagram this far (in `seq`) from the primary's latest one is numbered by
+/// another origin: not merged while the primary delivers (see [`MISMATCH_HOLD`]).
+const MISMATCH_SEQS: u64 = 2048;
+/// ...that is, while the primary's latest merged datagram is younger than this.
+const MISMATCH_HOLD: Duration = Duration::from_secs(1);
+
 #[derive(Debug)]
 struct Stream {
     channel: Option<ChannelId>,
-    pop: Option<SocketAddr>,
+    /// Where it is subscribed: the primary first (NACKs, `pop` of the stats), then the
+    /// secondary (`--redundancy 2`). Empty: waiting for a PoP that lists it.
+    paths: Vec<Path>,
     /// The PoP it lost (waiting for another one), to report `source_changed` when found.
     lost_pop: Option<SocketAddr>,
     played: bool,
     first_packet: bool,
-    last_activity: Instant,
     seq: SeqTracker,
     /// `None`: pass-through (latency 0).
     playout: Option<Playout>,
@@ -163,6 +230,24 @@ struct Stream {
     packets: u64,
     bytes: u64,
     source_changes: u64,
+    /// Datagrams received per PoP, every copy (duplicates, retransmissions, cache bursts).
+    received: BTreeMap<SocketAddr, u64>,
+    /// Cache-burst copies older than the duplicate window, dropped (pass-through only).
+    stale: u64,
+}
+
+impl Stream {
+    fn primary(&self) -> Option<SocketAddr> {
+        self.paths.first().map(|p| p.pop)
+    }
+
+    fn pops(&self) -> Vec<SocketAddr> {
+        self.paths.iter().map(|p| p.pop).collect()
+    }
+
+    fn has(&self, pop: SocketAddr) -> bool {
+        self.paths.iter().any(|p| p.pop == pop)
+    }
 }
 
 /// A read-only view of one PoP (GUI, logs).
@@ -183,8 +268,10 @@ pub struct PopView {
 pub struct StreamView {
     /// Channel name.
     pub name: String,
-    /// Current source (`None`: waiting for a PoP that lists it).
+    /// Current source, the primary (`None`: waiting for a PoP that lists it).
     pub pop: Option<SocketAddr>,
+    /// Every PoP feeding it, primary first (two with `--redundancy 2`).
+    pub pops: Vec<SocketAddr>,
     /// Datagrams kept.
     pub packets: u64,
     /// Payload bytes kept.
@@ -228,6 +315,8 @@ pub struct ClientCore {
     pings: HashMap<u64, (usize, Instant)>,
     nonce: u64,
     next_ping: Instant,
+    /// Pings of the fast PoPs (those feeding a stream).
+    next_fast_ping: Instant,
     next_list: Instant,
     next_stats: Instant,
     union: BTreeSet<String>,
@@ -264,11 +353,18 @@ impl ClientCore {
             .as_nanos()
             .div_ceil(interval.as_nanos())
             .max(1);
+        let fast_interval = cfg.fast_interval.max(Duration::from_millis(1));
+        let fast_k = cfg
+            .fast_timeout
+            .as_nanos()
+            .div_ceil(fast_interval.as_nanos())
+            .max(1);
         let mut liveness = FailureDetector::new(FailureConfig {
             heartbeat_interval: interval,
             k: u32::try_from(k).unwrap_or(u32::MAX),
             hold_down: cfg.hold_down,
-            ..FailureConfig::default()
+            fast_interval,
+            fast_k: u32::try_from(fast_k).unwrap_or(u32::MAX),
         });
         for p in &pops {
             liveness.watch(now, p.addr);
@@ -276,6 +372,7 @@ impl ClientCore {
         ClientCore {
             liveness,
             next_ping: now,
+            next_fast_ping: now,
             next_list: now + cfg.list_interval,
             next_stats: now + cfg.stats_interval,
             cfg,
@@ -313,10 +410,14 @@ impl ClientCore {
         if let Some(d) = self.liveness.poll_timeout() {
             t = t.min(d);
         }
+        if self.pops.iter().any(|p| self.liveness.is_fast(p.addr)) {
+            t = t.min(self.next_fast_ping);
+        }
         for s in self.streams.values() {
-            if s.pop.is_some() {
-                t = t.min(s.last_activity + self.cfg.stall_resubscribe);
-            } else if !self.settled() {
+            for p in &s.paths {
+                t = t.min(p.last_activity + self.cfg.stall_resubscribe);
+            }
+            if s.paths.is_empty() && !self.settled() {
                 t = t.min(self.start + self.cfg.settle);
             }
             if let Some(d) = s.playout.as_ref().and_then(Playout::poll_timeout) {
@@ -329,15 +430,22 @@ impl ClientCore {
     /// Timers: pings, liveness, channel lists, stalls, periodic stats.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
-        if now >= self.next_ping {
+        if now >= self.next_fast_ping {
+            // Fast PoPs (feeding a stream) are pinged every fast_interval...
             for i in 0..self.pops.len() {
-                self.nonce += 1;
-                self.pings.insert(self.nonce, (i, now));
-                let to = self.pops[i].addr;
-                self.actions.push_back(Action::SendUnreliable {
-                    to,
-                    msg: Message::Ping { nonce: self.nonce },
-                });
+                if self.liveness.is_fast(self.pops[i].addr) {
+                    self.ping(i, now);
+                }
+            }
+            let period = self.liveness.config().fast_interval;
+            self.next_fast_ping = advance(self.next_fast_ping, period, now);
+        }
+        if now >= self.next_ping {
+            // ...the others every ping_interval.
+            for i in 0..self.pops.len() {
+                if !self.liveness.is_fast(self.pops[i].addr) {
+                    self.ping(i, now);
+                }
             }
             self.next_ping = advance(self.next_ping, self.cfg.ping_interval, now);
             let keep = self.cfg.pop_timeout * 4;
@@ -389,24 +497,51 @@ impl ClientCore {
         // Stalled subscriptions: re-send Subscribe.
         let stall = self.cfg.stall_resubscribe;
         for s in self.streams.values_mut() {
-            if let (Some(pop), Some(channel)) = (s.pop, s.channel) {
-                if now >= s.last_activity + stall {
-                    s.last_activity = now;
+            let Some(channel) = s.channel else {
+                continue;
+            };
+            for p in &mut s.paths {
+                if now >= p.last_activity + stall {
+                    p.last_activity = now;
                     self.actions.push_back(Action::SendReliable {
-                        to: pop,
+                        to: p.pop,
                         msg: Message::Subscribe { channel },
                     });
                 }
             }
         }
+        self.update_fast();
         if now >= self.next_stats {
             for (name, s) in &self.streams {
-                if let Some(pop) = s.pop {
+                if let Some(pop) = s.primary() {
                     self.actions
                         .push_back(Action::Event(stats_event(name, pop, s)));
                 }
             }
             self.next_stats = advance(self.next_stats, self.cfg.stats_interval, now);
+        }
+    }
+
+    /// Sends a `Ping` to PoP `i`.
+    fn ping(&mut self, i: usize, now: Instant) {
+        self.nonce += 1;
+        self.pings.insert(self.nonce, (i, now));
+        self.actions.push_back(Action::SendUnreliable {
+            to: self.pops[i].addr,
+            msg: Message::Ping { nonce: self.nonce },
+        });
+    }
+
+    /// A PoP is fast while it feeds a stream (see the module doc).
+    fn update_fast(&mut self) {
+        for p in &self.pops {
+            let feeds = self
+                .streams
+                .values()
+                .any(|s| s.paths.iter().any(|x| x.pop == p.addr && x.fed));
+            if feeds != self.liveness.is_fast(p.addr) {
+                self.liveness.set_fast(p.addr, feeds);
+            }
         }
     }
 
@@ -505,8 +640,9 @@ impl ClientCore {
     }
 
     /// A video datagram from `from`. Returns the stream's name if the datagram is taken (from
-    /// the stream's PoP, not a duplicate or too late); what goes to the sinks comes out of
-    /// [`poll_output`](Self::poll_output), and NACKs out of [`poll_action`](Self::poll_action).
+    /// one of the stream's PoPs, not a duplicate or too late); what goes to the sinks comes out
+    /// of [`poll_output`](Self::poll_output), and NACKs out of
+    /// [`poll_action`](Self::poll_action).
     pub fn handle_video(
         &mut self,
         now: Instant,
@@ -523,19 +659,48 @@ impl ClientCore {
         let (name, s) = self
             .streams
             .iter_mut()
-            .find(|(_, s)| s.pop == Some(from) && s.channel == Some(packet.channel))?;
+            .find(|(_, s)| s.channel == Some(packet.channel) && s.has(from))?;
         let name = name.clone();
-        s.last_activity = now;
+        let primary = s.primary() == Some(from);
+        *s.received.entry(from).or_default() += 1;
+        // Another origin's numbering (a replica, not the same stream): not merged while the
+        // primary delivers.
+        let mismatch = !primary
+            && s.paths
+                .first()
+                .and_then(|p| p.merged)
+                .is_some_and(|(q, at)| {
+                    q.abs_diff(packet.seq) > MISMATCH_SEQS
+                        && now.saturating_duration_since(at) < MISMATCH_HOLD
+                });
+        let mut newly_fed = false;
+        if let Some(p) = s.paths.iter_mut().find(|p| p.pop == from) {
+            p.last_activity = now;
+            newly_fed = !p.fed;
+            p.fed = true;
+            p.mismatched = mismatch;
+            if !mismatch {
+                p.merged = Some((packet.seq, now));
+            }
+        }
         let taken = match &mut s.playout {
+            _ if mismatch => false,
             None => {
-                let ok = s.seq.push(packet.seq).accept();
+                // A joining PoP's cache burst replays what the other path already gave us.
+                let stale = packet.flags & video_flags::FROM_CACHE != 0
+                    && s.paths.len() > 1
+                    && s.seq.is_behind_window(packet.seq);
+                if stale {
+                    s.stale += 1;
+                }
+                let ok = !stale && s.seq.push(packet.seq).accept();
                 if ok {
                     deliver(&name, s, packet.payload, &mut self.output);
                 }
                 ok
             }
             Some(p) => {
-                if let Some(rtt) = srtt {
+                if let (true, Some(rtt)) = (primary, srtt) {
                     p.set_rtt(rtt);
                 }
                 let key = is_keyframe(packet.flags, &packet.payload);
@@ -543,9 +708,13 @@ impl ClientCore {
                 p.push(now, packet.seq, key, retransmit, packet.payload)
             }
         };
+        if newly_fed {
+            self.update_fast();
+        }
         if !taken {
             return None;
         }
+        let s = self.streams.get_mut(&name).expect("found above");
         if !s.first_packet {
             s.first_packet = true;
             self.actions
@@ -570,7 +739,7 @@ impl ClientCore {
             deliver(name, s, b, &mut self.output);
         }
         while let Some(seqs) = p.poll_nacks(now) {
-            if let (Some(to), Some(channel)) = (s.pop, s.channel) {
+            if let (Some(to), Some(channel)) = (s.primary(), s.channel) {
                 self.actions.push_back(Action::SendUnreliable {
                     to,
                     msg: Message::Nack { channel, seqs },
@@ -586,8 +755,8 @@ impl ClientCore {
         self.tick(now);
         let stall = self.cfg.stall_resubscribe;
         for s in self.streams.values_mut() {
-            if s.pop == Some(peer) {
-                s.last_activity = s.last_activity.min(now.checked_sub(stall).unwrap_or(now));
+            for p in s.paths.iter_mut().filter(|p| p.pop == peer) {
+                p.last_activity = p.last_activity.min(now.checked_sub(stall).unwrap_or(now));
             }
         }
     }
@@ -602,11 +771,10 @@ impl ClientCore {
             name.to_string(),
             Stream {
                 channel: None,
-                pop: None,
+                paths: Vec::new(),
                 lost_pop: None,
                 played: false,
                 first_packet: false,
-                last_activity: now,
                 seq: SeqTracker::new(),
                 playout: (!self.cfg.latency.is_zero())
                     .then(|| Playout::new(self.cfg.latency, self.cfg.recovery)),
@@ -614,6 +782,8 @@ impl ClientCore {
                 packets: 0,
                 bytes: 0,
                 source_changes: 0,
+                received: BTreeMap::new(),
+                stale: 0,
             },
         );
         self.assign_waiting();
@@ -635,19 +805,22 @@ impl ClientCore {
             }
             s.playout = Some(p);
         }
-        if let (Some(pop), Some(channel)) = (s.pop, s.channel) {
+        if let (Some(pop), Some(channel)) = (s.primary(), s.channel) {
             self.actions
                 .push_back(Action::Event(stats_event(name, pop, &s)));
-            self.actions.push_back(Action::SendReliable {
-                to: pop,
-                msg: Message::Unsubscribe { channel },
-            });
+            for p in &s.paths {
+                self.actions.push_back(Action::SendReliable {
+                    to: p.pop,
+                    msg: Message::Unsubscribe { channel },
+                });
+            }
         }
         self.actions.push_back(Action::Event(StatEvent::Stop {
             stream: name.to_string(),
-            pop: s.pop,
+            pop: s.primary(),
             reason: reason.to_string(),
         }));
+        self.update_fast();
         true
     }
 
@@ -693,7 +866,8 @@ impl ClientCore {
                 .iter()
                 .map(|(name, s)| StreamView {
                     name: name.clone(),
-                    pop: s.pop,
+                    pop: s.primary(),
+                    pops: s.pops(),
                     packets: s.packets,
                     bytes: s.bytes,
                     lost: lost(s),
@@ -732,12 +906,19 @@ impl ClientCore {
         })
     }
 
-    /// The up PoP with the lowest RTT that lists `name` (ties: `--servers` order); a PoP in
-    /// its hold-down (down not long ago) only if no other one lists it.
-    fn best_pop(&self, name: &str, exclude: Option<SocketAddr>) -> Option<(SocketAddr, ChannelId)> {
+    /// The up PoP with the lowest RTT that lists `name`, other than those in `exclude` (ties:
+    /// `--servers` order); a PoP in its hold-down (down not long ago) only if no other one
+    /// lists it, and never if `usable_only`.
+    fn best_pop(
+        &self,
+        name: &str,
+        exclude: &[SocketAddr],
+        usable_only: bool,
+    ) -> Option<(SocketAddr, ChannelId)> {
         self.pops
             .iter()
-            .filter(|p| p.status == PopStatus::Up && Some(p.addr) != exclude)
+            .filter(|p| p.status == PopStatus::Up && !exclude.contains(&p.addr))
+            .filter(|p| !usable_only || self.liveness.is_usable(self.now, p.addr))
             .filter_map(|p| p.lists(name).map(|id| (p, id)))
             .min_by_key(|(p, _)| {
                 (
@@ -749,23 +930,58 @@ impl ClientCore {
     }
 
     fn fail_over(&mut self, down: &[SocketAddr]) {
-        let names: Vec<String> = self
-            .streams
-            .iter()
-            .filter(|(_, s)| s.pop.is_some_and(|p| down.contains(&p)))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
-            let s = self.streams.get_mut(&name).expect("listed above");
-            let old = s.pop.take().expect("filtered on pop");
-            if let Some(channel) = s.channel {
-                // Best effort: if the PoP is only cut off for a while, stop it sending to us.
-                self.actions.push_back(Action::SendReliable {
-                    to: old,
-                    msg: Message::Unsubscribe { channel },
-                });
+        for (name, s) in &mut self.streams {
+            let Some(primary) = s.primary() else {
+                continue;
+            };
+            let lost: Vec<SocketAddr> = s
+                .paths
+                .iter()
+                .map(|p| p.pop)
+                .filter(|p| down.contains(p))
+                .collect();
+            if lost.is_empty() {
+                continue;
             }
-            s.lost_pop = Some(old);
+            s.paths.retain(|p| !down.contains(&p.pop));
+            for &old in &lost {
+                if let Some(channel) = s.channel {
+                    // Best effort: if the PoP is only cut off for a while, stop it sending to
+                    // us.
+                    self.actions.push_back(Action::SendReliable {
+                        to: old,
+                        msg: Message::Unsubscribe { channel },
+                    });
+                }
+            }
+            match s.paths.first() {
+                // Every path lost: a source change when another PoP is found.
+                None => s.lost_pop = Some(primary),
+                // The survivor numbers the stream differently (another origin): a source change
+                // to it.
+                Some(p) if p.mismatched && lost.contains(&primary) => {
+                    let to = p.pop;
+                    restart(name, s, self.now, &mut self.output);
+                    s.source_changes += 1;
+                    self.actions
+                        .push_back(Action::Event(StatEvent::SourceChanged {
+                            stream: name.clone(),
+                            from: primary,
+                            to,
+                        }));
+                }
+                // The other path carries on (it is the primary now): nothing to reset.
+                Some(p) => {
+                    let survivor = p.pop;
+                    for pop in lost {
+                        self.actions.push_back(Action::Event(StatEvent::PathLost {
+                            stream: name.clone(),
+                            pop,
+                            primary: survivor,
+                        }));
+                    }
+                }
+            }
         }
         // The streams that lost their PoP subscribe elsewhere now if possible (the settle delay
         // applies only to the first choice).
@@ -776,65 +992,97 @@ impl ClientCore {
         self.assign(false);
     }
 
-    /// Subscribes every stream without a PoP at the best candidate.
+    /// Subscribes every stream without a PoP at the best candidate, and, with redundancy, every
+    /// stream with fewer paths than that at the best other usable candidates.
     fn assign(&mut self, failover: bool) {
-        let waiting: Vec<String> = self
+        let redundancy = self.cfg.redundancy.clamp(1, 2);
+        let names: Vec<String> = self
             .streams
             .iter()
-            .filter(|(_, s)| s.pop.is_none())
+            .filter(|(_, s)| s.paths.len() < redundancy)
             .map(|(n, _)| n.clone())
             .collect();
-        for name in waiting {
+        for name in names {
             let s = &self.streams[&name];
             // Never played: wait until every PoP has had its chance to answer.
             if !s.played && !failover && !self.settled() && !self.settle_over() {
                 continue;
             }
-            let Some((pop, channel)) = self.best_pop(&name, None) else {
-                continue;
-            };
-            let s = self.streams.get_mut(&name).expect("listed above");
-            s.pop = Some(pop);
-            s.channel = Some(channel);
-            s.seq.reset();
-            if let Some(mut p) = s.playout.take() {
-                // Release what the old source's buffer held, then start afresh.
-                p.reset(self.now);
-                while let Some(b) = p.poll_release(self.now) {
-                    deliver(&name, s, b, &mut self.output);
-                }
-                s.playout = Some(p);
+            if s.paths.is_empty() {
+                let Some((pop, channel)) = self.best_pop(&name, &[], false) else {
+                    continue;
+                };
+                self.subscribe_primary(&name, pop, channel);
             }
-            s.cc.reset_pids();
-            s.last_activity = self.now;
-            self.actions.push_back(Action::SendReliable {
-                to: pop,
-                msg: Message::Subscribe { channel },
-            });
-            let ev = match (s.played, s.lost_pop.take()) {
-                (false, _) => {
-                    s.played = true;
-                    StatEvent::Play {
-                        stream: name.clone(),
-                        pop,
-                    }
-                }
-                (true, from) => {
-                    s.source_changes += 1;
-                    StatEvent::SourceChanged {
-                        stream: name.clone(),
-                        from: from.unwrap_or(pop),
-                        to: pop,
-                    }
-                }
-            };
-            self.actions.push_back(Action::Event(ev));
+            while self.streams[&name].paths.len() < redundancy {
+                let have = self.streams[&name].pops();
+                let Some((pop, channel)) = self.best_pop(&name, &have, true) else {
+                    break;
+                };
+                let now = self.now;
+                let s = self.streams.get_mut(&name).expect("listed above");
+                s.paths.push(Path::new(pop, now));
+                self.actions.push_back(Action::SendReliable {
+                    to: pop,
+                    msg: Message::Subscribe { channel },
+                });
+                self.actions.push_back(Action::Event(StatEvent::PathAdded {
+                    stream: name.clone(),
+                    pop,
+                }));
+            }
         }
+    }
+
+    /// A stream without a PoP subscribes at `pop`: a `play`, or a `source_changed` (its
+    /// sequence tracking and jitter buffer restart).
+    fn subscribe_primary(&mut self, name: &str, pop: SocketAddr, channel: ChannelId) {
+        let now = self.now;
+        let s = self.streams.get_mut(name).expect("caller checked");
+        s.paths.push(Path::new(pop, now));
+        s.channel = Some(channel);
+        restart(name, s, now, &mut self.output);
+        self.actions.push_back(Action::SendReliable {
+            to: pop,
+            msg: Message::Subscribe { channel },
+        });
+        let ev = match (s.played, s.lost_pop.take()) {
+            (false, _) => {
+                s.played = true;
+                StatEvent::Play {
+                    stream: name.to_owned(),
+                    pop,
+                }
+            }
+            (true, from) => {
+                s.source_changes += 1;
+                StatEvent::SourceChanged {
+                    stream: name.to_owned(),
+                    from: from.unwrap_or(pop),
+                    to: pop,
+                }
+            }
+        };
+        self.actions.push_back(Action::Event(ev));
     }
 
     fn settle_over(&self) -> bool {
         self.now >= self.start + self.cfg.settle
     }
+}
+
+/// A source change: what the jitter buffer held goes to the sinks, then sequence tracking and
+/// the jitter buffer start afresh.
+fn restart(name: &str, s: &mut Stream, now: Instant, output: &mut VecDeque<(String, Bytes)>) {
+    s.seq.reset();
+    if let Some(mut p) = s.playout.take() {
+        p.reset(now);
+        while let Some(b) = p.poll_release(now) {
+            deliver(name, s, b, output);
+        }
+        s.playout = Some(p);
+    }
+    s.cc.reset_pids();
 }
 
 fn stats_event(name: &str, pop: SocketAddr, s: &Stream) -> StatEvent {
@@ -853,6 +1101,8 @@ fn stats_event(name: &str, pop: SocketAddr, s: &Stream) -> StatEvent {
         recovered: c.recovered,
         nacks: c.nacks,
         retransmitted: c.retransmitted,
+        pops: s.pops(),
+        received: s.received.clone(),
     }
 }
 
@@ -874,7 +1124,7 @@ fn lost(s: &Stream) -> u64 {
 fn duplicates(s: &Stream) -> u64 {
     match &s.playout {
         Some(p) => p.counters().duplicates,
-        None => s.seq.duplicates(),
+        None => s.seq.duplicates() + s.stale,
     }
 }
 
@@ -938,6 +1188,40 @@ mod tests {
         rtt: Duration,
         alive: bool,
         channels: Vec<ChannelInfo>,
+        /// Loss of every unreliable datagram (pings, pongs, lists, video), each way.
+        loss: f64,
+        /// Channels we are subscribed to there (the reliable channel never loses).
+        subs: BTreeSet<ChannelId>,
+    }
+
+    impl FakePop {
+        fn new(a: SocketAddr, rtt_ms: u64, channels: &[&str]) -> FakePop {
+            FakePop {
+                addr: a,
+                rtt: Duration::from_millis(rtt_ms),
+                alive: true,
+                channels: channels.iter().map(|n| info(n)).collect(),
+                loss: 0.0,
+                subs: BTreeSet::new(),
+            }
+        }
+    }
+
+    /// What a fake PoP sends the core.
+    enum Msg {
+        Ctl(Message),
+        Video(VideoPacket),
+    }
+
+    /// A live channel at the origin: every PoP subscribed to it relays each datagram (same
+    /// seq everywhere), after half its RTT, losing it with its `loss`.
+    struct Origin {
+        name: String,
+        interval: Duration,
+        next_at: Instant,
+        seq: u64,
+        /// A keyframe every this many datagrams.
+        gop: u64,
     }
 
     /// Discrete-event simulation: the core plus fake PoPs answering after their RTT.
@@ -946,13 +1230,17 @@ mod tests {
         now: Instant,
         pops: Vec<FakePop>,
         /// (deliver at, from, message)
-        inflight: Vec<(Instant, SocketAddr, Message)>,
+        inflight: Vec<(Instant, SocketAddr, Msg)>,
+        origin: Option<Origin>,
+        rng: common::rng::Rng,
         events: Vec<(Instant, StatEvent)>,
         reliable: Vec<(SocketAddr, Message)>,
         /// NACKs sent: (to, seqs).
         nacks: Vec<(SocketAddr, Vec<u64>)>,
         /// What reached the sinks.
         output: Vec<(String, Bytes)>,
+        /// Pings sent, per PoP.
+        pings: BTreeMap<SocketAddr, u64>,
     }
 
     impl Sim {
@@ -968,10 +1256,13 @@ mod tests {
                 now,
                 pops,
                 inflight: Vec::new(),
+                origin: None,
+                rng: common::rng::Rng::seeded(7),
                 events: Vec::new(),
                 reliable: Vec::new(),
                 nacks: Vec::new(),
                 output: Vec::new(),
+                pings: BTreeMap::new(),
             }
         }
 
@@ -990,8 +1281,11 @@ mod tests {
                         msg: Message::Nack { seqs, .. },
                     } => self.nacks.push((to, seqs)),
                     Action::SendUnreliable { to, msg } => {
+                        if matches!(msg, Message::Ping { .. }) {
+                            *self.pings.entry(to).or_default() += 1;
+                        }
                         let p = self.pops.iter().find(|p| p.addr == to).unwrap();
-                        if !p.alive {
+                        if !p.alive || self.rng.chance(p.loss) || self.rng.chance(p.loss) {
                             continue;
                         }
                         let reply = match msg {
@@ -1003,9 +1297,23 @@ mod tests {
                             },
                             other => panic!("unexpected {other:?}"),
                         };
-                        self.inflight.push((self.now + p.rtt, to, reply));
+                        self.inflight.push((self.now + p.rtt, to, Msg::Ctl(reply)));
                     }
-                    Action::SendReliable { to, msg } => self.reliable.push((to, msg)),
+                    Action::SendReliable { to, msg } => {
+                        let p = self.pops.iter_mut().find(|p| p.addr == to).unwrap();
+                        if p.alive {
+                            match &msg {
+                                Message::Subscribe { channel } => {
+                                    p.subs.insert(*channel);
+                                }
+                                Message::Unsubscribe { channel } => {
+                                    p.subs.remove(channel);
+                                }
+                                _ => {}
+                            }
+                        }
+                        self.reliable.push((to, msg));
+                    }
                     Action::Event(e) => self.events.push((self.now, e)),
                 }
             }
@@ -1017,9 +1325,12 @@ mod tests {
             loop {
                 self.collect();
                 let next_msg = self.inflight.iter().map(|m| m.0).min();
-                let next = next_msg.map_or(self.core.poll_timeout(), |m| {
-                    m.min(self.core.poll_timeout())
-                });
+                let next_video = self.origin.as_ref().map(|o| o.next_at);
+                let next = [next_msg, next_video, Some(self.core.poll_timeout())]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap();
                 if next > end {
                     self.now = end;
                     break;
@@ -1030,8 +1341,15 @@ mod tests {
                     let (_, from, msg) = self.inflight.remove(i);
                     // A PoP that died drops what it had in flight too.
                     if self.pops.iter().any(|p| p.addr == from && p.alive) {
-                        self.core.handle_message(self.now, from, msg);
+                        match msg {
+                            Msg::Ctl(m) => self.core.handle_message(self.now, from, m),
+                            Msg::Video(v) => {
+                                self.core.handle_video(self.now, from, v);
+                            }
+                        }
                     }
+                } else if next_video == Some(next) {
+                    self.origin_tick();
                 } else {
                     self.core.handle_timeout(self.now);
                 }
@@ -1042,6 +1360,36 @@ mod tests {
         fn play(&mut self, name: &str) {
             self.core.play(self.now, name);
             self.collect();
+        }
+
+        /// Starts the origin of channel `name`: a datagram every `interval`, seq from 1000.
+        fn live(&mut self, name: &str, interval: Duration) {
+            self.origin = Some(Origin {
+                name: name.to_owned(),
+                interval,
+                next_at: self.now,
+                seq: 1000,
+                gop: 25,
+            });
+        }
+
+        fn origin_tick(&mut self) {
+            let o = self.origin.as_mut().unwrap();
+            let id = ChannelId::of_name(&o.name);
+            let packet = numbered(&o.name, o.seq, o.seq % o.gop == 0, 0);
+            o.seq += 1;
+            o.next_at += o.interval;
+            for p in &self.pops {
+                if p.alive && p.subs.contains(&id) && !self.rng.chance(p.loss) {
+                    let v = Msg::Video(packet.clone());
+                    self.inflight.push((self.now + p.rtt / 2, p.addr, v));
+                }
+            }
+        }
+
+        /// The seqs the sinks got, in order.
+        fn output_seqs(&self) -> Vec<u64> {
+            self.output.iter().map(|(_, b)| seq_of(b)).collect()
         }
 
         fn source_changes(&self) -> Vec<(SocketAddr, SocketAddr)> {
@@ -1063,24 +1411,18 @@ mod tests {
         }
 
         fn stream_pop(&self, name: &str) -> Option<SocketAddr> {
-            self.core.streams[name].pop
+            self.core.streams[name].primary()
+        }
+
+        fn stream_pops(&self, name: &str) -> Vec<SocketAddr> {
+            self.core.streams[name].pops()
         }
     }
 
     fn two_pops() -> Sim {
         Sim::new(vec![
-            FakePop {
-                addr: addr(2),
-                rtt: Duration::from_millis(30),
-                alive: true,
-                channels: vec![info("news"), info("sport")],
-            },
-            FakePop {
-                addr: addr(3),
-                rtt: Duration::from_millis(5),
-                alive: true,
-                channels: vec![info("news"), info("film")],
-            },
+            FakePop::new(addr(2), 30, &["news", "sport"]),
+            FakePop::new(addr(3), 5, &["news", "film"]),
         ])
     }
 
@@ -1446,12 +1788,7 @@ mod tests {
 
     #[test]
     fn paged_channel_lists_are_assembled() {
-        let mut sim = Sim::new(vec![FakePop {
-            addr: addr(2),
-            rtt: Duration::from_millis(1),
-            alive: true,
-            channels: vec![],
-        }]);
+        let mut sim = Sim::new(vec![FakePop::new(addr(2), 1, &[])]);
         sim.run_for(Duration::from_millis(100));
         let a = addr(2);
         let page = |p: u16, n: &str| Message::Channels {
@@ -1477,5 +1814,308 @@ mod tests {
         // A pong from an address we did not ping is ignored.
         sim.core
             .handle_message(sim.now, addr(9), Message::Pong { nonce: 1 });
+    }
+
+    fn event_time(sim: &Sim, f: impl Fn(&StatEvent) -> bool) -> Option<Instant> {
+        sim.events.iter().find(|(_, e)| f(e)).map(|(t, _)| *t)
+    }
+
+    #[test]
+    fn the_pop_in_use_is_pinged_fast_and_its_death_moves_the_stream_in_150_ms() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.live("news", Duration::from_millis(10));
+        sim.run_for(Duration::from_secs(2));
+        let (used, other) = (addr(3), addr(2));
+        assert_eq!(sim.stream_pop("news"), Some(used));
+        assert!(sim.core.liveness.is_fast(used) && !sim.core.liveness.is_fast(other));
+        // One second: ~40 pings to the PoP in use, ~10 to the other.
+        sim.pings.clear();
+        sim.run_for(Duration::from_secs(1));
+        assert!((39..=41).contains(&sim.pings[&used]), "{:?}", sim.pings);
+        assert!((9..=11).contains(&sim.pings[&other]), "{:?}", sim.pings);
+        sim.pop(used).alive = false;
+        let died = sim.now;
+        sim.run_for(Duration::from_secs(1));
+        let at = event_time(&sim, |e| matches!(e, StatEvent::SourceChanged { .. })).unwrap();
+        // Its last datagram came at most one video interval before it died.
+        let took = at - died;
+        assert!(
+            took >= Duration::from_millis(135) && took <= Duration::from_millis(200),
+            "{took:?}"
+        );
+        assert_eq!(sim.source_changes(), [(used, other)]);
+        // The dead one is normal again (slow pings while it is down), the new one fast.
+        assert!(!sim.core.liveness.is_fast(used));
+        assert!(sim.core.liveness.is_fast(other));
+        assert!(sim.output.len() > 250);
+        // Stopping the stream makes it normal too.
+        sim.core.stop(sim.now, "news", "user");
+        sim.collect();
+        assert!(!sim.core.liveness.is_fast(other));
+    }
+
+    #[test]
+    fn a_pop_not_in_use_keeps_the_normal_timeout() {
+        let mut sim = two_pops();
+        sim.play("news");
+        sim.live("news", Duration::from_millis(10));
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.stream_pop("news"), Some(addr(3)));
+        sim.pop(addr(2)).alive = false;
+        let died = sim.now;
+        sim.run_for(Duration::from_secs(2));
+        let at = event_time(
+            &sim,
+            |e| matches!(e, StatEvent::Pop { pop, up: false, .. } if *pop == addr(2)),
+        )
+        .unwrap();
+        // 800 ms after its last pong (at most a ping period and its RTT before the death).
+        let took = at - died;
+        assert!(
+            took >= Duration::from_millis(670) && took <= Duration::from_millis(800),
+            "{took:?}"
+        );
+        assert!(sim.source_changes().is_empty());
+    }
+
+    #[test]
+    fn no_false_failover_at_ten_percent_loss_with_video_flowing() {
+        for redundancy in [1, 2] {
+            let mut sim = two_pops_with(CoreConfig {
+                redundancy,
+                ..CoreConfig::default()
+            });
+            for p in &mut sim.pops {
+                p.loss = 0.10;
+            }
+            sim.rng = common::rng::Rng::seeded(1000 + redundancy as u64);
+            sim.play("news");
+            // 50 datagrams/s, 10 % lost each (and every ping, pong and list, each way).
+            sim.live("news", Duration::from_millis(20));
+            sim.run_for(Duration::from_secs(600));
+            let downs = sim
+                .events
+                .iter()
+                .filter(|(_, e)| matches!(e, StatEvent::Pop { up: false, .. }))
+                .count();
+            assert_eq!(downs, 0, "redundancy {redundancy}");
+            assert!(sim.source_changes().is_empty());
+            assert!(sim.core.liveness.is_fast(addr(3)));
+            assert!(sim.output.len() > 20_000, "{}", sim.output.len());
+        }
+    }
+
+    fn missing(seqs: &[u64]) -> u64 {
+        let (first, last) = (seqs[0], *seqs.last().unwrap());
+        last - first + 1 - seqs.len() as u64
+    }
+
+    #[test]
+    fn redundancy_two_merges_two_lossy_paths() {
+        for latency in [Duration::from_millis(200), Duration::ZERO] {
+            let mut sim = two_pops_with(CoreConfig {
+                redundancy: 2,
+                recovery: false,
+                latency,
+                ..CoreConfig::default()
+            });
+            for p in &mut sim.pops {
+                p.loss = 0.10;
+            }
+            sim.play("news");
+            sim.live("news", Duration::from_millis(5));
+            sim.run_for(Duration::from_secs(60));
+            assert_eq!(sim.stream_pops("news"), [addr(3), addr(2)]);
+            assert!(event_time(&sim, |e| matches!(e,
+                StatEvent::PathAdded { pop, .. } if *pop == addr(2)))
+            .is_some());
+            let mut got = sim.output_seqs();
+            if latency.is_zero() {
+                // Pass-through: a copy from the slower path filling a gap comes out late.
+                got.sort_unstable();
+            }
+            assert!(
+                got.windows(2).all(|w| w[0] < w[1]),
+                "in order, no duplicates"
+            );
+            let merged = missing(&got);
+            let v = &sim.core.snapshot(sim.now).streams[0];
+            assert_eq!(v.lost, merged, "latency {latency:?}");
+            assert_eq!(v.pops, [addr(3), addr(2)]);
+            // Each path alone lost ~10 %; merged, ~1 %.
+            let s = &sim.core.streams["news"];
+            let sent = got.last().unwrap() - 1000 + 1;
+            for p in [addr(2), addr(3)] {
+                let path_lost = sent - s.received[&p];
+                assert!(path_lost > sent / 20, "{p}: {path_lost} of {sent}");
+                assert!(merged * 4 < path_lost, "merged {merged}, {p} {path_lost}");
+            }
+            assert!(merged > 0 && merged < sent / 50, "{merged} of {sent}");
+            eprintln!(
+                "latency {latency:?}: {sent} sent, lost {} / {} on the paths, {merged} merged",
+                sent - s.received[&addr(3)],
+                sent - s.received[&addr(2)]
+            );
+            // Every copy that arrived twice was dropped and counted (with a jitter buffer, a
+            // few more were not delivered: before the first keyframe, or still held).
+            let received: u64 = s.received.values().sum();
+            let undelivered = received - got.len() as u64 - v.duplicates;
+            assert!(v.duplicates > sent / 2, "{}", v.duplicates);
+            if latency.is_zero() {
+                assert_eq!(undelivered, 0);
+            } else {
+                assert!(undelivered < 100, "{undelivered}");
+            }
+            assert!(sim.source_changes().is_empty());
+            // Stop: unsubscribed at both.
+            sim.core.stop(sim.now, "news", "user");
+            sim.collect();
+            for p in [addr(2), addr(3)] {
+                assert!(sim
+                    .reliable
+                    .iter()
+                    .any(|(a, m)| *a == p && matches!(m, Message::Unsubscribe { .. })));
+            }
+        }
+    }
+
+    #[test]
+    fn redundancy_two_loses_nothing_when_a_pop_dies() {
+        let mut sim = Sim::with(
+            CoreConfig {
+                redundancy: 2,
+                ..CoreConfig::default()
+            },
+            vec![
+                FakePop::new(addr(2), 30, &["news"]),
+                FakePop::new(addr(3), 5, &["news"]),
+                FakePop::new(addr(4), 20, &["news"]),
+            ],
+        );
+        sim.play("news");
+        sim.live("news", Duration::from_millis(5));
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(sim.stream_pops("news"), [addr(3), addr(4)]);
+        assert!(sim.core.liveness.is_fast(addr(3)) && sim.core.liveness.is_fast(addr(4)));
+        assert!(!sim.core.liveness.is_fast(addr(2)));
+        // The primary dies.
+        sim.pop(addr(3)).alive = false;
+        let died = sim.now;
+        sim.run_for(Duration::from_secs(3));
+        let at = event_time(&sim, |e| matches!(e, StatEvent::PathLost { .. })).unwrap();
+        assert!(at - died <= Duration::from_millis(200), "{:?}", at - died);
+        assert!(sim.events.iter().any(|(_, e)| matches!(e,
+            StatEvent::PathLost { pop, primary, .. } if *pop == addr(3) && *primary == addr(4))));
+        // The survivor is the primary, the third PoP the new secondary; no source change.
+        assert_eq!(sim.stream_pops("news"), [addr(4), addr(2)]);
+        assert!(sim.source_changes().is_empty());
+        let got = sim.output_seqs();
+        assert!(
+            got.windows(2).all(|w| w[1] == w[0] + 1),
+            "no seq lost or repeated"
+        );
+        let v = &sim.core.snapshot(sim.now).streams[0];
+        assert_eq!((v.lost, v.source_changes), (0, 0));
+        assert!(got.len() > 1000);
+        // The secondary dies too: still nothing lost, and no PoP left to add.
+        sim.pop(addr(2)).alive = false;
+        sim.run_for(Duration::from_secs(2));
+        assert_eq!(sim.stream_pops("news"), [addr(4)]);
+        let got = sim.output_seqs();
+        assert!(got.windows(2).all(|w| w[1] == w[0] + 1));
+        // The first one recovers: it comes back as a secondary after its hold-down.
+        sim.pop(addr(3)).alive = true;
+        sim.run_for(Duration::from_secs(3));
+        assert_eq!(
+            sim.stream_pops("news"),
+            [addr(4), addr(3)],
+            "back as a secondary"
+        );
+        assert!(sim.source_changes().is_empty());
+    }
+
+    #[test]
+    fn a_second_path_is_added_when_another_pop_lists_the_channel() {
+        let mut sim = two_pops_with(CoreConfig {
+            redundancy: 2,
+            ..CoreConfig::default()
+        });
+        sim.play("sport");
+        sim.run_for(Duration::from_secs(1));
+        assert_eq!(sim.stream_pops("sport"), [addr(2)]);
+        sim.pop(addr(3)).channels.push(info("sport"));
+        sim.run_for(Duration::from_millis(1100));
+        assert_eq!(sim.stream_pops("sport"), [addr(2), addr(3)]);
+        let mut subs = sim.subscribes();
+        subs.dedup(); // (re-sent while no video came)
+        assert_eq!(subs[..2], [addr(2), addr(3)]);
+    }
+
+    #[test]
+    fn a_joining_pops_cache_burst_is_not_replayed_in_pass_through() {
+        let mut sim = two_pops_with(CoreConfig {
+            redundancy: 2,
+            latency: Duration::ZERO,
+            ..CoreConfig::default()
+        });
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let (a, b) = (addr(3), addr(2));
+        assert_eq!(sim.stream_pops("news"), [a, b]);
+        let t = sim.now;
+        for seq in 1000..1400 {
+            sim.core.handle_video(t, a, numbered("news", seq, false, 0));
+        }
+        // The other PoP's GOP cache, then its live datagrams.
+        for seq in 1100..1400 {
+            let p = numbered("news", seq, false, video_flags::FROM_CACHE);
+            sim.core.handle_video(t, b, p);
+        }
+        for seq in 1400..1410 {
+            sim.core.handle_video(t, b, numbered("news", seq, false, 0));
+            sim.core.handle_video(t, a, numbered("news", seq, false, 0));
+        }
+        sim.collect();
+        let got = sim.output_seqs();
+        assert_eq!(got, (1000..1410).collect::<Vec<u64>>());
+        let v = &sim.core.snapshot(t).streams[0];
+        assert_eq!((v.lost, v.duplicates), (0, 300 + 10));
+    }
+
+    #[test]
+    fn a_secondary_numbered_by_another_origin_is_not_merged() {
+        let mut sim = two_pops_with(CoreConfig {
+            redundancy: 2,
+            recovery: false,
+            ..CoreConfig::default()
+        });
+        sim.play("news");
+        sim.run_for(Duration::from_secs(1));
+        let (a, b) = (addr(3), addr(2));
+        assert_eq!(sim.stream_pops("news"), [a, b]);
+        for i in 0..50 {
+            let t = sim.now;
+            sim.core
+                .handle_video(t, a, numbered("news", 100 + i, i % 25 == 0, 0));
+            sim.core
+                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+            sim.run_for(Duration::from_millis(5));
+        }
+        assert_eq!(sim.output_seqs(), (100..150).collect::<Vec<u64>>());
+        assert!(sim.core.streams["news"].paths[1].mismatched);
+        // The primary dies: the survivor's numbering is a new start (a source change).
+        sim.pop(a).alive = false;
+        sim.run_for(Duration::from_millis(300));
+        assert_eq!(sim.stream_pops("news"), [b]);
+        assert_eq!(sim.source_changes(), [(a, b)]);
+        for i in 50..60 {
+            let t = sim.now;
+            sim.core
+                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+            sim.run_for(Duration::from_millis(5));
+        }
+        let got = sim.output_seqs();
+        assert_eq!(got[50..], (9_000_050..9_000_060).collect::<Vec<u64>>());
     }
 }

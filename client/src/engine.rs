@@ -473,6 +473,12 @@ impl Engine {
             StatEvent::FirstPacket { stream, pop } => info!(stream, %pop, "first packet"),
             StatEvent::FirstKeyframe { stream, pop } => info!(stream, %pop, "first keyframe"),
             StatEvent::Gap { stream, gap_ms, .. } => info!(stream, gap_ms, "gap in the stream"),
+            StatEvent::PathAdded { stream, pop } => info!(stream, %pop, "second PoP subscribed"),
+            StatEvent::PathLost {
+                stream,
+                pop,
+                primary,
+            } => warn!(stream, %pop, %primary, "one of two PoPs lost; continuing from the other"),
             StatEvent::Stop { .. } => {}
         }
         if let Some(w) = &mut self.stats {

@@ -121,9 +121,16 @@ impl eframe::App for ClientApp {
                             if ui.button("Stop").clicked() {
                                 let _ = self.handles.commands.send(Command::Stop(name.clone()));
                             }
-                            ui.monospace(
-                                s.pop.map_or_else(|| "waiting…".into(), |p| p.to_string()),
-                            );
+                            ui.monospace(if s.pops.is_empty() {
+                                "waiting…".to_string()
+                            } else {
+                                // Primary first; a second one with --redundancy 2.
+                                s.pops
+                                    .iter()
+                                    .map(ToString::to_string)
+                                    .collect::<Vec<_>>()
+                                    .join(" + ")
+                            });
                             ui.label(s.packets.to_string());
                             ui.label(format!("{} (TS {})", s.lost, s.cc_lost));
                             ui.label(s.source_changes.to_string());

@@ -70,6 +70,12 @@ impl SeqTracker {
         self.old_streak = 0;
     }
 
+    /// Whether `seq` is older than the duplicate window (a [`push`](Self::push) would call it
+    /// [`SeqVerdict::TooOld`], or restart on a run of them). Nothing is changed.
+    pub fn is_behind_window(&self, seq: u64) -> bool {
+        self.max.is_some_and(|m| seq < m && m - seq >= WINDOW)
+    }
+
     /// Checks one received sequence number.
     pub fn push(&mut self, seq: u64) -> SeqVerdict {
         let Some(max) = self.max else {

@@ -13,7 +13,9 @@
 //! {"event":"first_keyframe","t_ms":852,"stream":"news","pop":"127.0.0.2:8010"}
 //! {"event":"gap","t_ms":6210,"stream":"news","pop":"127.0.0.3:8010","gap_ms":412.5}
 //! {"event":"source_changed","t_ms":5120,"stream":"news","from":"127.0.0.2:8010","to":"127.0.0.3:8010"}
-//! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0,"late":0,"skipped":0,"recovered":3,"nacks":3,"retransmitted":3}
+//! {"event":"path_added","t_ms":830,"stream":"news","pop":"127.0.0.3:8010"}     --redundancy 2
+//! {"event":"path_lost","t_ms":4210,"stream":"news","pop":"127.0.0.2:8010","primary":"127.0.0.3:8010"}
+//! {"event":"stats","t_ms":2000,"stream":"news","pop":"127.0.0.2:8010","packets":412,"bytes":542192,"lost":0,"cc_lost":0,"duplicates":0,"source_changes":0,"late":0,"skipped":0,"recovered":3,"nacks":3,"retransmitted":3,"pops":["127.0.0.2:8010"],"received":{"127.0.0.2:8010":415}}
 //! {"event":"stop","t_ms":9000,"stream":"news","reason":"exit"}
 //! ```
 //!
@@ -27,7 +29,12 @@
 //! given up (never played), `recovered` missing datagrams that arrived in time (NACKed
 //! retransmissions or late originals), `nacks` `Nack` messages sent to the PoP,
 //! `retransmitted` datagrams received flagged `RETRANSMIT` (every copy, useful or not: the
-//! recovery overhead).
+//! recovery overhead). `pop` is the stream's primary PoP (NACKs go there), `pops` every PoP
+//! feeding it (primary first; two with `--redundancy 2`), `received` the datagrams received
+//! from each PoP that ever fed it (every copy: duplicates, retransmissions, cache bursts).
+//! With `--redundancy 2`, `path_added` is a second PoP subscribed (its video is merged by
+//! `seq`), `path_lost` one of the two went down: the stream continues from `primary` without a
+//! reset (no `source_changed`).
 //! `first_keyframe` is the first datagram flagged `KEYFRAME` or carrying a TS random access
 //! indicator (a player can start decoding there). `gap` is written when a datagram ends a
 //! silence longer than 100 ms in a stream that already had packets: `gap_ms` is the time since
@@ -36,6 +43,7 @@
 //! when the stream had none.
 
 use serde::Serialize;
+use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::net::SocketAddr;
 use std::path::Path;
@@ -98,11 +106,28 @@ pub enum StatEvent {
         /// The new PoP.
         to: SocketAddr,
     },
+    /// `--redundancy 2`: the stream is also subscribed at `pop` (merged by `seq`).
+    PathAdded {
+        /// Channel name.
+        stream: String,
+        /// The added PoP.
+        pop: SocketAddr,
+    },
+    /// One of the PoPs feeding a stream went down; it continues from the other, `primary`,
+    /// without a reset.
+    PathLost {
+        /// Channel name.
+        stream: String,
+        /// The PoP that went down.
+        pop: SocketAddr,
+        /// The PoP the stream continues from.
+        primary: SocketAddr,
+    },
     /// Periodic cumulative counters of a stream.
     Stats {
         /// Channel name.
         stream: String,
-        /// Current source.
+        /// Current source (the primary).
         pop: SocketAddr,
         /// Datagrams handed to the sinks.
         packets: u64,
@@ -127,6 +152,10 @@ pub enum StatEvent {
         nacks: u64,
         /// Datagrams received flagged `RETRANSMIT`.
         retransmitted: u64,
+        /// Every PoP feeding the stream, primary first.
+        pops: Vec<SocketAddr>,
+        /// Datagrams received per PoP (every copy).
+        received: BTreeMap<SocketAddr, u64>,
     },
     /// A stream stopped.
     Stop {
@@ -217,5 +246,31 @@ mod tests {
             l,
             r#"{"event":"pop","pop":"127.0.0.2:8010","rtt_ms":null,"up":false,"t_ms":0}"#
         );
+        let other: SocketAddr = "127.0.0.3:8010".parse().unwrap();
+        let l = to_json_line(
+            &StatEvent::Stats {
+                stream: "news".into(),
+                pop,
+                packets: 10,
+                bytes: 1880,
+                lost: 1,
+                cc_lost: 0,
+                duplicates: 9,
+                source_changes: 0,
+                late: 0,
+                skipped: 1,
+                recovered: 0,
+                nacks: 0,
+                retransmitted: 0,
+                pops: vec![pop, other],
+                received: [(pop, 10), (other, 9)].into_iter().collect(),
+            },
+            Duration::from_millis(2000),
+        );
+        let v: serde_json::Value = serde_json::from_str(&l).unwrap();
+        assert_eq!(v["pop"], "127.0.0.2:8010");
+        assert_eq!(v["lost"], 1);
+        assert_eq!(v["pops"][1], "127.0.0.3:8010");
+        assert_eq!(v["received"]["127.0.0.3:8010"], 9);
     }
 }
