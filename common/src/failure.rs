@@ -468,11 +468,7 @@ mod tests {
         // Arrival times of everything that gets through, in 1 ms steps.
         let mut deaths = 0;
         let hb = cfg.fast_interval.as_millis() as u64;
-        let video_every = if video_per_s == 0 {
-            u64::MAX
-        } else {
-            1000 / video_per_s
-        };
+        let video_every = 1000u64.checked_div(video_per_s).unwrap_or(u64::MAX);
         for ms in 0..secs * 1000 {
             let now = t0 + MS * ms as u32;
             deaths += d.poll_dead(now).len();

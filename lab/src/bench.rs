@@ -33,8 +33,9 @@ pub struct Config {
     pub out: PathBuf,
     /// Where the processes' logs go (one folder per trial).
     pub log_dir: PathBuf,
-    /// Experiments to run: `ttff`, `loss`, `failover`, `failover-r2` (the same with
-    /// `--redundancy 2` on every daemon).
+    /// Experiments to run: `ttff`, `loss`, `loss-off` (the loss runs again with
+    /// `--no-recovery` on every process, labelled `no-recovery`), `failover`, `failover-r2` (the
+    /// same with `--redundancy 2` on every daemon).
     pub experiments: Vec<String>,
     /// TTFF repetitions per keyframe interval.
     pub reps: usize,
@@ -61,7 +62,7 @@ impl Config {
             quick,
             out,
             log_dir: PathBuf::from("target/bench"),
-            experiments: ["ttff", "loss", "failover", "failover-r2"]
+            experiments: ["ttff", "loss", "loss-off", "failover", "failover-r2"]
                 .map(String::from)
                 .to_vec(),
             reps: if quick { 3 } else { 10 },
@@ -71,7 +72,7 @@ impl Config {
             trials: if quick { 5 } else { 20 },
             client_args: vec![],
             daemon_args: vec![],
-            label: "baseline".into(),
+            label: "default".into(),
         }
     }
 }
@@ -776,11 +777,18 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
             res.ttff.extend(ttff(cfg, bins, *k).await);
         }
     }
-    if want("loss") {
+    let mut off = cfg.clone();
+    off.label = "no-recovery".into();
+    off.client_args.push("--no-recovery".into());
+    off.daemon_args.push("--no-recovery".into());
+    for (name, variant) in [("loss", cfg), ("loss-off", &off)] {
+        if !want(name) {
+            continue;
+        }
         for cond in loss_conditions() {
-            for seed in &cfg.seeds {
-                info!(condition = %cond.0, seed, "experiment: delivery under loss");
-                res.loss.push(loss_run(cfg, bins, &cond, *seed).await);
+            for seed in &variant.seeds {
+                info!(condition = %cond.0, seed, label = %variant.label, "experiment: delivery under loss");
+                res.loss.push(loss_run(variant, bins, &cond, *seed).await);
             }
         }
     }
@@ -932,6 +940,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             let cc: Vec<f64> = ok.iter().map(|r| r.cc_lost as f64).collect();
             let over: Vec<f64> = ok.iter().map(|r| r.overhead_pct).collect();
             let goal = loss_goal(&cond);
+            let reference = label == "no-recovery";
             rows.push(vec![
                 cond.clone(),
                 label,
@@ -943,6 +952,8 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 mean(&over).map_or("-".into(), |v| format!("{v:.2} %")),
                 goal.map_or("—".into(), |g| format!("≥ {} %", g * 100.0)),
                 match goal {
+                    // The unprotected run is the reference the goal is not meant for.
+                    Some(_) if reference => "(reference)".into(),
                     Some(g) => verdict(min.map(|m| m >= g)),
                     None => "—".into(),
                 },

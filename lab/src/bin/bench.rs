@@ -17,12 +17,13 @@ struct Args {
     /// Output folder (RESULTS.md, plots, runs/).
     #[arg(long, default_value = "report")]
     out: PathBuf,
-    /// Experiments to run (comma-separated): ttff, loss, failover, failover-r2 (the failover
-    /// trials again with `--redundancy 2` on every daemon).
+    /// Experiments to run (comma-separated): ttff, loss, loss-off (the loss runs again with
+    /// `--no-recovery` everywhere), failover, failover-r2 (the failover trials again with
+    /// `--redundancy 2` on every daemon).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ttff,loss,failover,failover-r2"
+        default_value = "ttff,loss,loss-off,failover,failover-r2"
     )]
     only: Vec<String>,
     /// TTFF repetitions per keyframe interval (default 10, 3 with --quick).
@@ -35,7 +36,7 @@ struct Args {
     #[arg(long)]
     loss_secs: Option<u64>,
     /// Name of this variant in the tables, e.g. `no-recovery`.
-    #[arg(long, default_value = "baseline")]
+    #[arg(long, default_value = "default")]
     label: String,
     /// Extra argument for every client (repeatable), e.g. `--client-arg=--no-recovery`.
     #[arg(long = "client-arg", allow_hyphen_values = true)]
