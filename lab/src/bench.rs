@@ -204,6 +204,9 @@ pub struct LossRun {
     pub overhead_pct: f64,
     /// PoP changes during the run.
     pub source_changes: usize,
+    /// Relays that declared a live neighbour dead during the run (`neighbour down` lines in the
+    /// nodes' logs): false failovers, since no host dies in these runs.
+    pub neighbour_downs: usize,
 }
 
 /// One failover trial.
@@ -573,7 +576,7 @@ async fn loss_run(
 ) -> LossRun {
     let (name, pct, spec) = cond;
     let slug: String = name.chars().filter(|c| c.is_ascii_alphanumeric()).collect();
-    let tag = format!("loss-{slug}-s{seed}");
+    let tag = format!("loss-{slug}-s{seed}-{}", cfg.label);
     let mut run = LossRun {
         label: cfg.label.clone(),
         condition: spec.clone().unwrap_or_else(|| "none".into()),
@@ -589,8 +592,9 @@ async fn loss_run(
         retransmitted: 0,
         overhead_pct: 0.0,
         source_changes: 0,
+        neighbour_downs: 0,
     };
-    let r: anyhow::Result<StreamSummary> = async {
+    let r: anyhow::Result<(StreamSummary, usize)> = async {
         let mut lab = Lab::new(
             bins,
             cfg,
@@ -617,7 +621,17 @@ async fn loss_run(
             .context("no first packet within 60 s")?;
             tokio::time::sleep(Duration::from_secs(cfg.loss_secs)).await;
             // The last `stats` line is at most 1 s old.
-            Ok::<_, anyhow::Error>(stream_now(&stats))
+            let downs = lab
+                .plan
+                .nodes
+                .iter()
+                .map(|ip| {
+                    lab.log(&crate::process_name("node", *ip))
+                        .matches("neighbour down")
+                        .count()
+                })
+                .sum::<usize>();
+            Ok::<_, anyhow::Error>((stream_now(&stats), downs))
         }
         .await;
         lab.stop().await;
@@ -625,7 +639,8 @@ async fn loss_run(
     }
     .await;
     match r {
-        Ok(s) => {
+        Ok((s, downs)) => {
+            run.neighbour_downs = downs;
             run.packets = s.packets;
             run.lost = s.lost;
             run.cc_lost = s.cc_lost;
@@ -642,7 +657,7 @@ async fn loss_run(
         Err(e) => run.error = Some(format!("{e:#}")),
     }
     info!(?run, "loss run");
-    save(&cfg.out, &format!("{tag}-{}", cfg.label), &run);
+    save(&cfg.out, &tag, &run);
     run
 }
 
@@ -926,7 +941,9 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
              after the first packet. Delivered = datagrams received / (received + lost), where \
              lost = sequence numbers the client's jitter buffer had to skip (never received, or \
              too late for its latency budget; the server numbers every datagram). Variants with \
-             `--no-recovery` show what the same impairment costs without per-hop NACKs.\n",
+             `--no-recovery` show what the same impairment costs without per-hop NACKs. False \
+             failovers: `neighbour down` lines in the relays' logs, summed over the runs (no host \
+             dies in these runs, so every one is false).\n",
             cfg.loss_secs
         );
         let mut rows = Vec::new();
@@ -939,6 +956,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
             let cc: Vec<f64> = ok.iter().map(|r| r.cc_lost as f64).collect();
             let over: Vec<f64> = ok.iter().map(|r| r.overhead_pct).collect();
+            let downs: usize = ok.iter().map(|r| r.neighbour_downs).sum();
             let goal = loss_goal(&cond);
             let reference = label == "no-recovery";
             rows.push(vec![
@@ -950,6 +968,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 mean(&lost).map_or("-".into(), |v| format!("{v:.0}")),
                 mean(&cc).map_or("-".into(), |v| format!("{v:.0}")),
                 mean(&over).map_or("-".into(), |v| format!("{v:.2} %")),
+                downs.to_string(),
                 goal.map_or("—".into(), |g| format!("≥ {} %", g * 100.0)),
                 match goal {
                     // The unprotected run is the reference the goal is not meant for.
@@ -969,6 +988,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 "lost datagrams (mean)",
                 "TS packets lost by CC (mean)",
                 "retransmission overhead",
+                "false failovers (all runs)",
                 "goal",
                 "result",
             ],
@@ -1181,6 +1201,7 @@ mod tests {
             retransmitted: 0,
             overhead_pct: 0.0,
             source_changes: 0,
+            neighbour_downs: 0,
         }];
         let plain = FailoverRun {
             label: "baseline".into(),
@@ -1212,7 +1233,7 @@ mod tests {
         );
         assert!(md.contains("| 1 s | request → first keyframe | 3/3 | 401 ms | 402 ms | 402 ms | ≤ 50 ms (p95) | **FAIL** |"), "{md}");
         assert!(md.contains("| 1 s | Play → first picture | 3/3 | 200 ms | 200 ms | 200 ms | ≤ 300 ms p50, ≤ 500 ms p95 | PASS |"), "{md}");
-        assert!(md.contains("| loss=5% | baseline | 1/1 | 90.000 % | 90.000 % | 100 | 700 | 0.00 % | ≥ 99.9 % | **FAIL** |"), "{md}");
+        assert!(md.contains("| loss=5% | baseline | 1/1 | 90.000 % | 90.000 % | 100 | 700 | 0.00 % | 0 | ≥ 99.9 % | **FAIL** |"), "{md}");
         assert!(
             md.contains(
                 "| 1 | 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 300 ms (p95), all recover | PASS |"
