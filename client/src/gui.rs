@@ -112,6 +112,8 @@ impl eframe::App for ClientApp {
                 ui.strong("PoP");
                 ui.strong("packets");
                 ui.strong("lost");
+                ui.strong("recovered")
+                    .on_hover_text("datagrams NACKed and retransmitted in time / arrived too late");
                 ui.strong("source changes");
                 ui.end_row();
                 for name in names {
@@ -133,16 +135,16 @@ impl eframe::App for ClientApp {
                             });
                             ui.label(s.packets.to_string());
                             ui.label(format!("{} (TS {})", s.lost, s.cc_lost));
+                            ui.label(format!("{} / late {}", s.playout.recovered, s.playout.late));
                             ui.label(s.source_changes.to_string());
                         }
                         None => {
                             if ui.button("Play").clicked() {
                                 let _ = self.handles.commands.send(Command::Play(name.clone()));
                             }
-                            ui.label("");
-                            ui.label("");
-                            ui.label("");
-                            ui.label("");
+                            for _ in 0..5 {
+                                ui.label("");
+                            }
                         }
                     }
                     ui.end_row();

@@ -143,6 +143,15 @@ pub fn verdict(ok: Option<bool>) -> String {
     }
 }
 
+/// A failover gap: silences up to 100 ms are not reported by the client, so they read
+/// "< 100 ms".
+fn gap_ms(v: Option<f64>) -> String {
+    match v {
+        Some(g) if g <= 100.0 => "< 100 ms".into(),
+        _ => ms(v),
+    }
+}
+
 fn ms(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.0} ms"))
 }
@@ -204,9 +213,9 @@ pub struct LossRun {
     pub overhead_pct: f64,
     /// PoP changes during the run.
     pub source_changes: usize,
-    /// Relays that declared a live neighbour dead during the run (`neighbour down` lines in the
-    /// nodes' logs): false failovers, since no host dies in these runs.
-    pub neighbour_downs: usize,
+    /// Channels a relay moved because it declared their upstream dead (`upstream lost` lines
+    /// in the nodes' logs): false failovers, since no host dies in these runs.
+    pub false_failovers: usize,
 }
 
 /// One failover trial.
@@ -592,7 +601,7 @@ async fn loss_run(
         retransmitted: 0,
         overhead_pct: 0.0,
         source_changes: 0,
-        neighbour_downs: 0,
+        false_failovers: 0,
     };
     let r: anyhow::Result<(StreamSummary, usize)> = async {
         let mut lab = Lab::new(
@@ -627,7 +636,7 @@ async fn loss_run(
                 .iter()
                 .map(|ip| {
                     lab.log(&crate::process_name("node", *ip))
-                        .matches("neighbour down")
+                        .matches("upstream lost")
                         .count()
                 })
                 .sum::<usize>();
@@ -640,7 +649,7 @@ async fn loss_run(
     .await;
     match r {
         Ok((s, downs)) => {
-            run.neighbour_downs = downs;
+            run.false_failovers = downs;
             run.packets = s.packets;
             run.lost = s.lost;
             run.cc_lost = s.cc_lost;
@@ -942,8 +951,9 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
              lost = sequence numbers the client's jitter buffer had to skip (never received, or \
              too late for its latency budget; the server numbers every datagram). Variants with \
              `--no-recovery` show what the same impairment costs without per-hop NACKs. False \
-             failovers: `neighbour down` lines in the relays' logs, summed over the runs (no host \
-             dies in these runs, so every one is false).\n",
+             failovers: `upstream lost` lines in the relays' logs (a channel moved because its \
+             upstream was declared dead), summed over the runs; no host dies in these runs, so \
+             every one would be false.\n",
             cfg.loss_secs
         );
         let mut rows = Vec::new();
@@ -956,7 +966,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             let lost: Vec<f64> = ok.iter().map(|r| r.lost as f64).collect();
             let cc: Vec<f64> = ok.iter().map(|r| r.cc_lost as f64).collect();
             let over: Vec<f64> = ok.iter().map(|r| r.overhead_pct).collect();
-            let downs: usize = ok.iter().map(|r| r.neighbour_downs).sum();
+            let downs: usize = ok.iter().map(|r| r.false_failovers).sum();
             let goal = loss_goal(&cond);
             let reference = label == "no-recovery";
             rows.push(vec![
@@ -1043,9 +1053,9 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 redundancy.to_string(),
                 format!("{}/{}", ok.len(), all.len()),
                 format!("{recovered}/{}", ok.len()),
-                ms(d.map(|d| d.p50)),
-                ms(d.map(|d| d.p95)),
-                ms(d.map(|d| d.max)),
+                gap_ms(d.map(|d| d.p50)),
+                gap_ms(d.map(|d| d.p95)),
+                gap_ms(d.map(|d| d.max)),
                 ld.map_or("-".into(), |d| format!("{:.0} / {:.0}", d.p50, d.max)),
                 goal.into(),
                 verdict(pass),
@@ -1201,7 +1211,7 @@ mod tests {
             retransmitted: 0,
             overhead_pct: 0.0,
             source_changes: 0,
-            neighbour_downs: 0,
+            false_failovers: 0,
         }];
         let plain = FailoverRun {
             label: "baseline".into(),
@@ -1242,7 +1252,7 @@ mod tests {
         );
         assert!(
             md.contains(
-                "| 2 | 1/1 | 1/1 | 100 ms | 100 ms | 100 ms | 3 / 3 | 0 lost, all recover | **FAIL** |"
+                "| 2 | 1/1 | 1/1 | < 100 ms | < 100 ms | < 100 ms | 3 / 3 | 0 lost, all recover | **FAIL** |"
             ),
             "{md}"
         );
