@@ -13,7 +13,7 @@ use crate::process::{Binaries, Supervisor};
 use crate::stats::{StreamSummary, Summary};
 use crate::{Media, Plan};
 use anyhow::Context;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use std::ffi::OsString;
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -160,7 +160,7 @@ fn ms(v: Option<f64>) -> String {
 // Per-run records (one JSON file each).
 
 /// One TTFF repetition.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TtffRun {
     /// Variant label.
     pub label: String,
@@ -183,7 +183,7 @@ pub struct TtffRun {
 }
 
 /// One loss run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LossRun {
     /// Variant label.
     pub label: String,
@@ -219,7 +219,7 @@ pub struct LossRun {
 }
 
 /// One failover trial.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FailoverRun {
     /// Variant label.
     pub label: String,
@@ -790,6 +790,85 @@ pub struct Results {
     pub failover: Vec<FailoverRun>,
 }
 
+/// Reads the per-run JSON files of an earlier run from `<out>/runs/` (no process started) and
+/// writes RESULTS.md and the plots again (e.g. after a change to the tables or plots). `cfg`
+/// should carry the flags of that run (`--quick`, `--label`); a file that does not parse is
+/// skipped with a warning.
+pub fn replot(cfg: &Config) -> anyhow::Result<Results> {
+    fn load<T: for<'de> Deserialize<'de>>(path: &Path) -> Option<T> {
+        let text = std::fs::read_to_string(path).ok()?;
+        match serde_json::from_str(&text) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "not a run result; skipped");
+                None
+            }
+        }
+    }
+    let dir = cfg.out.join("runs");
+    let mut res = Results::default();
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("reading {}", dir.display()))?;
+    for e in entries {
+        let path = e?.path();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
+        if !name.ends_with(".json") {
+            continue;
+        }
+        if name.starts_with("ttff-") {
+            res.ttff.extend(load::<TtffRun>(&path));
+        } else if name.starts_with("loss-") {
+            res.loss.extend(load::<LossRun>(&path));
+        } else if name.starts_with("failover-") {
+            res.failover.extend(load::<FailoverRun>(&path));
+        }
+    }
+    let conds: Vec<String> = loss_conditions()
+        .into_iter()
+        .map(|(_, _, spec)| spec.unwrap_or_else(|| "none".into()))
+        .collect();
+    let cond_index = |c: &str| conds.iter().position(|x| x == c).unwrap_or(usize::MAX);
+    res.ttff.sort_by(|a, b| {
+        (a.keyint_s, a.rep)
+            .partial_cmp(&(b.keyint_s, b.rep))
+            .unwrap_or(std::cmp::Ordering::Equal)
+    });
+    // The protected variant first, as the runner does.
+    res.loss.sort_by_key(|r| {
+        (
+            r.label == "no-recovery",
+            r.label.clone(),
+            cond_index(&r.condition),
+            r.seed,
+        )
+    });
+    res.failover.sort_by_key(|r| (r.redundancy, r.trial));
+    let mut cfg = cfg.clone();
+    if let Some(r) = res.loss.first() {
+        cfg.loss_secs = r.secs;
+    }
+    let mut keyints: Vec<f64> = res.ttff.iter().map(|r| r.keyint_s).collect();
+    keyints.dedup();
+    if !keyints.is_empty() {
+        cfg.keyints = keyints;
+    }
+    write_report(&cfg, &res)?;
+    Ok(res)
+}
+
+/// Writes RESULTS.md and the plots of `res` into `cfg.out`.
+fn write_report(cfg: &Config, res: &Results) -> anyhow::Result<()> {
+    let md = render_results(cfg, res);
+    std::fs::write(cfg.out.join("RESULTS.md"), md)?;
+    if let Err(e) = crate::bench_plots::all(&cfg.out, res) {
+        warn!(error = %format!("{e:#}"), "plots failed");
+    }
+    Ok(())
+}
+
 /// Runs the configured experiments, one after the other, and writes the report.
 pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
     std::fs::create_dir_all(cfg.out.join("runs"))?;
@@ -825,11 +904,7 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
             }
         }
     }
-    let md = render_results(cfg, &res);
-    std::fs::write(cfg.out.join("RESULTS.md"), md)?;
-    if let Err(e) = crate::bench_plots::all(&cfg.out, &res) {
-        warn!(error = %format!("{e:#}"), "plots failed");
-    }
+    write_report(cfg, &res)?;
     Ok(res)
 }
 
@@ -1178,6 +1253,40 @@ mod tests {
                    y: subscribe upstream channel=1 upstream=127.0.93.3:8010\nz: other";
         assert_eq!(upstream_of(log).as_deref(), Some("127.0.93.3"));
         assert_eq!(upstream_of("nothing"), None);
+    }
+
+    #[test]
+    fn replot_reads_the_runs_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = Config::new(true, dir.path().to_path_buf());
+        let run = FailoverRun {
+            label: "default".into(),
+            trial: 0,
+            redundancy: 2,
+            ok: true,
+            error: None,
+            killed: Some("127.0.93.2".into()),
+            recovered: true,
+            gap_ms: None,
+            lost: 0,
+        };
+        save(dir.path(), "failover-r2-0-default", &run);
+        save(
+            dir.path(),
+            "failover-r2-1-default",
+            &FailoverRun { trial: 1, ..run },
+        );
+        std::fs::write(dir.path().join("runs/junk.json"), "{}").unwrap();
+        std::fs::write(dir.path().join("runs/loss-broken.json"), "{").unwrap();
+        let res = replot(&cfg).unwrap();
+        assert_eq!(res.failover.len(), 2);
+        assert!(res.loss.is_empty() && res.ttff.is_empty());
+        let md = std::fs::read_to_string(dir.path().join("RESULTS.md")).unwrap();
+        assert!(
+            md.contains("| 2 | 2/2 | 2/2 | < 100 ms | < 100 ms | < 100 ms | 0 / 0 | 0 lost, all recover | PASS |"),
+            "{md}"
+        );
+        assert!(dir.path().join("failover.png").exists());
     }
 
     #[test]

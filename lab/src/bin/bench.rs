@@ -44,6 +44,10 @@ struct Args {
     /// Extra argument for every server and node (repeatable).
     #[arg(long = "daemon-arg", allow_hyphen_values = true)]
     daemon_args: Vec<String>,
+    /// Start nothing: rewrite RESULTS.md and the plots from `<out>/runs/*.json` of an earlier
+    /// run (give the same `--quick`/`--label` as that run).
+    #[arg(long)]
+    replot: bool,
     /// Folder for the processes' logs (one subfolder per trial).
     #[arg(long, default_value = "target/bench")]
     log_dir: PathBuf,
@@ -55,8 +59,6 @@ async fn main() -> anyhow::Result<()> {
     common::runtime::init_tracing();
     // Children inherit it: error reports without backtraces in the logs.
     std::env::set_var("RUST_BACKTRACE", "0");
-    lab::build_siblings()?;
-    let bins = Binaries::locate()?;
     let mut cfg = Config::new(args.quick, args.out);
     cfg.experiments = args.only;
     cfg.label = args.label;
@@ -72,6 +74,12 @@ async fn main() -> anyhow::Result<()> {
     if let Some(s) = args.loss_secs {
         cfg.loss_secs = s;
     }
+    if args.replot {
+        bench::replot(&cfg)?;
+        return Ok(());
+    }
+    lab::build_siblings()?;
+    let bins = Binaries::locate()?;
     let shutdown = common::runtime::shutdown_on_signals();
     tokio::select! {
         r = bench::run(&cfg, &bins) => { r?; }
