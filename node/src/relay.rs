@@ -403,8 +403,9 @@ struct Engine {
     trackers: HashMap<ChannelId, Tracked>,
     /// Per channel, its secondary upstream (`redundancy` 2).
     secondary: HashMap<ChannelId, Secondary>,
-    /// A switch of `(channel, to)` that is the promotion of its secondary (read by `apply`).
-    promoting: Option<(ChannelId, SocketAddr)>,
+    /// A switch of `channel` to `to` that is the promotion of its secondary, with the time of
+    /// the secondary's last datagram (read by `apply`).
+    promoting: Option<(ChannelId, SocketAddr, Option<Instant>)>,
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
     fast: Vec<SocketAddr>,
     next_fast_heartbeat: Instant,
@@ -1072,14 +1073,14 @@ impl Engine {
         let t = now();
         for a in actions {
             match a {
-                SubAction::Subscribe(channel, up) if self.promoting == Some((channel, up)) => {
+                SubAction::Subscribe(channel, up) if matches!(self.promoting, Some((c, u, _)) if c == channel && u == up) =>
+                {
                     // The secondary becomes primary: same origin, same seqs, already flowing;
                     // the merge goes on (no new Subscribe, the tracker keeps its state).
-                    self.promoting = None;
+                    let last = self.promoting.take().and_then(|(_, _, l)| l);
                     info!(%channel, upstream = %up, "subscribe upstream");
-                    let sec = self.secondary.remove(&channel);
                     self.last_subscribe.insert(channel, t);
-                    match sec.and_then(|s| s.last_video) {
+                    match last {
                         Some(l) => self.last_video.insert(channel, l),
                         None => self.last_video.remove(&channel),
                     };
@@ -1289,31 +1290,30 @@ impl Engine {
             return;
         }
         let mut actions = self.subs.set_upstream(channel, Some(to));
+        let mut swapped = false;
         if self.secondary.get(&channel).is_some_and(|s| s.addr == to) {
             self.stats.promotions += 1;
-            self.promoting = Some((channel, to));
+            let sec = self.secondary.remove(&channel);
+            self.promoting = Some((channel, to, sec.and_then(|s| s.last_video)));
             // A live former primary stays on as the secondary (the two swap roles).
             if let Some(f) = from.filter(|f| self.routing.is_alive(*f)) {
                 actions.retain(|a| *a != SubAction::Unsubscribe(channel, f));
+                let last_video = self.last_video.get(&channel).copied();
                 self.secondary.insert(
                     channel,
                     Secondary {
                         addr: f,
                         subscribed: now(),
-                        last_video: None,
+                        last_video,
                     },
                 );
-                info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
-                self.stats.resubscriptions += 1;
-                self.fallback.remove(&channel);
-                self.apply(actions).await;
-                return;
+                swapped = true;
             }
         }
         if let Some(f) = from {
             info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
             self.stats.resubscriptions += 1;
-            if self.routing.is_alive(f) {
+            if !swapped && self.routing.is_alive(f) {
                 self.previous.insert(channel, f);
             }
         }
