@@ -348,23 +348,13 @@ impl ClientCore {
             })
             .collect::<Vec<Pop>>();
         let interval = cfg.ping_interval.max(Duration::from_millis(1));
-        let k = cfg
-            .pop_timeout
-            .as_nanos()
-            .div_ceil(interval.as_nanos())
-            .max(1);
         let fast_interval = cfg.fast_interval.max(Duration::from_millis(1));
-        let fast_k = cfg
-            .fast_timeout
-            .as_nanos()
-            .div_ceil(fast_interval.as_nanos())
-            .max(1);
         let mut liveness = FailureDetector::new(FailureConfig {
             heartbeat_interval: interval,
-            k: u32::try_from(k).unwrap_or(u32::MAX),
+            k: periods(cfg.pop_timeout, interval),
             hold_down: cfg.hold_down,
             fast_interval,
-            fast_k: u32::try_from(fast_k).unwrap_or(u32::MAX),
+            fast_k: periods(cfg.fast_timeout, fast_interval),
         });
         for p in &pops {
             liveness.watch(now, p.addr);
@@ -1150,6 +1140,15 @@ pub fn is_keyframe(flags: u8, payload: &[u8]) -> bool {
                     && matches!(p.payload(), [0, 0, 1, id, ..] if id & 0xF0 == 0xE0)
             })
         })
+}
+
+/// How many `interval`s (at least one) cover `timeout`.
+fn periods(timeout: Duration, interval: Duration) -> u32 {
+    let n = timeout
+        .as_nanos()
+        .div_ceil(interval.as_nanos().max(1))
+        .max(1);
+    u32::try_from(n).unwrap_or(u32::MAX)
 }
 
 fn ms(d: Duration) -> f64 {
