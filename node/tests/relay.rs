@@ -240,53 +240,104 @@ fn chain_streams_in_order_and_a_silent_client_is_dropped() {
     n1.drain();
 }
 
+/// The square s=.1, a=.2, b=.3, c=.4 (s–a, s–b, a–c, b–c) on `prefix` (UDP `port`): the
+/// bootstrapper, relays a and b, PoP c started with `c_extra`, the server, and a client at
+/// c subscribed to the channel.
+struct Square {
+    bshut: CancellationToken,
+    shutdown: CancellationToken,
+    /// Relays a and b, until [`upstream_and_other`](Self::upstream_and_other) takes them.
+    relays: Option<(Daemon, Daemon)>,
+    c: Daemon,
+    _server: Server,
+    client: support::Client,
+    prefix: &'static str,
+    port: u16,
+}
+
+impl Square {
+    fn start(
+        rt: &tokio::runtime::Runtime,
+        prefix: &'static str,
+        port: u16,
+        c_extra: &[&str],
+    ) -> Square {
+        let topology = format!(
+            "\"{prefix}.1\" = [\"{prefix}.2\", \"{prefix}.3\"]\n\
+             \"{prefix}.2\" = [\"{prefix}.1\", \"{prefix}.4\"]\n\
+             \"{prefix}.3\" = [\"{prefix}.1\", \"{prefix}.4\"]\n\
+             \"{prefix}.4\" = [\"{prefix}.2\", \"{prefix}.3\"]\n"
+        );
+        let (bport, bshut) = start_bootstrapper(rt, prefix, &topology, port);
+        let shutdown = CancellationToken::new();
+        let a = Daemon::start(&format!("{prefix}.2"), port, prefix, bport);
+        let b = Daemon::start(&format!("{prefix}.3"), port, prefix, bport);
+        let c = Daemon::start_with(&format!("{prefix}.4"), port, prefix, bport, c_extra);
+        let server = rt.block_on(start_server(
+            &format!("{prefix}.1"),
+            port,
+            prefix,
+            bport,
+            &shutdown,
+        ));
+        let pop: SocketAddr = format!("{prefix}.4:{port}").parse().unwrap();
+        let mut client = rt.block_on(start_client(&format!("{prefix}.200"), pop, &shutdown));
+        rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+        Square {
+            bshut,
+            shutdown,
+            relays: Some((a, b)),
+            c,
+            _server: server,
+            client,
+            prefix,
+            port,
+        }
+    }
+
+    /// Splits the relays into the one c receives from now (its latest `subscribe upstream`:
+    /// an early one may have been replaced by a better route) and the other:
+    /// `(victim, survivor, victim_addr, survivor_addr)`.
+    fn upstream_and_other(&mut self) -> (Daemon, Daemon, String, String) {
+        self.c.drain();
+        let line = self
+            .c
+            .seen()
+            .iter()
+            .rev()
+            .find(|l| l.contains(": subscribe upstream"))
+            .cloned()
+            .unwrap();
+        let (p, port) = (self.prefix, self.port);
+        let (a_addr, b_addr) = (format!("{p}.2:{port}"), format!("{p}.3:{port}"));
+        let (a, b) = self.relays.take().expect("relays already taken");
+        if line.contains(&format!("{p}.2:")) {
+            (a, b, a_addr, b_addr)
+        } else {
+            (b, a, b_addr, a_addr)
+        }
+    }
+
+    fn stop(self) {
+        self.shutdown.cancel();
+        self.bshut.cancel();
+    }
+}
+
 #[test]
 fn square_fails_over_to_the_other_path() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    const P: &str = "127.0.52";
-    const PORT: u16 = 18052;
-    // s=.1, a=.2, b=.3, c=.4: s–a, s–b, a–c, b–c.
-    let (bport, bshut) = start_bootstrapper(
-        &rt,
-        P,
-        "\"127.0.52.1\" = [\"127.0.52.2\", \"127.0.52.3\"]\n\
-         \"127.0.52.2\" = [\"127.0.52.1\", \"127.0.52.4\"]\n\
-         \"127.0.52.3\" = [\"127.0.52.1\", \"127.0.52.4\"]\n\
-         \"127.0.52.4\" = [\"127.0.52.2\", \"127.0.52.3\"]\n",
-        PORT,
-    );
-    let shutdown = CancellationToken::new();
-    let a = Daemon::start("127.0.52.2", PORT, P, bport);
-    let b = Daemon::start("127.0.52.3", PORT, P, bport);
-    let mut c = Daemon::start("127.0.52.4", PORT, P, bport);
-    let _server = rt.block_on(start_server("127.0.52.1", PORT, P, bport, &shutdown));
-    let pop: SocketAddr = format!("127.0.52.4:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(start_client("127.0.52.200", pop, &shutdown));
-    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
-    let before = rt.block_on(client.receive(100, Duration::from_secs(30)));
+    let mut sq = Square::start(&rt, "127.0.52", 18052, &[]);
+    let before = rt.block_on(sq.client.receive(100, Duration::from_secs(30)));
     assert_eq!(before.len(), 100, "stream never started");
-    // The upstream in use now: the latest subscription (an early one may have been replaced by
-    // a better route, or by the upstream that delivered the GOP burst).
-    c.expect(&[": subscribe upstream"], Duration::from_secs(5));
-    c.drain();
-    let line = c
-        .seen()
-        .iter()
-        .rev()
-        .find(|l| l.contains(": subscribe upstream"))
-        .cloned()
-        .unwrap();
-    let (mut victim, survivor, victim_addr, survivor_addr) = if line.contains("127.0.52.2:") {
-        (a, b, "127.0.52.2:18052", "127.0.52.3:18052")
-    } else {
-        (b, a, "127.0.52.3:18052", "127.0.52.2:18052")
-    };
+    sq.c.expect(&[": subscribe upstream"], Duration::from_secs(5));
+    let (mut victim, survivor, victim_addr, survivor_addr) = sq.upstream_and_other();
     victim.kill();
     let killed = Instant::now();
-    let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
+    let after = rt.block_on(sq.client.receive(300, Duration::from_secs(30)));
     assert_eq!(after.len(), 300, "stream did not resume after the kill");
-    c.expect(&["upstream lost", victim_addr], Duration::from_secs(5));
-    c.expect(
+    sq.c.expect(&["upstream lost", &victim_addr], Duration::from_secs(5));
+    sq.c.expect(
         &[
             "resubscribed",
             &format!("from={victim_addr}"),
@@ -307,54 +358,23 @@ fn square_fails_over_to_the_other_path() {
     // (~150 ms; was 3 s before). The benchmark measures the gap; this only checks sanity.
     assert!(gap < Duration::from_secs(2), "gap {gap:?}");
     drop(survivor);
-    shutdown.cancel();
-    bshut.cancel();
+    sq.stop();
 }
 
 #[test]
 fn redundancy_two_loses_nothing_when_the_primary_path_dies() {
     let rt = tokio::runtime::Runtime::new().unwrap();
-    const P: &str = "127.0.58";
-    const PORT: u16 = 18058;
-    // s=.1, a=.2, b=.3, c=.4: s–a, s–b, a–c, b–c; c receives through both a and b.
-    let (bport, bshut) = start_bootstrapper(
-        &rt,
-        P,
-        "\"127.0.58.1\" = [\"127.0.58.2\", \"127.0.58.3\"]\n\
-         \"127.0.58.2\" = [\"127.0.58.1\", \"127.0.58.4\"]\n\
-         \"127.0.58.3\" = [\"127.0.58.1\", \"127.0.58.4\"]\n\
-         \"127.0.58.4\" = [\"127.0.58.2\", \"127.0.58.3\"]\n",
-        PORT,
-    );
-    let shutdown = CancellationToken::new();
-    let a = Daemon::start("127.0.58.2", PORT, P, bport);
-    let b = Daemon::start("127.0.58.3", PORT, P, bport);
-    let mut c = Daemon::start_with("127.0.58.4", PORT, P, bport, &["--redundancy", "2"]);
-    let _server = rt.block_on(start_server("127.0.58.1", PORT, P, bport, &shutdown));
-    let pop: SocketAddr = format!("127.0.58.4:{PORT}").parse().unwrap();
-    let mut client = rt.block_on(start_client("127.0.58.200", pop, &shutdown));
-    rt.block_on(client.list_and_subscribe(Duration::from_secs(30)));
+    // c receives through both a and b.
+    let mut sq = Square::start(&rt, "127.0.58", 18058, &["--redundancy", "2"]);
     // Both paths carry the stream: the primary subscription and a disjoint secondary.
-    c.expect(&[": subscribe upstream"], Duration::from_secs(10));
-    let sec = c.expect(
+    sq.c.expect(&[": subscribe upstream"], Duration::from_secs(10));
+    let sec = sq.c.expect(
         &[": subscribe secondary", "disjoint=true"],
         Duration::from_secs(10),
     );
-    let before = rt.block_on(client.receive(200, Duration::from_secs(30)));
+    let before = rt.block_on(sq.client.receive(200, Duration::from_secs(30)));
     assert_eq!(before.len(), 200, "stream never started");
-    c.drain();
-    let line = c
-        .seen()
-        .iter()
-        .rev()
-        .find(|l| l.contains(": subscribe upstream"))
-        .cloned()
-        .unwrap();
-    let (mut victim, survivor, victim_addr, survivor_addr) = if line.contains("127.0.58.2:") {
-        (a, b, "127.0.58.2:18058", "127.0.58.3:18058")
-    } else {
-        (b, a, "127.0.58.3:18058", "127.0.58.2:18058")
-    };
+    let (mut victim, survivor, victim_addr, survivor_addr) = sq.upstream_and_other();
     assert!(
         sec.contains(&format!("upstream={survivor_addr}")),
         "secondary {sec} is not the other relay"
@@ -362,9 +382,9 @@ fn redundancy_two_loses_nothing_when_the_primary_path_dies() {
     // Kill the primary: the secondary already feeds c, nothing is lost.
     victim.kill();
     let killed = Instant::now();
-    let after = rt.block_on(client.receive(300, Duration::from_secs(30)));
+    let after = rt.block_on(sq.client.receive(300, Duration::from_secs(30)));
     assert_eq!(after.len(), 300, "stream did not go on after the kill");
-    c.expect(
+    sq.c.expect(
         &[
             "resubscribed",
             &format!("from={victim_addr}"),
@@ -385,8 +405,7 @@ fn redundancy_two_loses_nothing_when_the_primary_path_dies() {
     );
     assert!(gap < Duration::from_millis(100), "gap {gap:?}");
     drop(survivor);
-    shutdown.cancel();
-    bshut.cancel();
+    sq.stop();
 }
 
 #[test]
