@@ -10,7 +10,7 @@
 //! connections beyond [`Config::max_connections`] are closed at once rather than starving the
 //! process of file descriptors; none of this blocks the accept loop.
 
-use common::bootstrap::{read_frame, write_frame, FrameError, IO_TIMEOUT};
+use common::bootstrap::{read_frame, write_frame, FrameError, IO_TIMEOUT, WATCH_HOLD};
 use common::topology::Topology;
 use common::wire::{
     BootstrapRequest, BootstrapResponse, Header, PathHop, DEFAULT_PORT, MAX_FRAME_LEN,
@@ -37,6 +37,10 @@ pub struct Config {
     pub max_connections: usize,
     /// The UDP port the overlay hosts listen on, used to build neighbour addresses.
     pub overlay_port: u16,
+    /// How long a host's `Watch` (long poll for topology edits) is held when its answer does
+    /// not change; then it is answered unchanged and the host asks again. Must stay below the
+    /// hosts' own wait ([`WATCH_HOLD`] + [`IO_TIMEOUT`]).
+    pub watch_hold: Duration,
 }
 
 impl Default for Config {
@@ -45,6 +49,7 @@ impl Default for Config {
             io_timeout: IO_TIMEOUT,
             max_connections: 4096,
             overlay_port: DEFAULT_PORT,
+            watch_hold: WATCH_HOLD,
         }
     }
 }
@@ -205,15 +210,14 @@ pub async fn run(
             drop(stream);
             continue;
         };
-        let topo = topology.borrow().clone();
+        let topo = topology.clone();
         let cfg = config.clone();
+        let stop = shutdown.clone();
         let span = tracing::info_span!("conn", %peer);
         tasks.spawn(
             async move {
-                match tokio::time::timeout(cfg.io_timeout, serve(stream, peer, &topo, &cfg)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => debug!(error = %e, "exchange failed"),
-                    Err(_) => debug!(timeout = ?cfg.io_timeout, "exchange timed out; dropped"),
+                if let Err(e) = serve(stream, peer, topo, &cfg, stop).await {
+                    debug!(error = %e, "exchange failed");
                 }
                 drop(permit);
             }
@@ -226,26 +230,84 @@ pub async fn run(
     Ok(())
 }
 
+/// Why an exchange with a host ended early.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    /// Reading the request or writing the answer failed.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// Reading the request or writing the answer took longer than the deadline.
+    #[error("no complete exchange within {0:?}; dropped")]
+    Timeout(Duration),
+}
+
+/// One exchange: the request is read and the answer written each within `io_timeout`
+/// (slow-loris clients are dropped); a `Watch` waits in between, up to `watch_hold`, for the
+/// host's answer to change.
 async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
-    topology: &Topology,
+    mut topology: watch::Receiver<Arc<Topology>>,
     cfg: &Config,
-) -> Result<(), FrameError> {
-    let (_, request): (Header, BootstrapRequest) = read_frame(&mut stream, MAX_FRAME_LEN).await?;
+    shutdown: CancellationToken,
+) -> Result<(), ServeError> {
+    let deadline = |d| ServeError::Timeout(d);
+    let (_, request): (Header, BootstrapRequest) =
+        tokio::time::timeout(cfg.io_timeout, read_frame(&mut stream, MAX_FRAME_LEN))
+            .await
+            .map_err(|_| deadline(cfg.io_timeout))??;
     let ip = canonical_ip(peer.ip());
+    let current = |t: &watch::Receiver<Arc<Topology>>| answer(&t.borrow(), ip, cfg.overlay_port);
     let response = match request {
-        BootstrapRequest::Neighbours => answer(topology, ip, cfg.overlay_port),
-    };
-    match &response {
-        BootstrapResponse::Neighbours { neighbours, .. } => {
-            info!(%ip, neighbours = neighbours.len(), "answered")
+        BootstrapRequest::Neighbours => {
+            let r = current(&topology);
+            match &r {
+                BootstrapResponse::Neighbours { neighbours, .. } => {
+                    info!(%ip, neighbours = neighbours.len(), "answered")
+                }
+                BootstrapResponse::Refused { reason } => warn!(%ip, "refused: {reason}"),
+            }
+            r
         }
-        BootstrapResponse::Refused { reason } => warn!(%ip, "refused: {reason}"),
-    }
-    write_frame(&mut stream, &Header::new(NodeId(0)), &response).await?;
-    use tokio::io::AsyncWriteExt;
-    let _ = stream.shutdown().await;
+        BootstrapRequest::Watch { known } => {
+            topology.mark_unchanged();
+            let mut r = current(&topology);
+            let hold = tokio::time::sleep(cfg.watch_hold);
+            tokio::pin!(hold);
+            while r.digest() == known {
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = &mut hold => break,
+                    changed = topology.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        r = current(&topology);
+                    }
+                }
+            }
+            if r.digest() == known {
+                debug!(%ip, "watch: unchanged");
+            } else {
+                match &r {
+                    BootstrapResponse::Neighbours { neighbours, .. } => {
+                        info!(%ip, neighbours = ?neighbours.iter().map(|n| n.addr).collect::<Vec<_>>(), "pushed new neighbours")
+                    }
+                    BootstrapResponse::Refused { reason } => warn!(%ip, "pushed: {reason}"),
+                }
+            }
+            r
+        }
+    };
+    let write = async {
+        write_frame(&mut stream, &Header::new(NodeId(0)), &response).await?;
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.shutdown().await;
+        Ok::<_, FrameError>(())
+    };
+    tokio::time::timeout(cfg.io_timeout, write)
+        .await
+        .map_err(|_| deadline(cfg.io_timeout))??;
     Ok(())
 }
 

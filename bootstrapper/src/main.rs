@@ -25,13 +25,14 @@ struct Args {
     /// TCP port to listen on.
     #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
     port: u16,
-    /// Topology file.
-    #[arg(long, default_value = "topologies/neighbours.toml")]
-    config: PathBuf,
+    /// Topology file (default: the repository's `topologies/neighbours.toml`, wherever the
+    /// bootstrapper is started from).
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// UDP port of the overlay hosts, used in the neighbour addresses handed out.
     #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
     overlay_port: u16,
-    /// Deadline for one whole exchange with a host (e.g. `5s`, `500ms`).
+    /// Deadline for reading a host's request, and for writing the answer (e.g. `5s`, `500ms`).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     io_timeout: Duration,
     /// Most connections served at once.
@@ -52,16 +53,20 @@ fn main() -> anyhow::Result<()> {
 
 async fn async_main(args: Args) -> anyhow::Result<()> {
     let shutdown = common::runtime::shutdown_on_signals();
-    let topology = bootstrapper::load_topology(&args.config)
+    let config_path = args
+        .config
+        .clone()
+        .unwrap_or_else(|| common::runtime::shipped_file("topologies/neighbours.toml"));
+    let topology = bootstrapper::load_topology(&config_path)
         .context("cannot start without a valid topology")?;
     tracing::info!(
-        path = %args.config.display(),
+        path = %config_path.display(),
         hosts = topology.len(),
         links = topology.edge_count(),
         "topology loaded"
     );
     let (topology, _watch) =
-        bootstrapper::watch_topology(&args.config, topology, shutdown.clone())?;
+        bootstrapper::watch_topology(&config_path, topology, shutdown.clone())?;
     let addr = SocketAddr::new(args.bind_ip, args.port);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -70,6 +75,7 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
         io_timeout: args.io_timeout,
         max_connections: args.max_connections,
         overlay_port: args.overlay_port,
+        ..Default::default()
     };
     bootstrapper::run(listener, topology, config, shutdown)
         .await

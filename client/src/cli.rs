@@ -14,16 +14,23 @@ use std::time::Duration;
 #[derive(Debug, Clone, clap::Parser)]
 #[command(version)]
 pub struct Args {
-    /// Points of presence (overlay nodes), comma-separated IPs.
+    /// Points of presence (overlay nodes), comma-separated: IPs, host names or `host:port`
+    /// (e.g. `10.0.0.5,relay2.lan:8010,[fd00::5]:8010`); `--port` is the default port.
     #[arg(long, value_delimiter = ',', required = true)]
-    pub servers: Vec<IpAddr>,
-    /// UDP port of the overlay.
+    pub servers: Vec<String>,
+    /// UDP port of the overlay (for `--servers` entries without a port).
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
-    /// Local UDP address (port 0 = any free port). The default reaches loopback PoPs; use
-    /// 0.0.0.0:0 (or an overlay address) for PoPs on other hosts.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub bind: SocketAddr,
+    /// Local UDP address (port 0 = any free port). Default: any address of this machine
+    /// (`0.0.0.0:0`, or `[::]:0` for IPv6 PoPs), which reaches PoPs on loopback and on other
+    /// hosts alike; give one to pick the interface (e.g. `10.0.0.9:0`).
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
+    /// Headless: give up with an error (non-zero exit) when no PoP has answered, or a requested
+    /// stream has been offered by no live PoP, for this long (e.g. `10s`; `0` waits forever).
+    /// The window shows these problems instead.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    pub give_up: Duration,
     /// TESTING AID: impair outgoing traffic (same grammar as the daemons' `--impair`).
     #[arg(long = "impair", value_name = "SPEC")]
     pub impair: Vec<String>,
@@ -98,6 +105,62 @@ pub enum ArgsError {
     /// `--duration`.
     #[error("invalid --duration {0}: must be a positive number of seconds")]
     Duration(f64),
+    /// A `--servers` entry.
+    #[error("invalid --servers entry {entry:?}: {reason}")]
+    Server {
+        /// The entry.
+        entry: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Resolves one `--servers` entry: `IP`, `IP:PORT`, `[IPv6]:PORT`, `HOST` or `HOST:PORT`
+/// (`port` when none is given). A host name resolving to several addresses gives the first
+/// IPv4 one (the overlay's hosts bind one address each), else the first.
+pub fn resolve_server(entry: &str, port: u16) -> Result<SocketAddr, ArgsError> {
+    let e = entry.trim();
+    let err = |reason: String| ArgsError::Server {
+        entry: entry.to_owned(),
+        reason,
+    };
+    if e.is_empty() {
+        return Err(err("empty".into()));
+    }
+    if let Ok(a) = e.parse::<SocketAddr>() {
+        return Ok(a);
+    }
+    if let Ok(ip) = e.trim_matches(['[', ']']).parse::<IpAddr>() {
+        return Ok(SocketAddr::new(ip, port));
+    }
+    let (host, port) = match e.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| err(format!("{p:?} is not a port number")))?,
+        ),
+        None => (e, port),
+    };
+    use std::net::ToSocketAddrs;
+    let addrs: Vec<SocketAddr> = (host, port)
+        .to_socket_addrs()
+        .map_err(|x| err(format!("cannot resolve {host:?}: {x}")))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4())
+        .or(addrs.first())
+        .copied()
+        .ok_or_else(|| err(format!("{host:?} has no address")))
+}
+
+/// The default local address for `pops`: any address of the PoPs' family, any port.
+pub fn default_bind(pops: &[SocketAddr]) -> SocketAddr {
+    if !pops.is_empty() && pops.iter().all(SocketAddr::is_ipv6) {
+        SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0))
+    } else {
+        SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0))
+    }
 }
 
 impl Args {
@@ -128,13 +191,15 @@ impl Args {
                 streams.push(s.clone());
             }
         }
+        let pops = self
+            .servers
+            .iter()
+            .map(|s| resolve_server(s, self.port))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(EngineConfig {
-            pops: self
-                .servers
-                .iter()
-                .map(|ip| SocketAddr::new(*ip, self.port))
-                .collect(),
-            bind: self.bind,
+            bind: self.bind.unwrap_or_else(|| default_bind(&pops)),
+            pops,
+            give_up: (!self.give_up.is_zero()).then_some(self.give_up),
             impair,
             player: self.video_player,
             streams,
@@ -157,6 +222,54 @@ impl Args {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    #[test]
+    fn servers_take_ips_ports_and_host_names() {
+        let r = |s: &str| resolve_server(s, 8010);
+        assert_eq!(r("127.0.0.5").unwrap(), "127.0.0.5:8010".parse().unwrap());
+        assert_eq!(
+            r("127.0.0.5:9000").unwrap(),
+            "127.0.0.5:9000".parse().unwrap()
+        );
+        assert_eq!(r("[::1]:9000").unwrap(), "[::1]:9000".parse().unwrap());
+        assert_eq!(r("::1").unwrap(), "[::1]:8010".parse().unwrap());
+        assert_eq!(r("localhost").unwrap(), "127.0.0.1:8010".parse().unwrap());
+        assert_eq!(
+            r("localhost:8011").unwrap(),
+            "127.0.0.1:8011".parse().unwrap()
+        );
+        let e = r("localhost:http").unwrap_err().to_string();
+        assert!(
+            e.contains("\"localhost:http\"") && e.contains("port"),
+            "{e}"
+        );
+        let e = r("no-such-host.invalid").unwrap_err().to_string();
+        assert!(e.contains("cannot resolve"), "{e}");
+        assert_eq!(
+            default_bind(&["[::1]:8010".parse().unwrap()]),
+            "[::]:0".parse().unwrap()
+        );
+        let a = Args::try_parse_from([
+            "client",
+            "--servers",
+            "localhost,127.0.0.3:8011",
+            "--bind",
+            "127.0.0.9:0",
+            "--give-up",
+            "0",
+        ])
+        .unwrap();
+        let c = a.engine_config().unwrap();
+        assert_eq!(
+            c.pops,
+            [
+                "127.0.0.1:8010".parse().unwrap(),
+                "127.0.0.3:8011".parse().unwrap()
+            ]
+        );
+        assert_eq!(c.bind, "127.0.0.9:0".parse().unwrap());
+        assert_eq!(c.give_up, None);
+    }
 
     #[test]
     fn parses_the_documented_flags() {
@@ -202,6 +315,12 @@ mod tests {
         assert_eq!(c.core.latency, Duration::ZERO);
         assert!(!c.core.recovery);
         assert!(parse_udp_url("127.0.0.1:5").is_err());
+        assert_eq!(
+            c.bind,
+            "0.0.0.0:0".parse().unwrap(),
+            "default bind: any address"
+        );
+        assert_eq!(c.give_up, Some(Duration::from_secs(10)));
         let a = Args::try_parse_from(["client", "--servers", "127.0.0.2", "--redundancy", "2"])
             .unwrap();
         assert_eq!(a.engine_config().unwrap().core.redundancy, 2);

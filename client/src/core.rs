@@ -234,6 +234,9 @@ struct Stream {
     received: BTreeMap<SocketAddr, u64>,
     /// Cache-burst copies older than the duplicate window, dropped (pass-through only).
     stale: u64,
+    /// Since when the stream has had no PoP (play, or its last path lost); `None` while it
+    /// has one. Refreshed on every timer (see [`ClientCore::problems`]).
+    waiting_since: Option<Instant>,
 }
 
 impl Stream {
@@ -247,6 +250,34 @@ impl Stream {
 
     fn has(&self, pop: SocketAddr) -> bool {
         self.paths.iter().any(|p| p.pop == pop)
+    }
+}
+
+/// Something that keeps the user from watching ([`ClientCore::problems`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Problem {
+    /// No PoP answers pings (none ever did, or every one went down at `since`).
+    NoPop {
+        /// Since when.
+        since: Instant,
+    },
+    /// A stream waits for a PoP, and no up PoP lists it.
+    NotOffered {
+        /// The stream.
+        stream: String,
+        /// Since when it has had no PoP.
+        since: Instant,
+        /// What the up PoPs do offer.
+        offered: Vec<String>,
+    },
+}
+
+impl Problem {
+    /// Since when it holds.
+    pub fn since(&self) -> Instant {
+        match self {
+            Problem::NoPop { since } | Problem::NotOffered { since, .. } => *since,
+        }
     }
 }
 
@@ -302,6 +333,9 @@ pub struct Snapshot {
     pub streams: Vec<StreamView>,
     /// Messages for the user (player missing, player exited...), oldest first.
     pub notices: Vec<String>,
+    /// What keeps the user from watching now (no PoP answering, a stream nobody offers), in
+    /// words; shown as errors by the window.
+    pub problems: Vec<String>,
 }
 
 /// The client state machine. See the module doc.
@@ -327,6 +361,9 @@ pub struct ClientCore {
     output: VecDeque<(String, Bytes)>,
     /// The latest `now` we were given.
     now: Instant,
+    /// Since when no PoP has been up (from the start until the first pong, and after every
+    /// PoP went down); `None` while one is up. Refreshed on every timer.
+    no_pop_since: Option<Instant>,
 }
 
 impl ClientCore {
@@ -375,6 +412,7 @@ impl ClientCore {
             actions: VecDeque::new(),
             output: VecDeque::new(),
             now,
+            no_pop_since: Some(now),
         }
     }
 
@@ -501,6 +539,7 @@ impl ClientCore {
             }
         }
         self.update_fast();
+        self.update_waiting(now);
         if now >= self.next_stats {
             for (name, s) in &self.streams {
                 if let Some(pop) = s.primary() {
@@ -774,6 +813,7 @@ impl ClientCore {
                 source_changes: 0,
                 received: BTreeMap::new(),
                 stale: 0,
+                waiting_since: Some(now),
             },
         );
         self.assign_waiting();
@@ -827,6 +867,49 @@ impl ClientCore {
         self.streams.keys().cloned().collect()
     }
 
+    /// What keeps the user from watching, and since when: no PoP answering, or a stream that
+    /// no up PoP offers. The engine reports them (GUI) or gives up after a while (headless).
+    /// Ages are measured on the timer granularity (`ping_interval` at worst).
+    pub fn problems(&self) -> Vec<Problem> {
+        let mut out = Vec::new();
+        if let Some(since) = self.no_pop_since {
+            out.push(Problem::NoPop { since });
+        }
+        let any_list = self
+            .pops
+            .iter()
+            .any(|p| p.status == PopStatus::Up && p.channels_at.is_some());
+        for (name, s) in &self.streams {
+            let Some(since) = s.waiting_since else {
+                continue;
+            };
+            // Only once some up PoP has answered a list: before that we do not know yet.
+            if any_list && !self.union.contains(name) {
+                out.push(Problem::NotOffered {
+                    stream: name.clone(),
+                    since,
+                    offered: self.union.iter().cloned().collect(),
+                });
+            }
+        }
+        out
+    }
+
+    fn update_waiting(&mut self, now: Instant) {
+        if self.pops.iter().any(|p| p.status == PopStatus::Up) {
+            self.no_pop_since = None;
+        } else {
+            self.no_pop_since.get_or_insert(now);
+        }
+        for s in self.streams.values_mut() {
+            if s.paths.is_empty() {
+                s.waiting_since.get_or_insert(now);
+            } else {
+                s.waiting_since = None;
+            }
+        }
+    }
+
     fn tick(&mut self, now: Instant) {
         self.now = self.now.max(now);
     }
@@ -868,6 +951,7 @@ impl ClientCore {
                 })
                 .collect(),
             notices: Vec::new(),
+            problems: Vec::new(),
         }
     }
 
@@ -1567,6 +1651,51 @@ mod tests {
         sim.run_for(Duration::from_millis(1100));
         assert_eq!(sim.stream_pop("weather"), Some(addr(3)));
         assert_eq!(sim.source_changes(), [(addr(2), addr(3))]);
+    }
+
+    /// The problems a user is told about: a stream nobody offers (named, with what is offered),
+    /// and no PoP answering (from the start, and again after every PoP died).
+    #[test]
+    fn problems_name_what_keeps_the_user_from_watching() {
+        let mut sim = two_pops();
+        let t0 = sim.now;
+        // Before any pong: no PoP answers, since the start.
+        assert_eq!(sim.core.problems(), [Problem::NoPop { since: t0 }]);
+        sim.play("news");
+        sim.play("nosuch");
+        sim.run_for(Duration::from_secs(2));
+        let p = sim.core.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        match &p[0] {
+            Problem::NotOffered {
+                stream,
+                since,
+                offered,
+            } => {
+                assert_eq!(stream, "nosuch");
+                assert_eq!(*since, t0);
+                assert_eq!(offered, &["film", "news", "sport"]);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Offered after all: no problem any more.
+        sim.pop(addr(3)).channels.push(info("nosuch"));
+        sim.run_for(Duration::from_millis(1100));
+        assert!(sim.core.problems().is_empty(), "{:?}", sim.core.problems());
+        // Every PoP dies: no PoP answers, since about when they were declared down; the
+        // streams wait, but whether they are offered is unknown (no list), so only NoPop.
+        sim.pop(addr(2)).alive = false;
+        sim.pop(addr(3)).alive = false;
+        let died = sim.now;
+        sim.run_for(Duration::from_secs(3));
+        let p = sim.core.problems();
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(matches!(p[0], Problem::NoPop { .. }), "{p:?}");
+        let since = p[0].since();
+        assert!(
+            since > died && since < died + Duration::from_secs(2),
+            "{p:?}"
+        );
     }
 
     fn two_pops_with(cfg: CoreConfig) -> Sim {

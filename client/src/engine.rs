@@ -3,7 +3,7 @@
 //! `--stats` file and publishes a [`Snapshot`] for the GUI on a `watch` channel. The GUI (or the
 //! headless main) sends [`Command`]s over an `mpsc` channel; nobody waits for anybody.
 
-use crate::core::{Action, ClientCore, CoreConfig, Snapshot, StreamView};
+use crate::core::{Action, ClientCore, CoreConfig, Problem, Snapshot, StreamView};
 use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
 use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
@@ -27,6 +27,9 @@ pub struct EngineConfig {
     pub pops: Vec<SocketAddr>,
     /// Local UDP address.
     pub bind: SocketAddr,
+    /// Give up (the summary's `failure`) when a [`Problem`] lasts this long; `None`: never
+    /// (the window shows problems instead).
+    pub give_up: Option<Duration>,
     /// Impairment of outgoing traffic (testing aid).
     pub impair: ImpairConfig,
     /// Player per stream.
@@ -85,6 +88,8 @@ pub enum EngineError {
 pub struct Summary {
     /// Every stream played, with its final counters (a stream played twice appears twice).
     pub streams: Vec<StreamView>,
+    /// Why the engine gave up ([`EngineConfig::give_up`]), if it did: what the user must fix.
+    pub failure: Option<String>,
 }
 
 /// The channels between the engine and its controller.
@@ -145,6 +150,9 @@ struct Engine {
     summary: Summary,
     /// Per stream: when its last datagram arrived and whether a keyframe came (stats events).
     arrivals: HashMap<String, (Instant, bool)>,
+    /// Per PoP, the local address our datagrams leave from (or why there is none), for the
+    /// messages that tell a user what to check.
+    sources: HashMap<SocketAddr, String>,
 }
 
 /// Runs the client until `shutdown` is cancelled (ctrl-c, window closed) or `--duration` is
@@ -193,7 +201,16 @@ pub async fn run(
         shim,
     )
     .map_err(EngineError::Transport)?;
-    info!(local = %transport.local_addr(), pops = ?cfg.pops, "client started");
+    let local = transport.local_addr();
+    let sources: HashMap<SocketAddr, String> = cfg
+        .pops
+        .iter()
+        .map(|&pop| (pop, source_towards(local, pop)))
+        .collect();
+    info!(%local, pops = ?cfg.pops, "client started");
+    for (pop, from) in &sources {
+        debug!(%pop, from, "route to PoP");
+    }
     let udp_out = match cfg.output {
         Some(to) => {
             let any: SocketAddr = if to.is_ipv4() {
@@ -228,6 +245,7 @@ pub async fn run(
         player_missing_told: false,
         summary: Summary::default(),
         arrivals: HashMap::new(),
+        sources,
     };
     for s in e.cfg.streams.clone() {
         e.play(start, &s).await;
@@ -281,6 +299,11 @@ pub async fn run(
         if t >= last_snapshot + SNAPSHOT_EVERY {
             last_snapshot = t;
             snapshot.send_replace(e.snapshot(t));
+            if let Some(failure) = e.gave_up(t) {
+                tracing::error!("{failure}");
+                e.summary.failure = Some(failure);
+                break;
+            }
         }
     }
     // Shutdown: tell the controller (the GUI closes its window), unsubscribe everywhere, close
@@ -301,6 +324,19 @@ pub async fn run(
     transport_stop.cancel();
     let _ = transport_task.await;
     Ok(e.summary)
+}
+
+/// The local address datagrams to `pop` leave from (the kernel's route choice for a socket
+/// bound like ours), or why none does.
+fn source_towards(local: SocketAddr, pop: SocketAddr) -> String {
+    let probe = std::net::UdpSocket::bind(SocketAddr::new(local.ip(), 0)).and_then(|s| {
+        s.connect(pop)?;
+        s.local_addr()
+    });
+    match probe {
+        Ok(a) => SocketAddr::new(a.ip(), local.port()).to_string(),
+        Err(e) => format!("{local} (which cannot reach {pop}: {e})"),
+    }
 }
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
@@ -466,7 +502,10 @@ impl Engine {
                 pop,
                 rtt_ms,
                 up: false,
-            } => warn!(%pop, ?rtt_ms, "PoP down"),
+            } => {
+                let from = self.sources.get(pop).map_or("?", String::as_str);
+                warn!(%pop, from, ?rtt_ms, "PoP down")
+            }
             StatEvent::Pop { pop, rtt_ms, .. } => info!(%pop, ?rtt_ms, "PoP up"),
             StatEvent::Streams { names } => info!(?names, "channels"),
             StatEvent::Play { stream, pop } => info!(stream, %pop, "subscribed"),
@@ -499,6 +538,66 @@ impl Engine {
     fn snapshot(&self, now: Instant) -> Snapshot {
         let mut s = self.core.snapshot(now);
         s.notices = self.notices.clone();
+        s.problems = self
+            .core
+            .problems()
+            .iter()
+            .map(|p| self.describe(now, p))
+            .collect();
         s
+    }
+
+    /// The problem that has lasted [`EngineConfig::give_up`], described, if any.
+    fn gave_up(&self, now: Instant) -> Option<String> {
+        let limit = self.cfg.give_up?;
+        self.core
+            .problems()
+            .iter()
+            .find(|p| now.saturating_duration_since(p.since()) >= limit)
+            .map(|p| format!("giving up: {}", self.describe(now, p)))
+    }
+
+    /// A problem in words, with what to check.
+    fn describe(&self, now: Instant, p: &Problem) -> String {
+        let secs = now.saturating_duration_since(p.since()).as_secs_f64();
+        match p {
+            Problem::NoPop { .. } => {
+                let tried: Vec<String> = self
+                    .cfg
+                    .pops
+                    .iter()
+                    .map(|pop| {
+                        let from = self.sources.get(pop).map_or("?", String::as_str);
+                        format!("{pop} from {from}")
+                    })
+                    .collect();
+                format!(
+                    "no PoP has answered for {secs:.0} s (pinged {}). Check that a node runs \
+                     there (and that it joined the overlay: TCP {} to the bootstrapper), that \
+                     UDP {} is open between this machine and the PoP in both directions, and \
+                     that --bind (now {}) is an address the PoP can reach",
+                    tried.join(", "),
+                    common::wire::DEFAULT_PORT,
+                    self.cfg
+                        .pops
+                        .first()
+                        .map_or(common::wire::DEFAULT_PORT, |p| p.port()),
+                    self.cfg.bind,
+                )
+            }
+            Problem::NotOffered {
+                stream, offered, ..
+            } => {
+                let offered = if offered.is_empty() {
+                    "none".to_owned()
+                } else {
+                    offered.join(", ")
+                };
+                format!(
+                    "{stream:?} is not offered by any live PoP (waited {secs:.0} s; channels \
+                     offered: {offered})"
+                )
+            }
+        }
     }
 }

@@ -72,6 +72,9 @@ impl eframe::App for ClientApp {
             });
         });
         egui::CentralPanel::default().show(ctx, |ui| {
+            for p in &snap.problems {
+                ui.colored_label(egui::Color32::from_rgb(220, 40, 40), format!("Error: {p}"));
+            }
             ui.heading("Points of presence");
             egui::Grid::new("pops").striped(true).show(ui, |ui| {
                 ui.strong("address");

@@ -12,7 +12,12 @@ use tracing::{info, warn};
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
-    let cfg = args.engine_config()?;
+    let mut cfg = args.engine_config()?;
+    let headless = args.headless_reason();
+    if headless.is_none() {
+        // The window shows problems and lets the user act; only headless runs give up.
+        cfg.give_up = None;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -22,7 +27,6 @@ fn main() -> anyhow::Result<()> {
     let (handles, chans) = engine::channels();
     let engine_task = rt.spawn(engine::run(cfg, chans, shutdown.clone()));
 
-    let headless = args.headless_reason();
     match headless {
         Some(reason) => info!(reason, "headless: no window"),
         None => {
@@ -34,8 +38,7 @@ fn main() -> anyhow::Result<()> {
                     // The engine runs on without commands until ctrl-c / --duration.
                     drop(commands);
                     let summary = rt.block_on(engine_task)??;
-                    log_summary(&summary);
-                    return Ok(());
+                    return finish(&summary);
                 }
             }
             shutdown.cancel();
@@ -43,9 +46,17 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let summary = rt.block_on(engine_task)??;
-    log_summary(&summary);
     rt.shutdown_timeout(std::time::Duration::from_secs(1));
-    Ok(())
+    finish(&summary)
+}
+
+/// Logs the summary; an engine that gave up is an error (non-zero exit).
+fn finish(summary: &Summary) -> anyhow::Result<()> {
+    log_summary(summary);
+    match &summary.failure {
+        Some(f) => anyhow::bail!("{f}"),
+        None => Ok(()),
+    }
 }
 
 fn log_summary(s: &Summary) {

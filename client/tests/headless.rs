@@ -247,3 +247,49 @@ async fn missing_mpv_is_reported_and_the_stream_goes_on() {
     assert_eq!(of_kind(&ev, "first_packet").len(), 1, "{ev:?}");
     assert!(std::fs::metadata(&record).unwrap().len() > 0);
 }
+
+/// Failures are said: a stream no live PoP offers, and a PoP where nothing answers, are errors
+/// naming what is wrong (the stream and what is offered; the addresses used and what to check),
+/// with a non-zero exit after `--give-up`, well before `--duration`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_nobody_offers_and_a_silent_pop_are_errors() {
+    let pop = FakePop::start("127.0.61.6:0".parse().unwrap(), Duration::ZERO, 1000, false).await;
+    let port = pop.addr.port().to_string();
+    let base = |servers: &str, stream: &str| -> Vec<String> {
+        [
+            "--servers",
+            servers,
+            "--port",
+            &port,
+            "--stream",
+            stream,
+            "--video-player",
+            "none",
+            "--give-up",
+            "2s",
+            "--duration",
+            "25",
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let (ok, stderr) = run_client(&base("127.0.61.6", "nosuch"), None).await;
+    assert!(!ok, "a stream nobody offers must fail:\n{stderr}");
+    assert!(
+        stderr.contains("\"nosuch\" is not offered by any live PoP")
+            && stderr.contains(&format!("channels offered: {CHANNEL}")),
+        "{stderr}"
+    );
+    // Nothing listens on 127.0.61.7: the message names both ends and what to check. The PoP
+    // is given as host:port, which --servers accepts.
+    let silent = format!("127.0.61.7:{port}");
+    let (ok, stderr) = run_client(&base(&silent, CHANNEL), None).await;
+    assert!(!ok, "no PoP answering must fail:\n{stderr}");
+    assert!(
+        stderr.contains("no PoP has answered")
+            && stderr.contains(&format!("pinged {silent} from 127.0.0.1:"))
+            && stderr.contains("UDP")
+            && stderr.contains("--bind"),
+        "{stderr}"
+    );
+}

@@ -142,6 +142,34 @@ pub async fn fetch_neighbours(
     bootstrapper: SocketAddr,
     local_ip: IpAddr,
 ) -> Result<Neighbours, FetchError> {
+    match exchange(
+        bootstrapper,
+        local_ip,
+        &BootstrapRequest::Neighbours,
+        IO_TIMEOUT,
+    )
+    .await?
+    {
+        BootstrapResponse::Neighbours {
+            id,
+            addr,
+            neighbours,
+        } => Ok(Neighbours {
+            id,
+            addr,
+            neighbours,
+        }),
+        BootstrapResponse::Refused { reason } => Err(FetchError::Refused(reason)),
+    }
+}
+
+/// One request/answer exchange from `local_ip`, all of it within `deadline`.
+async fn exchange(
+    bootstrapper: SocketAddr,
+    local_ip: IpAddr,
+    request: &BootstrapRequest,
+    deadline: Duration,
+) -> Result<BootstrapResponse, FetchError> {
     let socket = match local_ip {
         IpAddr::V4(_) => TcpSocket::new_v4(),
         IpAddr::V6(_) => TcpSocket::new_v6(),
@@ -169,32 +197,116 @@ pub async fn fetch_neighbours(
             addr: bootstrapper,
             source,
         };
-        write_frame(
-            &mut stream,
-            &Header::new(NodeId(0)),
-            &BootstrapRequest::Neighbours,
-        )
-        .await
-        .map_err(frame_err)?;
+        write_frame(&mut stream, &Header::new(NodeId(0)), request)
+            .await
+            .map_err(frame_err)?;
         let (_, resp): (Header, BootstrapResponse) = read_frame(&mut stream, MAX_FRAME_LEN)
             .await
             .map_err(frame_err)?;
-        match resp {
-            BootstrapResponse::Neighbours {
-                id,
-                addr,
-                neighbours,
-            } => Ok(Neighbours {
-                id,
-                addr,
-                neighbours,
-            }),
-            BootstrapResponse::Refused { reason } => Err(FetchError::Refused(reason)),
-        }
+        Ok(resp)
     };
-    tokio::time::timeout(IO_TIMEOUT, exchange)
+    tokio::time::timeout(deadline, exchange)
         .await
         .map_err(|_| FetchError::Timeout(bootstrapper))?
+}
+
+/// How long the bootstrapper holds a [`BootstrapRequest::Watch`] whose answer did not change
+/// before answering anyway (the host then asks again). Keeps idle connections few and short
+/// enough for NATs and firewalls, and a restarted bootstrapper is found within this time.
+pub const WATCH_HOLD: Duration = Duration::from_secs(25);
+
+impl Neighbours {
+    /// The bootstrapper's answer this came from (for [`BootstrapResponse::digest`]).
+    pub fn to_response(&self) -> BootstrapResponse {
+        BootstrapResponse::Neighbours {
+            id: self.id,
+            addr: self.addr,
+            neighbours: self.neighbours.clone(),
+        }
+    }
+}
+
+/// Keeps a long-poll [`BootstrapRequest::Watch`] open with the bootstrapper (from `local_ip`)
+/// and sends every new neighbour list on the returned channel, starting from `initial` (what
+/// the host joined with): topology edits reach running hosts within a moment of the
+/// bootstrapper reloading its file. A host the topology no longer lists gets an empty list (and
+/// its neighbours back if it is listed again). Network trouble is retried with backoff; the
+/// task ends on `shutdown` or when the receiver is dropped.
+pub fn watch_neighbours(
+    bootstrapper: SocketAddr,
+    local_ip: IpAddr,
+    initial: &Neighbours,
+    shutdown: CancellationToken,
+) -> tokio::sync::mpsc::Receiver<Vec<PathHop>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut known = initial.to_response().digest();
+    let mut current = initial.neighbours.clone();
+    tokio::spawn(async move {
+        let new_backoff = || {
+            Backoff::new(
+                Duration::from_millis(500),
+                Duration::from_secs(30),
+                Rng::from_entropy(),
+            )
+        };
+        let mut backoff = new_backoff();
+        let mut failing = false;
+        loop {
+            let request = BootstrapRequest::Watch { known };
+            let started = tokio::time::Instant::now();
+            let r = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = exchange(bootstrapper, local_ip, &request, WATCH_HOLD + IO_TIMEOUT) => r,
+            };
+            let wait = match r {
+                Ok(resp) => {
+                    if failing {
+                        tracing::info!(%bootstrapper, "bootstrapper reachable again");
+                    }
+                    failing = false;
+                    backoff = new_backoff();
+                    let digest = resp.digest();
+                    let unchanged = digest == known;
+                    known = digest;
+                    let next = match resp {
+                        BootstrapResponse::Neighbours { neighbours, .. } => neighbours,
+                        BootstrapResponse::Refused { reason } => {
+                            tracing::warn!(%bootstrapper, "the topology no longer lists us: {reason}");
+                            Vec::new()
+                        }
+                    };
+                    if next != current {
+                        current = next.clone();
+                        if tx.send(next).await.is_err() {
+                            return;
+                        }
+                    }
+                    // An answer that changed nothing and came at once (a bootstrapper that
+                    // does not hold): do not spin.
+                    (unchanged && started.elapsed() < Duration::from_secs(1))
+                        .then_some(Duration::from_secs(1))
+                }
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    if failing {
+                        tracing::debug!(%bootstrapper, error = %e, retry_in = ?wait, "topology watch failed");
+                    } else {
+                        tracing::warn!(%bootstrapper, error = %e, retry_in = ?wait,
+                            "topology watch failed; topology edits wait until it is back");
+                    }
+                    failing = true;
+                    Some(wait)
+                }
+            };
+            if let Some(wait) = wait {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Like [`fetch_neighbours`], retrying transient failures with jittered exponential backoff

@@ -2,7 +2,7 @@
 //! its UDP socket, asking the bootstrapper for its id and neighbours, and starting the transport
 //! with the optional impairment shim on the send path.
 
-use crate::bootstrap::{fetch_neighbours_retrying, FetchError, Neighbours};
+use crate::bootstrap::{fetch_neighbours_retrying, watch_neighbours, FetchError, Neighbours};
 use crate::impair::{ImpairConfig, Impairment};
 use crate::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
 use crate::wire::DEFAULT_PORT;
@@ -67,6 +67,9 @@ pub struct Joined {
     pub transport: Transport,
     /// Messages, video and timeouts arriving for us.
     pub incoming: mpsc::Receiver<Incoming>,
+    /// Our neighbour list each time a topology edit changes it (pushed by the bootstrapper,
+    /// see [`watch_neighbours`]).
+    pub neighbour_updates: mpsc::Receiver<Vec<crate::wire::PathHop>>,
     /// The transport task (ends on shutdown).
     pub task: JoinHandle<()>,
 }
@@ -126,10 +129,13 @@ pub async fn join_overlay(
         shim,
     )
     .context("starting the UDP transport")?;
+    let neighbour_updates =
+        watch_neighbours(args.bootstrapper_addr(), args.ip, &me, shutdown.clone());
     Ok(Joined {
         me,
         transport,
         incoming,
+        neighbour_updates,
         task,
     })
 }

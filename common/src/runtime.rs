@@ -98,3 +98,21 @@ mod tests {
         );
     }
 }
+
+/// Where a file shipped with the project (`rel`, relative to the repository root, e.g.
+/// `topologies/neighbours.toml`) is, whatever the current directory: in the repository this
+/// binary was built from if it is still there, else next to the executable or up to three
+/// folders above it (`target/release/` → the repository; an installed tree), else `rel`
+/// itself (relative to the current directory, as a last resort).
+pub fn shipped_file(rel: &str) -> std::path::PathBuf {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let mut candidates = vec![repo.join(rel)];
+    if let Ok(exe) = std::env::current_exe() {
+        candidates.extend(exe.ancestors().skip(1).take(4).map(|d| d.join(rel)));
+    }
+    candidates
+        .into_iter()
+        .find(|p| p.exists())
+        .map(|p| std::fs::canonicalize(&p).unwrap_or(p))
+        .unwrap_or_else(|| rel.into())
+}

@@ -421,6 +421,14 @@ pub enum Message {
 pub enum BootstrapRequest {
     /// "Who are my neighbours, and what is my id?"
     Neighbours,
+    /// "Tell me when my answer changes" (long poll, so topology edits reach running hosts):
+    /// `known` is [`BootstrapResponse::digest`] of the answer the host holds. The
+    /// bootstrapper answers at once if the host's answer differs, else when it changes or after
+    /// its hold time (then with the same answer); the host asks again.
+    Watch {
+        /// Digest of the answer the host holds.
+        known: u64,
+    },
 }
 
 /// Bootstrap answer.
@@ -442,6 +450,15 @@ pub enum BootstrapResponse {
         #[serde(deserialize_with = "bounded::string::<_, 1024>")]
         reason: String,
     },
+}
+
+impl BootstrapResponse {
+    /// A stable digest of the answer (FNV-1a of its encoding), to tell whether a host's
+    /// neighbours changed ([`BootstrapRequest::Watch`]).
+    pub fn digest(&self) -> u64 {
+        let bytes = bincode::serialize(self).unwrap_or_default();
+        crate::rng::fnv1a64(bytes)
+    }
 }
 
 /// Deserializers that enforce an element cap before allocating.
@@ -638,13 +655,16 @@ mod tests {
         #[test]
         fn bootstrap_frames_round_trip(sender in arb_node(), resp in arb_bootstrap_response()) {
             let h = Header::new(sender);
+            let digest = resp.digest();
             let bytes = encode_with_limit(&h, &resp, MAX_FRAME_LEN).unwrap();
             let (h2, r2): (Header, BootstrapResponse) = decode_as(&bytes).unwrap();
             prop_assert_eq!(h2, h);
             prop_assert_eq!(r2, resp);
-            let req = encode_with_limit(&h, &BootstrapRequest::Neighbours, MAX_FRAME_LEN).unwrap();
-            let (_, q): (Header, BootstrapRequest) = decode_as(&req).unwrap();
-            prop_assert_eq!(q, BootstrapRequest::Neighbours);
+            for r in [BootstrapRequest::Neighbours, BootstrapRequest::Watch { known: digest }] {
+                let req = encode_with_limit(&h, &r, MAX_FRAME_LEN).unwrap();
+                let (_, q): (Header, BootstrapRequest) = decode_as(&req).unwrap();
+                prop_assert_eq!(q, r);
+            }
         }
 
         #[test]

@@ -5,8 +5,10 @@
 //!
 //! # Log lines (info unless said otherwise; fields in parentheses)
 //!
-//! * `"route changed"` (`channel`, `via`, `cost_us`, `hops`): the best route of a channel now
-//!   goes through another neighbour (or exists for the first time).
+//! * `"channel available"` (`channel`, `name`, `via`, `cost_us`, `hops`): the first route to a
+//!   channel. Later changes of its best route are logged at debug (`"best route changed"`)
+//!   and acted on only for watched channels (a move is logged as `"resubscribed"`).
+//! * `"neighbours changed"` (`added`, `removed`): the bootstrapper pushed a topology edit.
 //! * `"subscriber added"` / `"subscriber removed"` / `"subscriber expired"` (`channel`, `peer`).
 //! * `"subscribe upstream"` / `"unsubscribe upstream"` (`channel`, `upstream`).
 //! * `"local demand"` (`channel`, `watched`): a server's own channel became (un)watched.
@@ -371,6 +373,8 @@ struct Engine {
     incoming: mpsc::Receiver<Incoming>,
     transport_task: JoinHandle<()>,
     cmd_rx: mpsc::Receiver<Command>,
+    /// Neighbour lists pushed by the bootstrapper (topology edits).
+    neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
     routing: RoutingTable,
     subs: Subscriptions,
     origin: FloodOrigin,
@@ -456,6 +460,7 @@ impl Engine {
             transport: joined.transport,
             incoming: joined.incoming,
             transport_task: joined.task,
+            neighbour_updates: joined.neighbour_updates,
             cmd_rx,
             routing,
             subs: Subscriptions::new(cfg.subscriber_timeout),
@@ -497,6 +502,7 @@ impl Engine {
         let mut tick = tokio::time::interval(self.cfg.tick.max(Duration::from_millis(1)));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut commands_open = true;
+        let mut updates_open = true;
         loop {
             tokio::select! {
                 biased;
@@ -504,6 +510,10 @@ impl Engine {
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
                     Some(c) => self.command(c).await,
                     None => commands_open = false,
+                },
+                n = self.neighbour_updates.recv(), if updates_open => match n {
+                    Some(n) => self.set_neighbours(n).await,
+                    None => updates_open = false,
                 },
                 item = self.incoming.recv() => match item {
                     Some(item) => self.incoming_item(item).await,
@@ -515,6 +525,37 @@ impl Engine {
         info!("relay stopped");
         shutdown.cancel();
         let _ = (&mut self.transport_task).await;
+    }
+
+    /// The bootstrapper pushed a new neighbour list (the topology was edited): a new
+    /// neighbour gets our floods and heartbeats from now on (a server floods at once); a
+    /// removed one is treated as dead for us: its subscriptions go, the channels it fed move
+    /// to another route, and it is watched no more. Channels that do not use a changed link
+    /// are not touched.
+    async fn set_neighbours(&mut self, neighbours: Vec<PathHop>) {
+        let t = now();
+        let (added, removed) = self.routing.set_neighbours(t, &neighbours);
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        info!(
+            added = ?added.iter().map(|n| n.addr).collect::<Vec<_>>(),
+            removed = ?removed,
+            "neighbours changed"
+        );
+        for peer in removed {
+            self.link_cost.remove(&peer);
+            self.peer_dead(t, peer, "link removed from the topology")
+                .await;
+            if !self.feeding_hosts().contains(&peer) {
+                self.routing.unwatch(peer);
+            }
+        }
+        if !added.is_empty() {
+            self.next_flood = t;
+            self.flood_if_due(t).await;
+        }
+        self.reconcile(t).await;
     }
 
     // ----- commands from the handle -------------------------------------------------------
@@ -944,11 +985,18 @@ impl Engine {
                 .entry(info.id)
                 .or_insert_with(|| info.name.clone());
             if let Some(best) = self.routing.best_route(info.id, &[]) {
-                if self.best_via.get(&info.id) != Some(&best.via) {
-                    self.best_via.insert(info.id, best.via);
-                    info!(channel = %info.id, name = %info.name, via = %best.via,
-                        cost_us = best.cost_us, hops = best.hops, "route changed");
-                    changed = true;
+                match self.best_via.insert(info.id, best.via) {
+                    None => info!(channel = %info.id, name = %info.name, via = %best.via,
+                        cost_us = best.cost_us, hops = best.hops, "channel available"),
+                    // Equal-cost paths trade places as RTTs wobble: that changes nothing we do
+                    // unless the channel is watched (then `reconcile` decides, with
+                    // hysteresis, and logs a move as "resubscribed").
+                    Some(old) if old != best.via => {
+                        debug!(channel = %info.id, name = %info.name, via = %best.via,
+                            cost_us = best.cost_us, hops = best.hops, "best route changed");
+                        changed |= self.subs.is_watched(info.id);
+                    }
+                    Some(_) => {}
                 }
             }
         }

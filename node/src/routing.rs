@@ -247,6 +247,43 @@ impl RoutingTable {
         &self.neighbours
     }
 
+    /// Replaces the topology neighbours (the bootstrapper pushed an edit) at `now`: a new
+    /// neighbour is watched (presumed alive); a removed one loses its routes and its flood
+    /// paths, and stops being watched unless the caller watches it for another reason (call
+    /// [`unwatch`](Self::unwatch) when it feeds nothing). Returns `(added, removed)`.
+    pub fn set_neighbours(
+        &mut self,
+        now: Instant,
+        neighbours: &[PathHop],
+    ) -> (Vec<PathHop>, Vec<SocketAddr>) {
+        let mut next: Vec<PathHop> = Vec::new();
+        for n in neighbours {
+            if n.addr != self.me.addr && !next.iter().any(|m| m.addr == n.addr) {
+                next.push(*n);
+            }
+        }
+        let removed: Vec<SocketAddr> = self
+            .neighbours
+            .iter()
+            .map(|n| n.addr)
+            .filter(|a| !next.iter().any(|n| n.addr == *a))
+            .collect();
+        let added: Vec<PathHop> = next
+            .iter()
+            .filter(|n| !self.is_neighbour(n.addr))
+            .copied()
+            .collect();
+        self.neighbours = next;
+        for a in &removed {
+            self.routes.retain(|(_, via, _), _| via != a);
+            self.last_paths.retain(|(via, _), _| via != a);
+        }
+        for n in &added {
+            self.liveness.watch(now, n.addr);
+        }
+        (added, removed)
+    }
+
     /// Whether `addr` is a topology neighbour.
     pub fn is_neighbour(&self, addr: SocketAddr) -> bool {
         self.neighbours.iter().any(|n| n.addr == addr)
@@ -658,6 +695,40 @@ mod tests {
         rt.set_load(5);
         let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(v.forward.unwrap().load, 5);
+    }
+
+    #[test]
+    fn neighbours_edited_at_runtime() {
+        let t = Instant::now();
+        let mut rt = RoutingTable::new(t, hop(4), &[hop(2), hop(3)], Default::default());
+        let f = FloodOrigin::new(hop(1), 1).next_flood(&[chan("a")], 0);
+        let via = |n: u8| {
+            let mut g = f.clone();
+            g.path.push(hop(n));
+            g
+        };
+        rt.handle_flood(t, hop(2).addr, hop(2).id, &via(2), DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(3).addr, hop(3).id, &via(3), DEFAULT_LINK_COST);
+        assert_eq!(rt.routes().count(), 2);
+        // Link to 2 removed, 5 added (and 4 itself, and a duplicate, ignored).
+        let (added, removed) = rt.set_neighbours(t, &[hop(3), hop(5), hop(4), hop(5)]);
+        assert_eq!(added, [hop(5)]);
+        assert_eq!(removed, [hop(2).addr]);
+        assert_eq!(rt.neighbours(), [hop(3), hop(5)]);
+        assert!(!rt.is_neighbour(hop(2).addr) && rt.is_neighbour(hop(5).addr));
+        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).addr);
+        assert_eq!(rt.routes().count(), 1, "routes through 2 are gone");
+        assert!(rt.upstream_of(hop(2).addr, chan("a").id).is_none());
+        // A flood through the new neighbour is taken; one from the removed one is not ours.
+        let mut origin = FloodOrigin::new(hop(1), 5);
+        let mut g = origin.next_flood(&[chan("a")], 0);
+        g.path.push(hop(5));
+        rt.handle_flood(t, hop(5).addr, hop(5).id, &g, DEFAULT_LINK_COST);
+        assert!(rt.route_via(chan("a").id, hop(5).addr).is_some());
+        // The removed one is watched no more once the caller unwatches it.
+        rt.unwatch(hop(2).addr);
+        assert!(!rt.watched_non_neighbours().contains(&hop(2).addr));
+        assert_eq!(rt.set_neighbours(t, &[hop(3), hop(5)]), (vec![], vec![]));
     }
 
     #[test]

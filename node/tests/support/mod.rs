@@ -25,6 +25,23 @@ pub fn start_bootstrapper(
     topology: &str,
     overlay_port: u16,
 ) -> (u16, CancellationToken) {
+    let (port, shutdown, tx) = start_bootstrapper_editable(rt, prefix, topology, overlay_port);
+    std::mem::forget(tx);
+    (port, shutdown)
+}
+
+/// [`start_bootstrapper`], also returning the sender through which a test publishes an edited
+/// topology (what the file watcher does when the file changes).
+pub fn start_bootstrapper_editable(
+    rt: &tokio::runtime::Runtime,
+    prefix: &str,
+    topology: &str,
+    overlay_port: u16,
+) -> (
+    u16,
+    CancellationToken,
+    tokio::sync::watch::Sender<Arc<Topology>>,
+) {
     let (topology, _) = Topology::parse(topology).unwrap();
     let shutdown = CancellationToken::new();
     let listener = rt
@@ -32,7 +49,6 @@ pub fn start_bootstrapper(
         .unwrap();
     let port = listener.local_addr().unwrap().port();
     let (tx, rx) = tokio::sync::watch::channel(Arc::new(topology));
-    std::mem::forget(tx);
     rt.spawn(bootstrapper::run(
         listener,
         rx,
@@ -42,7 +58,7 @@ pub fn start_bootstrapper(
         },
         shutdown.clone(),
     ));
-    (port, shutdown)
+    (port, shutdown, tx)
 }
 
 /// A real `node` process (bootstrapper at `<prefix>.250`) whose stderr lines are collected;
