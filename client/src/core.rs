@@ -1459,7 +1459,7 @@ mod tests {
         fn origin_tick(&mut self) {
             let o = self.origin.as_mut().unwrap();
             let id = ChannelId::of_name(&o.name);
-            let packet = numbered(&o.name, o.seq, o.seq % o.gop == 0, 0);
+            let packet = numbered(&o.name, o.seq, o.seq.is_multiple_of(o.gop), 0);
             o.seq += 1;
             o.next_at += o.interval;
             for p in &self.pops {
@@ -2225,9 +2225,12 @@ mod tests {
         for i in 0..50 {
             let t = sim.now;
             sim.core
-                .handle_video(t, a, numbered("news", 100 + i, i % 25 == 0, 0));
-            sim.core
-                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+                .handle_video(t, a, numbered("news", 100 + i, i.is_multiple_of(25), 0));
+            sim.core.handle_video(
+                t,
+                b,
+                numbered("news", 9_000_000 + i, i.is_multiple_of(25), 0),
+            );
             sim.run_for(Duration::from_millis(5));
         }
         assert_eq!(sim.output_seqs(), (100..150).collect::<Vec<u64>>());
@@ -2239,8 +2242,11 @@ mod tests {
         assert_eq!(sim.source_changes(), [(a, b)]);
         for i in 50..60 {
             let t = sim.now;
-            sim.core
-                .handle_video(t, b, numbered("news", 9_000_000 + i, i % 25 == 0, 0));
+            sim.core.handle_video(
+                t,
+                b,
+                numbered("news", 9_000_000 + i, i.is_multiple_of(25), 0),
+            );
             sim.run_for(Duration::from_millis(5));
         }
         let got = sim.output_seqs();

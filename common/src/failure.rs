@@ -337,7 +337,7 @@ mod tests {
         let mut declared = None;
         while now < t + Duration::from_secs(3) {
             now += 10 * MS;
-            if (now - t).as_millis() % 100 == 0 {
+            if (now - t).as_millis().is_multiple_of(100) {
                 d.heard(now, "b");
             }
             for p in d.poll_dead(now) {

@@ -544,9 +544,9 @@ fn fmt_dur(d: Duration) -> String {
     let (s, n) = (d.as_secs(), d.subsec_nanos());
     if n == 0 {
         format!("{s}s")
-    } else if n % 1_000_000 == 0 {
+    } else if n.is_multiple_of(1_000_000) {
         format!("{}ms", d.as_millis())
-    } else if n % 1_000 == 0 {
+    } else if n.is_multiple_of(1_000) {
         format!("{}us", d.as_micros())
     } else {
         format!("{}ns", d.as_nanos())
@@ -1379,7 +1379,7 @@ mod tests {
         let t0 = Instant::now();
         let mut imp = Impairment::new(spec.parse().unwrap(), t0);
         drive(&mut imp, t0, 20_000, Duration::from_millis(1), |i| {
-            if i % 3 == 0 {
+            if i.is_multiple_of(3) {
                 addr("10.0.0.1:1")
             } else {
                 addr("10.0.0.2:2")

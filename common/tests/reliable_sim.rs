@@ -427,13 +427,17 @@ fn reliable_duplicating_link_still_exactly_once() {
     const N: u64 = 3000;
     for i in 0..N {
         sim.send(0, 1, ping(i));
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             sim.send(1, 0, ping(i));
         }
     }
     sim.run(Duration::from_secs(3600));
     assert_exactly_once(&sim.nodes[1], addr(0), 0..N);
-    assert_exactly_once(&sim.nodes[0], addr(1), (0..N).filter(|i| i % 3 == 0));
+    assert_exactly_once(
+        &sim.nodes[0],
+        addr(1),
+        (0..N).filter(|i| i.is_multiple_of(3)),
+    );
     let sb = sim.nodes[1].ep.stats();
     assert!(sb.duplicates_dropped > N / 2, "{sb:?}");
     assert!(sim.nodes.iter().all(|n| n.timed_out.is_empty()));

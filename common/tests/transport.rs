@@ -69,7 +69,7 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
                 .await
                 .unwrap(),
         );
-        if i % 3 == 0 {
+        if i.is_multiple_of(3) {
             tb.send_reliable(a, Message::Pong { nonce: i })
                 .await
                 .unwrap();

@@ -91,7 +91,7 @@ async fn start_server_with(
                 _ = tick.tick() => {
                     let mut chunk = vec![0x47u8; 1316];
                     chunk[..8].copy_from_slice(&i.to_le_bytes());
-                    feeder.send_local_video(ChannelId::of_name(CHANNEL), Bytes::from(chunk), i % 50 == 0).await;
+                    feeder.send_local_video(ChannelId::of_name(CHANNEL), Bytes::from(chunk), i.is_multiple_of(50)).await;
                     i += 1;
                 }
             }

@@ -230,8 +230,9 @@ impl FakePop {
                         st.insert(seq, encode(common::wire::video_flags::RETRANSMIT));
                         st.remove(&seq.wrapping_sub(1000));
                     }
-                    let dropped =
-                        drop_every > 0 && (i + 1) % drop_every == 0 && (looping || i + 1 < total);
+                    let dropped = drop_every > 0
+                        && (i + 1).is_multiple_of(drop_every)
+                        && (looping || i + 1 < total);
                     if !dropped {
                         for s in subs {
                             let _ = transport.send_bytes(s, bytes.clone()).await;

@@ -101,7 +101,7 @@ fn clip(secs: u64) -> Vec<[u8; TS_PACKET_LEN]> {
     };
     for f in 0..secs * 25 {
         let pts = PTS0 + f * 3600;
-        let key = f % 25 == 0;
+        let key = f.is_multiple_of(25);
         if key {
             g.psi();
         }
