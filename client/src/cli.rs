@@ -20,10 +20,11 @@ pub struct Args {
     /// UDP port of the overlay.
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
-    /// Local UDP address (port 0 = any free port). The default reaches loopback PoPs; use
-    /// 0.0.0.0:0 (or an overlay address) for PoPs on other hosts.
-    #[arg(long, default_value = "127.0.0.1:0")]
-    pub bind: SocketAddr,
+    /// Local UDP address (port 0 = any free port). Default: `127.0.0.1:0` when every PoP is a
+    /// loopback address, else any address of the PoPs' family (`0.0.0.0:0` or `[::]:0`), so PoPs
+    /// on other hosts are reached without this flag.
+    #[arg(long)]
+    pub bind: Option<SocketAddr>,
     /// TESTING AID: impair outgoing traffic (same grammar as the daemons' `--impair`).
     #[arg(long = "impair", value_name = "SPEC")]
     pub impair: Vec<String>,
@@ -89,6 +90,27 @@ pub fn parse_udp_url(s: &str) -> Result<SocketAddr, String> {
         .map_err(|e| format!("expected udp://IP:PORT, got {s:?}: {e}"))
 }
 
+/// The local address when `--bind` is not given: loopback when every PoP is on loopback (the
+/// client is then unreachable from other hosts), else the unspecified address of the PoPs'
+/// family (IPv4 if any PoP is IPv4), port 0.
+pub fn default_bind(pops: &[IpAddr]) -> SocketAddr {
+    if pops.iter().all(IpAddr::is_loopback) {
+        let v6_only = !pops.is_empty() && pops.iter().all(IpAddr::is_ipv6);
+        let ip = if v6_only {
+            IpAddr::from(std::net::Ipv6Addr::LOCALHOST)
+        } else {
+            IpAddr::from(std::net::Ipv4Addr::LOCALHOST)
+        };
+        return SocketAddr::new(ip, 0);
+    }
+    let ip = if pops.iter().any(IpAddr::is_ipv4) {
+        IpAddr::from(std::net::Ipv4Addr::UNSPECIFIED)
+    } else {
+        IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED)
+    };
+    SocketAddr::new(ip, 0)
+}
+
 /// Why the arguments are unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ArgsError {
@@ -134,7 +156,7 @@ impl Args {
                 .iter()
                 .map(|ip| SocketAddr::new(*ip, self.port))
                 .collect(),
-            bind: self.bind,
+            bind: self.bind.unwrap_or_else(|| default_bind(&self.servers)),
             impair,
             player: self.video_player,
             streams,
@@ -189,6 +211,7 @@ mod tests {
         assert_eq!(c.core.latency, Duration::from_millis(200));
         assert!(c.core.recovery);
         assert_eq!(c.core.redundancy, 1);
+        assert_eq!(c.bind, "127.0.0.1:0".parse().unwrap());
         let a = Args::try_parse_from([
             "client",
             "--servers",
@@ -211,5 +234,19 @@ mod tests {
                 .to_string();
             assert!(e.contains("--redundancy") && e.contains("use 1"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_default_bind_reaches_the_pops() {
+        let ips = |s: &[&str]| s.iter().map(|x| x.parse().unwrap()).collect::<Vec<IpAddr>>();
+        let bind = |s: &[&str]| default_bind(&ips(s)).to_string();
+        assert_eq!(bind(&["127.0.0.5", "127.0.0.4"]), "127.0.0.1:0");
+        assert_eq!(bind(&["::1"]), "[::1]:0");
+        assert_eq!(bind(&["10.77.3.5"]), "0.0.0.0:0");
+        assert_eq!(bind(&["127.0.0.5", "10.77.3.5"]), "0.0.0.0:0");
+        assert_eq!(bind(&["2001:db8::5"]), "[::]:0");
+        let a = Args::try_parse_from(["client", "--servers", "10.0.0.2", "--bind", "10.0.0.9:0"])
+            .unwrap();
+        assert_eq!(a.engine_config().unwrap().bind, "10.0.0.9:0".parse().unwrap());
     }
 }
