@@ -238,7 +238,11 @@ mod tests {
 
     #[test]
     fn the_default_bind_reaches_the_pops() {
-        let ips = |s: &[&str]| s.iter().map(|x| x.parse().unwrap()).collect::<Vec<IpAddr>>();
+        let ips = |s: &[&str]| {
+            s.iter()
+                .map(|x| x.parse().unwrap())
+                .collect::<Vec<IpAddr>>()
+        };
         let bind = |s: &[&str]| default_bind(&ips(s)).to_string();
         assert_eq!(bind(&["127.0.0.5", "127.0.0.4"]), "127.0.0.1:0");
         assert_eq!(bind(&["::1"]), "[::1]:0");
@@ -247,6 +251,9 @@ mod tests {
         assert_eq!(bind(&["2001:db8::5"]), "[::]:0");
         let a = Args::try_parse_from(["client", "--servers", "10.0.0.2", "--bind", "10.0.0.9:0"])
             .unwrap();
-        assert_eq!(a.engine_config().unwrap().bind, "10.0.0.9:0".parse().unwrap());
+        assert_eq!(
+            a.engine_config().unwrap().bind,
+            "10.0.0.9:0".parse().unwrap()
+        );
     }
 }

@@ -428,15 +428,25 @@ mod tests {
     fn a_host_is_added_with_links_both_ways() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let p = Plan::new(topo("neighbours.toml"), vec![], vec![], None, 8010).unwrap();
-        let t = with_host(&p.topology, ip("127.0.0.6"), &[ip("127.0.0.5"), ip("127.0.0.4")])
-            .unwrap();
+        let t = with_host(
+            &p.topology,
+            ip("127.0.0.6"),
+            &[ip("127.0.0.5"), ip("127.0.0.4")],
+        )
+        .unwrap();
         assert_eq!(t.len(), 6);
         assert_eq!(
             t.neighbours(ip("127.0.0.6")).unwrap(),
             [ip("127.0.0.5"), ip("127.0.0.4")]
         );
-        assert!(t.neighbours(ip("127.0.0.5")).unwrap().contains(&ip("127.0.0.6")));
-        assert!(t.neighbours(ip("127.0.0.4")).unwrap().contains(&ip("127.0.0.6")));
+        assert!(t
+            .neighbours(ip("127.0.0.5"))
+            .unwrap()
+            .contains(&ip("127.0.0.6")));
+        assert!(t
+            .neighbours(ip("127.0.0.4"))
+            .unwrap()
+            .contains(&ip("127.0.0.6")));
         assert_eq!(t.edge_count(), p.topology.edge_count() + 2);
         // What is written reads back the same.
         let (back, warnings) = Topology::parse(&t.to_toml_string()).unwrap();
@@ -453,8 +463,15 @@ mod tests {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         let mut p = Plan::new(topo("neighbours.toml"), vec![], vec![], None, 8010).unwrap();
         assert_eq!(p.lab_topology(), p.topology);
-        for (i, h) in p.topology.hosts().collect::<Vec<_>>().into_iter().enumerate() {
-            p.addresses.insert(h, IpAddr::from([10, 77, 3, i as u8 + 1]));
+        for (i, h) in p
+            .topology
+            .hosts()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .enumerate()
+        {
+            p.addresses
+                .insert(h, IpAddr::from([10, 77, 3, i as u8 + 1]));
         }
         let t = p.lab_topology();
         assert_eq!(p.addr(ip("127.0.0.1")), ip("10.77.3.1"));
@@ -467,7 +484,11 @@ mod tests {
     #[test]
     fn default_paths_do_not_depend_on_the_current_directory() {
         assert!(default_topology().is_absolute());
-        assert!(default_topology().is_file(), "{}", default_topology().display());
+        assert!(
+            default_topology().is_file(),
+            "{}",
+            default_topology().display()
+        );
         assert!(default_log_dir().is_absolute());
         assert!(default_log_dir().ends_with("target/lab"));
     }

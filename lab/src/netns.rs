@@ -178,9 +178,9 @@ impl LabNet {
         };
         remove_stale();
         if let Some(sysctl) = bridge_netfilter() {
-            warn!(
-                "{sysctl} = 1: bridged traffic goes through iptables; a FORWARD rule that drops \
-                 it would cut the lab's hosts off from each other"
+            info!(
+                "{sysctl} = 1: bridged traffic goes through iptables; if the hosts cannot reach \
+                 each other, look for a FORWARD rule that drops it"
             );
         }
         ip(&["link", "add", &net.bridge, "type", "bridge"])?;
@@ -209,7 +209,10 @@ impl LabNet {
 
     /// The lab subnet, `10.77.N.0/24`.
     pub fn subnet(&self) -> String {
-        format!("{}/24", Ipv4Addr::from([self.subnet[0], self.subnet[1], self.subnet[2], 0]))
+        format!(
+            "{}/24",
+            Ipv4Addr::from([self.subnet[0], self.subnet[1], self.subnet[2], 0])
+        )
     }
 
     /// The bridge's address (the root namespace on the lab network).
@@ -349,8 +352,7 @@ pub fn remove_stale() -> Vec<String> {
     if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
         for e in rd.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            if owner_pid(&name).is_some_and(|p| !alive(p)) && ip(&["netns", "del", &name]).is_ok()
-            {
+            if owner_pid(&name).is_some_and(|p| !alive(p)) && ip(&["netns", "del", &name]).is_ok() {
                 removed.push(name);
             }
         }
@@ -363,7 +365,10 @@ pub fn remove_stale() -> Vec<String> {
         }
     }
     if !removed.is_empty() {
-        info!(?removed, "removed what labs that are no longer running left behind");
+        info!(
+            ?removed,
+            "removed what labs that are no longer running left behind"
+        );
     }
     removed
 }
@@ -394,9 +399,16 @@ pub fn owner_pid(name: &str) -> Option<u32> {
     }
 }
 
-/// Whether a process `pid` exists.
+/// Whether process `pid` is running (a zombie, dead but not yet reaped, is not).
 fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // `pid (comm) S …`: the state follows the last `)` (comm may contain one).
+    let state = stat
+        .rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next());
+    !matches!(state, Some("Z" | "X"))
 }
 
 /// Interface names in `ip -o link show` output (`2: name@peer: <…>`).
@@ -518,11 +530,26 @@ mod tests {
         assert_eq!(owner_pid("pessi99-probe3"), Some(99));
         assert_eq!(owner_pid("pb4194304"), Some(4_194_304));
         assert_eq!(owner_pid("pv4194304h252"), Some(4_194_304));
-        for other in ["eth0", "pessi-h1", "pessi12-x1", "pb", "pbr0", "pv12", "pv12h", "pvh1"] {
+        for other in [
+            "eth0",
+            "pessi-h1",
+            "pessi12-x1",
+            "pb",
+            "pbr0",
+            "pv12",
+            "pv12h",
+            "pvh1",
+        ] {
             assert_eq!(owner_pid(other), None, "{other}");
         }
         // Every link name fits in IFNAMSIZ - 1 = 15 bytes, even for the largest pid.
         assert!(format!("pv{}h{}", 4_194_304, MAX_HOSTS - 1).len() <= 15);
+    }
+
+    #[test]
+    fn this_process_is_alive() {
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX));
     }
 
     #[test]

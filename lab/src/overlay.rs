@@ -234,8 +234,7 @@ impl Lab {
             }
             None => None,
         };
-        self.sup
-            .spawn_in(name, self.bins.path("client"), args, ns)
+        self.sup.spawn_in(name, self.bins.path("client"), args, ns)
     }
 
     /// Adds `host` to the running overlay, linked (both directions) to every host of `links`:

@@ -90,9 +90,15 @@ impl Scenario {
                 .map_err(|e| anyhow::anyhow!("[impair] {host}: {e}"))?;
         }
         for (i, step) in s.steps.iter().enumerate() {
+            let adds = step.action == Action::Add;
             anyhow::ensure!(
-                (step.action == Action::Add) == !step.links.is_empty(),
-                "step {}: `links` goes with action = \"add\", which needs at least one",
+                adds || step.links.is_empty(),
+                "step {}: `links` only goes with action = \"add\"",
+                i + 1
+            );
+            anyhow::ensure!(
+                !adds || !step.links.is_empty(),
+                "step {}: action = \"add\" needs `links` (at least one host)",
                 i + 1
             );
             if let Some(spec) = &step.impair {
@@ -170,7 +176,10 @@ links = ["127.0.0.5", "127.0.0.4"]
         assert_eq!(s.steps[2].action, Action::Add);
         assert_eq!(
             s.steps[2].links,
-            ["127.0.0.5".parse::<std::net::IpAddr>().unwrap(), "127.0.0.4".parse().unwrap()]
+            [
+                "127.0.0.5".parse::<std::net::IpAddr>().unwrap(),
+                "127.0.0.4".parse().unwrap()
+            ]
         );
     }
 
@@ -189,11 +198,11 @@ links = ["127.0.0.5", "127.0.0.4"]
         assert!(e.to_string().contains("only goes with"), "{e}");
         let e = Scenario::parse("[[step]]\nat = \"1s\"\naction = \"add\"\nhost = \"127.0.0.9\"\n")
             .unwrap_err();
-        assert!(e.to_string().contains("needs at least one"), "{e}");
+        assert!(e.to_string().contains("needs `links`"), "{e}");
         let e = Scenario::parse(
             "[[step]]\nat = \"1s\"\naction = \"kill\"\nhost = \"127.0.0.1\"\nlinks = [\"127.0.0.2\"]\n",
         )
         .unwrap_err();
-        assert!(e.to_string().contains("`links` goes with"), "{e}");
+        assert!(e.to_string().contains("`links` only goes with"), "{e}");
     }
 }
