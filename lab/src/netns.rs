@@ -7,7 +7,7 @@
 //! bridge's `.254` lets the lab itself (and anyone on the machine) reach every host.
 //!
 //! Names carry the lab's pid, so several labs coexist; everything is removed by
-//! [`LabNet::teardown`] (also on drop), and [`remove_stale`] (called by [`LabNet::create`])
+//! [`LabNet::teardown`] (also on drop), and [`remove_stale`] (also done by [`LabNet::create`])
 //! removes what a lab that died without cleaning up (its pid no longer alive) left behind.
 //!
 //! Processes are put into a host's namespace by [`enter_in_child`]: `setns(CLONE_NEWNET)` in a
@@ -176,7 +176,7 @@ impl LabNet {
             hosts: Vec::new(),
             torn_down: false,
         };
-        remove_stale();
+        remove_leftovers(Some(pid));
         if let Some(sysctl) = bridge_netfilter() {
             info!(
                 "{sysctl} = 1: bridged traffic goes through iptables; if the hosts cannot reach \
@@ -348,6 +348,13 @@ where
 /// Removes the namespaces, bridges and veth pairs of labs whose pid is no longer alive (a lab
 /// that crashed or was killed with SIGKILL); returns their names.
 pub fn remove_stale() -> Vec<String> {
+    remove_leftovers(None)
+}
+
+/// [`remove_stale`], and also the names carrying `own` (this process's pid, when it has no lab
+/// network yet: they can only be those of a dead process that had the same pid).
+fn remove_leftovers(own: Option<u32>) -> Vec<String> {
+    let stale = |name: &str| owner_pid(name).is_some_and(|p| Some(p) == own || !alive(p));
     let mut removed = Vec::new();
     if let Ok(rd) = std::fs::read_dir(NETNS_DIR) {
         for e in rd.flatten() {
@@ -359,7 +366,7 @@ pub fn remove_stale() -> Vec<String> {
     }
     if let Ok(links) = ip(&["-o", "link", "show"]) {
         for name in link_names(&links) {
-            if owner_pid(&name).is_some_and(|p| !alive(p)) && ip(&["link", "del", &name]).is_ok() {
+            if stale(&name) && ip(&["link", "del", &name]).is_ok() {
                 removed.push(name);
             }
         }
