@@ -302,6 +302,7 @@ mod tests {
         assert_eq!(c.core.latency, Duration::from_millis(200));
         assert!(c.core.recovery);
         assert_eq!(c.core.redundancy, 1);
+        assert_eq!(c.bind, "127.0.0.1:0".parse().unwrap());
         let a = Args::try_parse_from([
             "client",
             "--servers",
@@ -330,5 +331,27 @@ mod tests {
                 .to_string();
             assert!(e.contains("--redundancy") && e.contains("use 1"), "{e}");
         }
+    }
+
+    #[test]
+    fn the_default_bind_reaches_the_pops() {
+        let bind = |s: &[&str]| {
+            let pops: Vec<SocketAddr> =
+                s.iter().map(|x| resolve_server(x, 8010).unwrap()).collect();
+            default_bind(&pops).to_string()
+        };
+        // Any address: loopback PoPs are reached from 127.0.0.1, others from the interface
+        // that routes to them.
+        assert_eq!(bind(&["127.0.0.5", "127.0.0.4"]), "0.0.0.0:0");
+        assert_eq!(bind(&["::1"]), "[::]:0");
+        assert_eq!(bind(&["10.77.3.5"]), "0.0.0.0:0");
+        assert_eq!(bind(&["127.0.0.5", "10.77.3.5"]), "0.0.0.0:0");
+        assert_eq!(bind(&["2001:db8::5"]), "[::]:0");
+        let a = Args::try_parse_from(["client", "--servers", "10.0.0.2", "--bind", "10.0.0.9:0"])
+            .unwrap();
+        assert_eq!(
+            a.engine_config().unwrap().bind,
+            "10.0.0.9:0".parse().unwrap()
+        );
     }
 }

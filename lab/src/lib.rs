@@ -5,19 +5,24 @@
 //! and supervises them. Without videos the server plays a built-in test channel (an FFmpeg test
 //! pattern with a running clock and a tone), so the demo needs no files. A scenario file can kill,
 //! restart and impair hosts at given times, for the tests and benchmarks.
+//!
+//! With `--netns` ([`netns`], [`overlay::Lab`]) every host runs in its own network namespace on
+//! a private bridge instead, as on separate machines.
 
 pub mod bench;
 pub mod bench_plots;
+pub mod netns;
+pub mod overlay;
 pub mod process;
 pub mod scenario;
 pub mod stats;
 
 use anyhow::Context;
-use common::topology::Topology;
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use common::topology::{Topology, TopologyError};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ffi::OsString;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 /// Name of the built-in test channel.
@@ -43,6 +48,9 @@ pub struct Plan {
     pub nodes: Vec<IpAddr>,
     /// The client's points of presence.
     pub pops: Vec<IpAddr>,
+    /// Where each host of the topology file really is, when not at its own address (`--netns`:
+    /// its namespace's address). Hosts not listed are at their own address.
+    pub addresses: BTreeMap<IpAddr, IpAddr>,
 }
 
 impl Plan {
@@ -89,7 +97,120 @@ impl Plan {
             servers,
             nodes,
             pops,
+            addresses: BTreeMap::new(),
         })
+    }
+
+    /// The address host `host` (named as in the topology file) has in the lab: its own on
+    /// loopback, its namespace's with `--netns`.
+    pub fn addr(&self, host: IpAddr) -> IpAddr {
+        self.addresses.get(&host).copied().unwrap_or(host)
+    }
+
+    /// The topology with every host at its lab address ([`Plan::addr`]): what the bootstrapper
+    /// serves.
+    pub fn lab_topology(&self) -> Topology {
+        Topology::from_adjacency(self.topology.hosts().map(|h| {
+            let n = self.topology.neighbours(h).unwrap_or(&[]);
+            (self.addr(h), n.iter().map(|x| self.addr(*x)).collect())
+        }))
+    }
+}
+
+/// Why a host cannot be added to a topology.
+#[derive(Debug, thiserror::Error)]
+pub enum AddHostError {
+    /// The host is already in the topology.
+    #[error("{0} is already a host of the topology")]
+    Exists(IpAddr),
+    /// A link goes to a host that is not in the topology.
+    #[error("cannot link {host} to {link}: {link} is not a host of the topology")]
+    UnknownLink {
+        /// The host being added.
+        host: IpAddr,
+        /// The link's other end.
+        link: IpAddr,
+    },
+    /// The result does not validate.
+    #[error(transparent)]
+    Invalid(#[from] TopologyError),
+}
+
+/// `topology` with `host` added, linked both ways to every host of `links` (appended to their
+/// neighbour lists); validated.
+pub fn with_host(
+    topology: &Topology,
+    host: IpAddr,
+    links: &[IpAddr],
+) -> Result<Topology, AddHostError> {
+    if topology.contains(host) {
+        return Err(AddHostError::Exists(host));
+    }
+    if let Some(link) = links.iter().find(|l| !topology.contains(**l)) {
+        return Err(AddHostError::UnknownLink { host, link: *link });
+    }
+    let mut own: Vec<IpAddr> = Vec::new();
+    for l in links {
+        if !own.contains(l) {
+            own.push(*l);
+        }
+    }
+    let t = Topology::from_adjacency(
+        topology
+            .hosts()
+            .map(|h| {
+                let mut n = topology.neighbours(h).unwrap_or(&[]).to_vec();
+                if own.contains(&h) {
+                    n.push(host);
+                }
+                (h, n)
+            })
+            .chain([(host, own.clone())]),
+    );
+    t.validate()?;
+    Ok(t)
+}
+
+/// Writes `text` to `path` atomically: into a temporary file next to it, then renamed over it,
+/// so a reader (the bootstrapper's watcher) never sees half a file.
+pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+/// The repository's root when this binary runs from the checkout it was built in.
+fn repo_root() -> Option<PathBuf> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("topologies")
+        .is_dir()
+        .then(|| root.canonicalize().unwrap_or(root))
+}
+
+/// The folder of the running executable.
+fn exe_dir() -> Option<PathBuf> {
+    std::env::current_exe()
+        .ok()
+        .and_then(|e| e.parent().map(Path::to_path_buf))
+}
+
+/// The default topology: `topologies/neighbours.toml` of the repository the lab was built from,
+/// else `topologies/neighbours.toml` next to the executable (whatever the current directory).
+pub fn default_topology() -> PathBuf {
+    let rel = Path::new("topologies").join("neighbours.toml");
+    repo_root()
+        .or_else(exe_dir)
+        .map_or_else(|| rel.clone(), |d| d.join(&rel))
+}
+
+/// The default folder for logs and stats: `target/lab` of the repository the lab was built
+/// from, else `lab-logs` next to the executable.
+pub fn default_log_dir() -> PathBuf {
+    match repo_root() {
+        Some(r) => r.join("target").join("lab"),
+        None => exe_dir().map_or_else(|| PathBuf::from("lab-logs"), |d| d.join("lab-logs")),
     }
 }
 
@@ -159,7 +280,7 @@ pub fn process_name(role: &str, ip: IpAddr) -> String {
     format!("{role}-{ip}")
 }
 
-/// Arguments of the bootstrapper.
+/// Arguments of the bootstrapper (it serves `plan.topology_path`).
 pub fn bootstrapper_args(plan: &Plan) -> Vec<OsString> {
     vec![
         "--bind-ip".into(),
@@ -175,7 +296,7 @@ pub fn bootstrapper_args(plan: &Plan) -> Vec<OsString> {
 pub fn host_args(plan: &Plan, ip: IpAddr, impair: Option<&str>) -> Vec<OsString> {
     let mut a: Vec<OsString> = vec![
         "--ip".into(),
-        ip.to_string().into(),
+        plan.addr(ip).to_string().into(),
         "--bootstrapper".into(),
         plan.bootstrapper.ip().to_string().into(),
         "--bootstrapper-port".into(),
@@ -301,6 +422,75 @@ mod tests {
         let p = Plan::new(topo("grid4x5.toml"), vec![s], vec![], None, 8010).unwrap();
         assert_eq!(p.pops, vec!["127.0.1.101".parse::<IpAddr>().unwrap()]);
         assert_eq!(p.nodes.len(), 21);
+    }
+
+    #[test]
+    fn a_host_is_added_with_links_both_ways() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let p = Plan::new(topo("neighbours.toml"), vec![], vec![], None, 8010).unwrap();
+        let t = with_host(
+            &p.topology,
+            ip("127.0.0.6"),
+            &[ip("127.0.0.5"), ip("127.0.0.4")],
+        )
+        .unwrap();
+        assert_eq!(t.len(), 6);
+        assert_eq!(
+            t.neighbours(ip("127.0.0.6")).unwrap(),
+            [ip("127.0.0.5"), ip("127.0.0.4")]
+        );
+        assert!(t
+            .neighbours(ip("127.0.0.5"))
+            .unwrap()
+            .contains(&ip("127.0.0.6")));
+        assert!(t
+            .neighbours(ip("127.0.0.4"))
+            .unwrap()
+            .contains(&ip("127.0.0.6")));
+        assert_eq!(t.edge_count(), p.topology.edge_count() + 2);
+        // What is written reads back the same.
+        let (back, warnings) = Topology::parse(&t.to_toml_string()).unwrap();
+        assert_eq!(back, t);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        let e = with_host(&p.topology, ip("127.0.0.2"), &[ip("127.0.0.5")]).unwrap_err();
+        assert!(e.to_string().contains("already a host"), "{e}");
+        let e = with_host(&p.topology, ip("127.0.0.6"), &[ip("127.0.0.9")]).unwrap_err();
+        assert!(e.to_string().contains("127.0.0.9 is not a host"), "{e}");
+    }
+
+    #[test]
+    fn lab_addresses_translate_the_topology() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut p = Plan::new(topo("neighbours.toml"), vec![], vec![], None, 8010).unwrap();
+        assert_eq!(p.lab_topology(), p.topology);
+        for (i, h) in p
+            .topology
+            .hosts()
+            .collect::<Vec<_>>()
+            .into_iter()
+            .enumerate()
+        {
+            p.addresses
+                .insert(h, IpAddr::from([10, 77, 3, i as u8 + 1]));
+        }
+        let t = p.lab_topology();
+        assert_eq!(p.addr(ip("127.0.0.1")), ip("10.77.3.1"));
+        assert_eq!(t.neighbours(ip("10.77.3.1")).unwrap(), [ip("10.77.3.2")]);
+        assert_eq!(t.edge_count(), p.topology.edge_count());
+        let args = host_args(&p, ip("127.0.0.2"), None);
+        assert_eq!(args[1], OsString::from("10.77.3.2"));
+    }
+
+    #[test]
+    fn default_paths_do_not_depend_on_the_current_directory() {
+        assert!(default_topology().is_absolute());
+        assert!(
+            default_topology().is_file(),
+            "{}",
+            default_topology().display()
+        );
+        assert!(default_log_dir().is_absolute());
+        assert!(default_log_dir().ends_with("target/lab"));
     }
 
     #[test]

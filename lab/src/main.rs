@@ -1,26 +1,28 @@
 //! `lab` — runs a whole Pessi Streamer overlay on this machine: `cargo run --release -p lab`.
 
-use anyhow::Context;
 use clap::Parser;
-use lab::process::{Binaries, Supervisor};
-use lab::scenario::{Action, Scenario};
+use lab::overlay::{Lab, LabOptions};
+use lab::process::Binaries;
+use lab::scenario::Scenario;
 use lab::stats::Summary;
 use lab::{Media, Plan};
 use std::ffi::OsString;
 use std::net::IpAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// Runs a whole overlay locally: bootstrapper, servers and relay nodes on their 127.0.0.x
-/// addresses from a topology file, then a client (a window if a display is available, headless
-/// with a running summary otherwise). Ctrl-C stops everything, child processes included.
+/// addresses from a topology file (or each in its own network namespace with --netns), then a
+/// client (a window if a display is available, headless with a running summary otherwise).
+/// Ctrl-C stops everything, child processes included.
 #[derive(Debug, Parser)]
 #[command(version)]
 struct Args {
-    /// Topology file.
-    #[arg(long, default_value = "topologies/neighbours.toml")]
-    topology: PathBuf,
+    /// Topology file [default: topologies/neighbours.toml of the repository the lab was built
+    /// from, else next to the executable].
+    #[arg(long)]
+    topology: Option<PathBuf>,
     /// Hosts that run a server (default: the first host of the topology).
     #[arg(long, value_delimiter = ',')]
     servers: Vec<IpAddr>,
@@ -50,12 +52,19 @@ struct Args {
     /// Stop after this long (e.g. `30s`); default: run until ctrl-c.
     #[arg(long, value_parser = humantime::parse_duration)]
     duration: Option<Duration>,
-    /// Folder for the processes' logs and the client's stats.
-    #[arg(long, default_value = "target/lab")]
-    log_dir: PathBuf,
-    /// Bootstrapper IP (default: a 127.0.0.x address not in the topology).
+    /// Folder for the processes' logs, the client's stats and the bootstrapper's copy of the
+    /// topology [default: target/lab of the repository the lab was built from, else lab-logs
+    /// next to the executable].
     #[arg(long)]
+    log_dir: Option<PathBuf>,
+    /// Bootstrapper IP (default: a 127.0.0.x address not in the topology).
+    #[arg(long, conflicts_with = "netns")]
     bootstrapper_ip: Option<IpAddr>,
+    /// Real separate hosts: every host (bootstrapper, servers, nodes, client) in its own network
+    /// namespace on a private bridge, at lab addresses (10.77.N.x) mapped from the topology's.
+    /// Needs root and `ip netns` (iproute2).
+    #[arg(long)]
+    netns: bool,
     /// Port of the bootstrapper (TCP) and of the overlay hosts (UDP).
     #[arg(long, default_value_t = common::wire::DEFAULT_PORT)]
     port: u16,
@@ -74,6 +83,9 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
+    if args.netns {
+        lab::netns::check_support()?;
+    }
     let shutdown = common::runtime::shutdown_on_signals();
     if !on_path("ffmpeg") {
         anyhow::bail!(
@@ -89,13 +101,26 @@ async fn main() -> anyhow::Result<()> {
         Some(p) => Scenario::load(p)?,
         None => Scenario::default(),
     };
+    let topology = args.topology.clone().unwrap_or_else(lab::default_topology);
+    let log_dir = args.log_dir.clone().unwrap_or_else(lab::default_log_dir);
     let plan = Plan::new(
-        args.topology.clone(),
+        topology,
         args.servers.clone(),
         args.pops.clone(),
         args.bootstrapper_ip,
         args.port,
     )?;
+    let media = Media {
+        videos: args.videos.clone(),
+        sources: args.sources.clone(),
+    };
+    let opts = LabOptions {
+        netns: args.netns,
+        media: media.clone(),
+        impair: scenario.impair.clone(),
+    };
+    let mut lab = Lab::new(plan, bins, log_dir.clone(), opts)?;
+    let plan = lab.plan();
     info!(
         servers = ?plan.servers,
         nodes = plan.nodes.len(),
@@ -103,70 +128,38 @@ async fn main() -> anyhow::Result<()> {
         bootstrapper = %plan.bootstrapper,
         "starting the overlay"
     );
-    let media = Media {
-        videos: args.videos.clone(),
-        sources: args.sources.clone(),
-    };
-    let mut sup = Supervisor::new(args.log_dir.clone())?;
-    let result = run(&args, &bins, &plan, &media, &scenario, &mut sup, &shutdown).await;
-    sup.stop_all(Duration::from_secs(3)).await;
-    let stats = args.log_dir.join("client-stats.jsonl");
+    let result = run(&args, &log_dir, &media, &scenario, &mut lab, &shutdown).await;
+    lab.shutdown(Duration::from_secs(3)).await;
+    let stats = log_dir.join("client-stats.jsonl");
     if stats.exists() {
         println!("\n== summary ==\n{}", Summary::load(&stats));
     }
-    println!("logs: {}", args.log_dir.display());
+    println!("logs: {}", log_dir.display());
     result
 }
 
 async fn run(
     args: &Args,
-    bins: &Binaries,
-    plan: &Plan,
+    log_dir: &Path,
     media: &Media,
     scenario: &Scenario,
-    sup: &mut Supervisor,
+    lab: &mut Lab,
     shutdown: &tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    sup.spawn(
-        "bootstrapper",
-        bins.path("bootstrapper"),
-        lab::bootstrapper_args(plan),
-    )?;
-    lab::wait_for_tcp(plan.bootstrapper, Duration::from_secs(10))
-        .await
-        .context("the bootstrapper did not start (see its log)")?;
-    let impair_of = |ip: &IpAddr| scenario.impair.get(ip).map(String::as_str);
-    for ip in &plan.servers {
-        sup.spawn(
-            &lab::process_name("server", *ip),
-            bins.path("server"),
-            lab::server_args(plan, *ip, media, impair_of(ip)),
-        )?;
-    }
-    for ip in &plan.nodes {
-        sup.spawn(
-            &lab::process_name("node", *ip),
-            bins.path("node"),
-            lab::host_args(plan, *ip, impair_of(ip)),
-        )?;
-    }
+    lab.start().await?;
     // Let the first flood rounds build the tree before the client asks for channels.
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
-    let stats_path = args.log_dir.join("client-stats.jsonl");
+    let stats_path = log_dir.join("client-stats.jsonl");
     let _ = std::fs::remove_file(&stats_path);
     let display =
         std::env::var_os("DISPLAY").is_some() || std::env::var_os("WAYLAND_DISPLAY").is_some();
     let headless = args.headless || !display;
     if !args.no_client {
+        let plan = lab.plan();
         let mut c: Vec<OsString> = vec![
             "--servers".into(),
-            plan.pops
-                .iter()
-                .map(|p| p.to_string())
-                .collect::<Vec<_>>()
-                .join(",")
-                .into(),
+            lab.addr_list(&plan.pops).into(),
             "--port".into(),
             plan.bootstrapper.port().to_string().into(),
             "--stats".into(),
@@ -191,7 +184,7 @@ async fn run(
             c.push("--headless".into());
         }
         c.extend(args.client_args.iter().map(OsString::from));
-        sup.spawn("client", bins.path("client"), c)?;
+        lab.spawn_client("client", c)?;
     }
 
     let t0 = Instant::now();
@@ -214,27 +207,11 @@ async fn run(
                     break;
                 }
                 while let Some(step) = steps.next_if(|s| now >= t0 + s.at) {
-                    let name = if plan.servers.contains(&step.host) {
-                        lab::process_name("server", step.host)
-                    } else {
-                        lab::process_name("node", step.host)
-                    };
-                    info!(at = ?step.at, action = ?step.action, host = %step.host, "scenario step");
-                    match step.action {
-                        Action::Kill => sup.kill(&name).await?,
-                        Action::Stop => sup.stop(&name, Duration::from_secs(3)).await?,
-                        Action::Restart => {
-                            let extra: Vec<String> = step
-                                .impair
-                                .iter()
-                                .flat_map(|s| ["--impair".to_owned(), s.clone()])
-                                .collect();
-                            sup.restart(&name, &extra).await?
-                        }
-                    }
+                    lab.step(step).await?;
                 }
             }
             _ = report.tick() => {
+                let sup = lab.supervisor();
                 for (name, status) in sup.exited() {
                     warn!(process = %name, %status, log = %sup.log_path(&name).display(), "process exited");
                     if name == "client" {

@@ -60,6 +60,8 @@ impl Binaries {
 struct Proc {
     program: PathBuf,
     args: Vec<OsString>,
+    /// The network namespace it runs in (`/run/netns/<name>`), if not the lab's own.
+    netns: Option<PathBuf>,
     child: Option<Child>,
     log: PathBuf,
 }
@@ -98,10 +100,24 @@ impl Supervisor {
         program: PathBuf,
         args: Vec<OsString>,
     ) -> anyhow::Result<()> {
+        self.spawn_in(name, program, args, None)
+    }
+
+    /// Starts `program args…` under `name` inside the network namespace `netns` (a file such
+    /// as `/run/netns/<name>`, see [`crate::netns`]), or in the lab's own when `None`. Restarts
+    /// go into the same namespace.
+    pub fn spawn_in(
+        &mut self,
+        name: &str,
+        program: PathBuf,
+        args: Vec<OsString>,
+        netns: Option<PathBuf>,
+    ) -> anyhow::Result<()> {
         let log = self.log_path(name);
         let mut p = Proc {
             program,
             args,
+            netns,
             child: None,
             log,
         };
@@ -146,6 +162,7 @@ impl Supervisor {
         let mut tmp = Proc {
             program: p.program.clone(),
             args,
+            netns: p.netns.clone(),
             child: None,
             log: p.log.clone(),
         };
@@ -196,14 +213,24 @@ fn start(name: &str, p: &mut Proc) -> anyhow::Result<()> {
         .open(&p.log)
         .with_context(|| format!("cannot open {}", p.log.display()))?;
     let log2 = log.try_clone()?;
-    let child = common::runtime::child_command(&p.program)
+    let mut cmd = common::runtime::child_command(&p.program);
+    if let Some(ns) = &p.netns {
+        crate::netns::enter_in_child(&mut cmd, ns)
+            .with_context(|| format!("cannot start {name} in its network namespace"))?;
+    }
+    let child = cmd
         .args(&p.args)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log))
         .stderr(Stdio::from(log2))
         .spawn()
         .with_context(|| format!("cannot start {} ({})", name, p.program.display()))?;
-    info!(process = name, pid = child.id(), log = %p.log.display(), "started");
+    match &p.netns {
+        Some(ns) => {
+            info!(process = name, pid = child.id(), netns = %ns.display(), log = %p.log.display(), "started")
+        }
+        None => info!(process = name, pid = child.id(), log = %p.log.display(), "started"),
+    }
     p.child = Some(child);
     Ok(())
 }

@@ -17,6 +17,12 @@
 //! action = "restart"
 //! host = "127.0.0.3"
 //! impair = "loss=10%"         # optional: restart with this --impair
+//!
+//! [[step]]
+//! at = "25s"
+//! action = "add"              # a new host joins: added to the bootstrapper's topology (linked
+//! host = "127.0.0.6"          # both ways), then a node is started on it
+//! links = ["127.0.0.5", "127.0.0.4"]
 //! ```
 
 use serde::Deserialize;
@@ -35,6 +41,10 @@ pub enum Action {
     Stop,
     /// Start it again (stopping it first if it runs), optionally with a new `--impair`.
     Restart,
+    /// A new host joins the running overlay: it is added to the bootstrapper's copy of the
+    /// topology with its `links` (both directions) and a node is started on it (in its own
+    /// namespace with `--netns`), optionally with `--impair`.
+    Add,
 }
 
 /// One timed step.
@@ -48,9 +58,12 @@ pub struct Step {
     pub action: Action,
     /// Which host (server or node).
     pub host: IpAddr,
-    /// For `restart`: the `--impair` spec to restart with.
+    /// For `restart`: the `--impair` spec to restart with; for `add`: the new node's.
     #[serde(default)]
     pub impair: Option<String>,
+    /// For `add`: the hosts the new host is linked to (both directions).
+    #[serde(default)]
+    pub links: Vec<std::net::IpAddr>,
 }
 
 /// A parsed scenario.
@@ -77,10 +90,21 @@ impl Scenario {
                 .map_err(|e| anyhow::anyhow!("[impair] {host}: {e}"))?;
         }
         for (i, step) in s.steps.iter().enumerate() {
+            let adds = step.action == Action::Add;
+            anyhow::ensure!(
+                adds || step.links.is_empty(),
+                "step {}: `links` only goes with action = \"add\"",
+                i + 1
+            );
+            anyhow::ensure!(
+                !adds || !step.links.is_empty(),
+                "step {}: action = \"add\" needs `links` (at least one host)",
+                i + 1
+            );
             if let Some(spec) = &step.impair {
                 anyhow::ensure!(
-                    step.action == Action::Restart,
-                    "step {}: `impair` only goes with action = \"restart\"",
+                    matches!(step.action, Action::Restart | Action::Add),
+                    "step {}: `impair` only goes with action = \"restart\" or \"add\"",
                     i + 1
                 );
                 common::impair::ImpairConfig::parse_many(&[spec])
@@ -137,6 +161,11 @@ impair = "loss=10%"
 at = "10s"
 action = "kill"
 host = "127.0.0.3"
+[[step]]
+at = "25s"
+action = "add"
+host = "127.0.0.6"
+links = ["127.0.0.5", "127.0.0.4"]
 "#,
         )
         .unwrap();
@@ -144,6 +173,14 @@ host = "127.0.0.3"
         assert_eq!(s.steps[0].action, Action::Kill);
         assert_eq!(s.steps[1].at, Duration::from_secs(20));
         assert_eq!(s.impair.len(), 1);
+        assert_eq!(s.steps[2].action, Action::Add);
+        assert_eq!(
+            s.steps[2].links,
+            [
+                "127.0.0.5".parse::<std::net::IpAddr>().unwrap(),
+                "127.0.0.4".parse().unwrap()
+            ]
+        );
     }
 
     #[test]
@@ -159,5 +196,13 @@ host = "127.0.0.3"
         )
         .unwrap_err();
         assert!(e.to_string().contains("only goes with"), "{e}");
+        let e = Scenario::parse("[[step]]\nat = \"1s\"\naction = \"add\"\nhost = \"127.0.0.9\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("needs `links`"), "{e}");
+        let e = Scenario::parse(
+            "[[step]]\nat = \"1s\"\naction = \"kill\"\nhost = \"127.0.0.1\"\nlinks = [\"127.0.0.2\"]\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("`links` only goes with"), "{e}");
     }
 }

@@ -162,33 +162,7 @@ impl Overlay {
 
     /// All logs, for failure messages.
     pub fn all_logs(&self) -> String {
-        let mut out = String::new();
-        if let Ok(rd) = std::fs::read_dir(self.dir.path().join("logs")) {
-            let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
-            paths.sort();
-            for p in paths {
-                let text = std::fs::read_to_string(&p).unwrap_or_default();
-                let lines: Vec<&str> = text.lines().collect();
-                out.push_str(&format!(
-                    "\n===== {} ({} lines)\n",
-                    p.display(),
-                    lines.len()
-                ));
-                let head = lines.len().min(15);
-                for l in &lines[..head] {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-                if lines.len() > head + 25 {
-                    out.push_str("[...]\n");
-                }
-                for l in &lines[head.max(lines.len().saturating_sub(25))..] {
-                    out.push_str(l);
-                    out.push('\n');
-                }
-            }
-        }
-        out
+        logs_in(&self.dir.path().join("logs"))
     }
 
     /// Kills (SIGKILL) the process `name`.
@@ -270,7 +244,39 @@ impl Overlay {
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
+/// The head and tail of every log in `dir`, for failure messages.
+pub fn logs_in(dir: &Path) -> String {
+    let mut out = String::new();
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        let mut paths: Vec<_> = rd.flatten().map(|e| e.path()).collect();
+        paths.sort();
+        for p in paths {
+            let text = std::fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out.push_str(&format!(
+                "\n===== {} ({} lines)\n",
+                p.display(),
+                lines.len()
+            ));
+            let head = lines.len().min(15);
+            for l in &lines[..head] {
+                out.push_str(l);
+                out.push('\n');
+            }
+            if lines.len() > head + 25 {
+                out.push_str("[...]\n");
+            }
+            for l in &lines[head.max(lines.len().saturating_sub(25))..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+/// A runtime for the supervisor's child processes.
+pub fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
