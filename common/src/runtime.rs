@@ -99,14 +99,23 @@ mod tests {
     }
 }
 
+/// The repository this binary was built from, if it is still there (a checkout with
+/// `topologies/`), canonicalized.
+pub fn repo_root() -> Option<std::path::PathBuf> {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    root.join("topologies")
+        .is_dir()
+        .then(|| root.canonicalize().unwrap_or(root))
+}
+
 /// Where a file shipped with the project (`rel`, relative to the repository root, e.g.
 /// `topologies/neighbours.toml`) is, whatever the current directory: in the repository this
 /// binary was built from if it is still there, else next to the executable or up to three
 /// folders above it (`target/release/` → the repository; an installed tree), else `rel`
 /// itself (relative to the current directory, as a last resort).
 pub fn shipped_file(rel: &str) -> std::path::PathBuf {
-    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut candidates = vec![repo.join(rel)];
+    let mut candidates: Vec<std::path::PathBuf> =
+        repo_root().map(|r| r.join(rel)).into_iter().collect();
     if let Ok(exe) = std::env::current_exe() {
         candidates.extend(exe.ancestors().skip(1).take(4).map(|d| d.join(rel)));
     }

@@ -181,36 +181,21 @@ pub fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     std::fs::rename(&tmp, path)
 }
 
-/// The repository's root when this binary runs from the checkout it was built in.
-fn repo_root() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    root.join("topologies")
-        .is_dir()
-        .then(|| root.canonicalize().unwrap_or(root))
-}
-
-/// The folder of the running executable.
-fn exe_dir() -> Option<PathBuf> {
-    std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf))
-}
-
 /// The default topology: `topologies/neighbours.toml` of the repository the lab was built from,
-/// else `topologies/neighbours.toml` next to the executable (whatever the current directory).
+/// else next to the executable (whatever the current directory).
 pub fn default_topology() -> PathBuf {
-    let rel = Path::new("topologies").join("neighbours.toml");
-    repo_root()
-        .or_else(exe_dir)
-        .map_or_else(|| rel.clone(), |d| d.join(&rel))
+    common::runtime::shipped_file("topologies/neighbours.toml")
 }
 
 /// The default folder for logs and stats: `target/lab` of the repository the lab was built
 /// from, else `lab-logs` next to the executable.
 pub fn default_log_dir() -> PathBuf {
-    match repo_root() {
+    match common::runtime::repo_root() {
         Some(r) => r.join("target").join("lab"),
-        None => exe_dir().map_or_else(|| PathBuf::from("lab-logs"), |d| d.join("lab-logs")),
+        None => std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("lab-logs")))
+            .unwrap_or_else(|| PathBuf::from("lab-logs")),
     }
 }
 

@@ -142,21 +142,11 @@ fn killing_the_relay_in_use_reroutes_the_tree() {
     o.stop();
 }
 
-/// The log line a node writes when it subscribes upstream for a channel (names the upstream).
-const UPSTREAM_LINE: &str = ": subscribe upstream";
-
 /// The upstream `node` uses now: the one named by its latest subscription (after waiting for
 /// at least one).
 fn upstream_in_use(o: &Overlay, node: &str) -> String {
     o.wait_log(node, &[UPSTREAM_LINE], 10 * SEC);
-    let log = o.log(node);
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains(UPSTREAM_LINE))
-        .unwrap();
-    let at = line.find("upstream=").expect("upstream field") + "upstream=".len();
-    line[at..].split([' ', ':']).next().unwrap().to_owned()
+    latest_upstream(&o.log(node)).expect("upstream field")
 }
 
 /// Files added at runtime appear in the client's list; removed ones disappear.

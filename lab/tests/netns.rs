@@ -31,34 +31,8 @@ const DEMO: &str = r#"
 "127.0.0.5" = ["127.0.0.3", "127.0.0.4"]
 "#;
 
-/// The log line a node writes when it subscribes upstream for a channel (names the upstream).
-const UPSTREAM_LINE: &str = ": subscribe upstream";
-
 fn packets(s: &Summary, stream: &str) -> u64 {
     s.streams.get(stream).map_or(0, |x| x.packets)
-}
-
-/// Waits until `pred` holds for the stats at `stats`, or panics with every log of `logs`.
-fn wait_stats(
-    stats: &Path,
-    logs: &Path,
-    within: Duration,
-    what: &str,
-    pred: impl Fn(&Summary) -> bool,
-) -> Summary {
-    let t0 = Instant::now();
-    loop {
-        let s = Summary::load(stats);
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            t0.elapsed() < within,
-            "timed out after {within:?} waiting for: {what}\nsummary:\n{s}\nlogs:{}",
-            logs_in(logs)
-        );
-        std::thread::sleep(SEC / 10);
-    }
 }
 
 /// Waits until the log at `log` has a line containing every one of `parts`; returns it.
@@ -82,17 +56,8 @@ fn wait_log(log: &Path, logs: &Path, parts: &[&str], within: Duration) -> String
 /// The upstream (a lab address) the node logging to `log` subscribed through last.
 fn upstream_in_use(log: &Path, logs: &Path) -> IpAddr {
     wait_log(log, logs, &[UPSTREAM_LINE], 10 * SEC);
-    let text = std::fs::read_to_string(log).unwrap();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.contains(UPSTREAM_LINE))
-        .unwrap();
-    let at = line.find("upstream=").expect("upstream field") + "upstream=".len();
-    line[at..]
-        .split([' ', ':'])
-        .next()
-        .unwrap()
+    latest_upstream(&std::fs::read_to_string(log).unwrap())
+        .expect("upstream field")
         .parse()
         .unwrap()
 }
@@ -164,7 +129,7 @@ fn the_demo_topology_in_namespaces_streams_heals_and_grows() {
     let mut args = lab::headless_client_args(&[lab.addr_list(&[pop])], &stats);
     args.extend(["--stream".into(), "live".into()]);
     lab.spawn_client("client", args).unwrap();
-    let s = wait_stats(&stats, &logs, 60 * SEC, "the stream flowing", |s| {
+    let s = wait_stats_in(&stats, &logs, 60 * SEC, "the stream flowing", |s| {
         packets(s, "live") > 100
     });
     let pop_addr = format!("{}:8010", lab.addr(pop));
@@ -191,7 +156,7 @@ fn the_demo_topology_in_namespaces_streams_heals_and_grows() {
     let victim = lab.process_of(relay);
     rt.block_on(lab.supervisor().kill(&victim)).unwrap();
     let before = packets(&Summary::load(&stats), "live");
-    let s = wait_stats(
+    let s = wait_stats_in(
         &stats,
         &logs,
         30 * SEC,
@@ -224,7 +189,7 @@ fn the_demo_topology_in_namespaces_streams_heals_and_grows() {
     let mut args = lab::headless_client_args(&[lab.addr_list(&[new])], &stats2);
     args.extend(["--stream".into(), "live".into()]);
     lab.spawn_client("client2", args).unwrap();
-    let s2 = wait_stats(
+    let s2 = wait_stats_in(
         &stats2,
         &logs,
         60 * SEC,
@@ -238,7 +203,7 @@ fn the_demo_topology_in_namespaces_streams_heals_and_grows() {
     eprintln!("via the new host {new} ({new_addr}): {s2}");
     // The first client kept receiving meanwhile.
     let before = packets(&Summary::load(&stats), "live");
-    wait_stats(
+    wait_stats_in(
         &stats,
         &logs,
         30 * SEC,

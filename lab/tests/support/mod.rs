@@ -184,20 +184,7 @@ impl Overlay {
         what: &str,
         pred: impl Fn(&Summary) -> bool,
     ) -> Summary {
-        let t0 = Instant::now();
-        loop {
-            let s = Summary::load(stats);
-            if pred(&s) {
-                return s;
-            }
-            if t0.elapsed() > within {
-                panic!(
-                    "timed out after {within:?} waiting for: {what}\nsummary:\n{s}\nlogs:{}",
-                    self.all_logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_stats_in(stats, &self.dir.path().join("logs"), within, what, pred)
     }
 
     /// Waits until the log of `name` contains every one of `parts` on one line.
@@ -245,6 +232,39 @@ impl Overlay {
 }
 
 /// The head and tail of every log in `dir`, for failure messages.
+/// Waits until `pred` holds for the stats file at `stats`, or panics with every log in `logs`.
+pub fn wait_stats_in(
+    stats: &Path,
+    logs: &Path,
+    within: Duration,
+    what: &str,
+    pred: impl Fn(&Summary) -> bool,
+) -> Summary {
+    let t0 = Instant::now();
+    loop {
+        let s = Summary::load(stats);
+        if pred(&s) {
+            return s;
+        }
+        assert!(
+            t0.elapsed() < within,
+            "timed out after {within:?} waiting for: {what}\nsummary:\n{s}\nlogs:{}",
+            logs_in(logs)
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The log line a node writes when it subscribes upstream for a channel (names the upstream).
+pub const UPSTREAM_LINE: &str = ": subscribe upstream";
+
+/// The upstream a node's log `text` names in its latest subscription, without the port.
+pub fn latest_upstream(text: &str) -> Option<String> {
+    let line = text.lines().rev().find(|l| l.contains(UPSTREAM_LINE))?;
+    let at = line.find("upstream=")? + "upstream=".len();
+    line[at..].split([' ', ':']).next().map(str::to_owned)
+}
+
 pub fn logs_in(dir: &Path) -> String {
     let mut out = String::new();
     if let Ok(rd) = std::fs::read_dir(dir) {
