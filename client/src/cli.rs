@@ -302,7 +302,6 @@ mod tests {
         assert_eq!(c.core.latency, Duration::from_millis(200));
         assert!(c.core.recovery);
         assert_eq!(c.core.redundancy, 1);
-        assert_eq!(c.bind, "127.0.0.1:0".parse().unwrap());
         let a = Args::try_parse_from([
             "client",
             "--servers",

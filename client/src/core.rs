@@ -62,6 +62,7 @@ use crate::seq::SeqTracker;
 use crate::stats::StatEvent;
 use bytes::Bytes;
 use common::failure::{FailureConfig, FailureDetector};
+use common::rtt::RttEstimator;
 use common::ts::{datagram_packets, ContinuityChecker};
 use common::wire::{video_flags, ChannelId, ChannelInfo, Message, VideoPacket};
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -162,8 +163,8 @@ pub enum Action {
 struct Pop {
     addr: SocketAddr,
     status: PopStatus,
-    srtt: Option<Duration>,
-    rttvar: Duration,
+    /// RTT of its pongs.
+    rtt: Option<RttEstimator>,
     /// Pongs since it went down.
     pongs_since_down: u32,
     channels: Vec<ChannelInfo>,
@@ -173,6 +174,11 @@ struct Pop {
 }
 
 impl Pop {
+    /// Smoothed RTT of its pongs, once one came.
+    fn srtt(&self) -> Option<Duration> {
+        self.rtt.map(|r| r.srtt())
+    }
+
     fn lists(&self, name: &str) -> Option<ChannelId> {
         self.channels.iter().find(|c| c.name == name).map(|c| c.id)
     }
@@ -376,8 +382,7 @@ impl ClientCore {
             .map(|&addr| Pop {
                 addr,
                 status: PopStatus::Unknown,
-                srtt: None,
-                rttvar: Duration::ZERO,
+                rtt: None,
                 pongs_since_down: 0,
                 channels: Vec::new(),
                 channels_at: None,
@@ -492,7 +497,7 @@ impl ClientCore {
                 went_down.push(p.addr);
                 self.actions.push_back(Action::Event(StatEvent::Pop {
                     pop: p.addr,
-                    rtt_ms: p.srtt.map(ms),
+                    rtt_ms: p.srtt().map(ms),
                     up: false,
                 }));
             }
@@ -599,19 +604,9 @@ impl ClientCore {
         self.pings.remove(&nonce);
         let sample = now.saturating_duration_since(sent);
         let p = &mut self.pops[i];
-        match p.srtt {
-            None => {
-                p.srtt = Some(sample);
-                p.rttvar = sample / 2;
-            }
-            Some(s) => {
-                let err = s.abs_diff(sample);
-                p.rttvar = (p.rttvar * 3 + err) / 4;
-                p.srtt = Some((s * 7 + sample) / 8);
-            }
-        }
-        if let Some(srtt) = p.srtt {
-            self.liveness.rtt_sample(p.addr, srtt, p.rttvar);
+        RttEstimator::sample(&mut p.rtt, sample);
+        if let Some(r) = p.rtt {
+            self.liveness.rtt_sample(p.addr, r.srtt(), r.rttvar());
         }
         let comes_up = match p.status {
             PopStatus::Up => false,
@@ -626,7 +621,7 @@ impl ClientCore {
             let addr = p.addr;
             self.actions.push_back(Action::Event(StatEvent::Pop {
                 pop: addr,
-                rtt_ms: p.srtt.map(ms),
+                rtt_ms: p.srtt().map(ms),
                 up: true,
             }));
             self.actions.push_back(Action::SendUnreliable {
@@ -684,7 +679,7 @@ impl ClientCore {
             .pops
             .iter()
             .find(|p| p.addr == from)
-            .and_then(|p| p.srtt);
+            .and_then(Pop::srtt);
         let (name, s) = self
             .streams
             .iter_mut()
@@ -929,7 +924,7 @@ impl ClientCore {
                 .map(|p| PopView {
                     addr: p.addr,
                     status: p.status,
-                    rtt: p.srtt,
+                    rtt: p.srtt(),
                     channels: p.channels.len(),
                 })
                 .collect(),
@@ -997,7 +992,7 @@ impl ClientCore {
             .min_by_key(|(p, _)| {
                 (
                     !self.liveness.is_usable(self.now, p.addr),
-                    p.srtt.unwrap_or(Duration::MAX),
+                    p.srtt().unwrap_or(Duration::MAX),
                 )
             })
             .map(|(p, id)| (p.addr, id))

@@ -13,6 +13,7 @@ pub mod jitter;
 pub mod nack;
 pub mod reliable;
 pub mod rng;
+pub mod rtt;
 pub mod runtime;
 pub mod topology;
 pub mod transport;

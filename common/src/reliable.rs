@@ -55,6 +55,7 @@
 //! message was delivered.
 
 use crate::id::NodeId;
+use crate::rtt::RttEstimator;
 use crate::wire::{limits, Body, Datagram, Message, WireError};
 use bytes::Bytes;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -199,37 +200,9 @@ pub struct ReliableStats {
     pub queued: usize,
 }
 
-/// RFC 6298 estimator state.
-#[derive(Debug, Clone, Copy)]
-struct Rtt {
-    srtt: Duration,
-    rttvar: Duration,
-    min_rtt: Duration,
-    samples: u64,
-}
-
-impl Rtt {
-    fn first(r: Duration) -> Rtt {
-        Rtt {
-            srtt: r,
-            rttvar: r / 2,
-            min_rtt: r,
-            samples: 1,
-        }
-    }
-
-    /// RTTVAR ← 3/4·RTTVAR + 1/4·|SRTT − R|, then SRTT ← 7/8·SRTT + 1/8·R (in this order).
-    fn update(&mut self, r: Duration) {
-        let diff = self.srtt.abs_diff(r);
-        self.rttvar = self.rttvar * 3 / 4 + diff / 4;
-        self.srtt = self.srtt * 7 / 8 + r / 8;
-        self.min_rtt = self.min_rtt.min(r);
-        self.samples += 1;
-    }
-
-    fn rto(&self, cfg: &ReliableConfig) -> Duration {
-        (self.srtt + CLOCK_GRANULARITY.max(self.rttvar * 4)).clamp(cfg.min_rto, cfg.max_rto)
-    }
+/// The RTO of an estimate: `SRTT + max(G, 4·RTTVAR)` clamped to `[min_rto, max_rto]`.
+fn rto(rtt: &RttEstimator, cfg: &ReliableConfig) -> Duration {
+    rtt.rto(CLOCK_GRANULARITY).clamp(cfg.min_rto, cfg.max_rto)
 }
 
 /// An unacknowledged message.
@@ -325,7 +298,7 @@ struct Peer {
     /// Encoded messages waiting for an in-flight slot.
     queue: VecDeque<(u64, Bytes)>,
     /// RTT estimate, once sampled.
-    rtt: Option<Rtt>,
+    rtt: Option<RttEstimator>,
     /// Receive state of the peer's current session.
     recv: Option<RecvWindow>,
     /// The peer's previous sessions, newest last.
@@ -546,10 +519,7 @@ impl ReliableEndpoint {
             self.timers.remove(&(f.deadline, from, id));
             if f.retransmits == 0 {
                 let r = now.saturating_duration_since(f.sent_at);
-                match &mut p.rtt {
-                    Some(rtt) => rtt.update(r),
-                    None => p.rtt = Some(Rtt::first(r)),
-                }
+                RttEstimator::sample(&mut p.rtt, r);
             }
             self.stats.acked += 1;
             self.events.push_back(Event::Acked { peer: from, id });
@@ -663,11 +633,11 @@ impl ReliableEndpoint {
     pub fn rtt(&self, peer: SocketAddr) -> Option<RttEstimate> {
         let rtt = self.peers.get(&peer)?.rtt?;
         Some(RttEstimate {
-            srtt: rtt.srtt,
-            rttvar: rtt.rttvar,
-            rto: rtt.rto(&self.cfg),
-            min_rtt: rtt.min_rtt,
-            samples: rtt.samples,
+            srtt: rtt.srtt(),
+            rttvar: rtt.rttvar(),
+            rto: rto(&rtt, &self.cfg),
+            min_rtt: rtt.min_rtt(),
+            samples: rtt.samples(),
         })
     }
 
@@ -719,7 +689,7 @@ fn launch(
     id: u64,
     bytes: Bytes,
 ) {
-    let timeout = p.rtt.map_or(cfg.initial_rto, |r| r.rto(cfg));
+    let timeout = p.rtt.map_or(cfg.initial_rto, |r| rto(&r, cfg));
     let deadline = now + timeout;
     timers.insert((deadline, peer, id));
     transmit.push_back((peer, bytes.clone()));
@@ -777,30 +747,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rtt_follows_rfc6298() {
+    fn rto_is_clamped_both_ways() {
         let cfg = ReliableConfig {
             min_rto: Duration::from_millis(1),
             ..ReliableConfig::default()
         };
-        let mut r = Rtt::first(Duration::from_millis(100));
-        assert_eq!(r.srtt, Duration::from_millis(100));
-        assert_eq!(r.rttvar, Duration::from_millis(50));
-        assert_eq!(r.rto(&cfg), Duration::from_millis(300));
-        r.update(Duration::from_millis(60));
-        // RTTVAR = 3/4·50 + 1/4·40 = 47.5; SRTT = 7/8·100 + 1/8·60 = 95.
-        assert_eq!(r.rttvar, Duration::from_micros(47_500));
-        assert_eq!(r.srtt, Duration::from_millis(95));
-        assert_eq!(r.min_rtt, Duration::from_millis(60));
-        assert_eq!(r.rto(&cfg), Duration::from_millis(95 + 190));
-        // Clamped both ways.
-        assert_eq!(Rtt::first(Duration::from_secs(10)).rto(&cfg), cfg.max_rto);
-        let tiny = Rtt::first(Duration::from_micros(10));
+        let r = RttEstimator::new(Duration::from_millis(100));
+        assert_eq!(rto(&r, &cfg), Duration::from_millis(300));
         assert_eq!(
-            tiny.rto(&ReliableConfig::default()),
+            rto(&RttEstimator::new(Duration::from_secs(10)), &cfg),
+            cfg.max_rto
+        );
+        let tiny = RttEstimator::new(Duration::from_micros(10));
+        assert_eq!(
+            rto(&tiny, &ReliableConfig::default()),
             Duration::from_millis(50)
         );
         assert_eq!(
-            tiny.rto(&cfg),
+            rto(&tiny, &cfg),
             Duration::from_micros(10) + CLOCK_GRANULARITY
         );
     }
