@@ -12,6 +12,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+mod setup;
+
 /// Runs a whole overlay locally: bootstrapper, servers and relay nodes on their 127.0.0.x
 /// addresses from a topology file, then a client (a window if a display is available, headless
 /// with a running summary otherwise). Ctrl-C stops everything, child processes included.
@@ -75,12 +77,7 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
     let shutdown = common::runtime::shutdown_on_signals();
-    if !on_path("ffmpeg") {
-        anyhow::bail!(
-            "ffmpeg is needed by the servers and was not found on PATH: install it with \
-             `sudo apt-get install ffmpeg` (Debian/Ubuntu)"
-        );
-    }
+    setup::ensure(&args.video_player, args.headless || args.no_client)?;
     if !args.no_build {
         lab::build_siblings()?;
     }
