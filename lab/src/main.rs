@@ -64,7 +64,8 @@ struct Args {
     /// Do not start a client.
     #[arg(long)]
     no_client: bool,
-    /// Extra argument for the client (repeatable), e.g. `--client-arg=--latency=300ms`.
+    /// Extra argument for the client (repeatable), e.g. `--client-arg=--latency=300ms`, or
+    /// `--client-arg=--player-arg=--vo=x11` for an option of the player.
     #[arg(long = "client-arg", allow_hyphen_values = true)]
     client_args: Vec<String>,
     /// Do not run `cargo build` for the other binaries first.
