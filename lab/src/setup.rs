@@ -92,7 +92,8 @@ pub fn ensure(video_player: &str, no_window: bool) -> anyhow::Result<()> {
     // SAFETY: geteuid has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     let terminal = std::io::stdin().is_terminal() && std::io::stderr().is_terminal();
-    match decide(root, terminal, on_path("apt-get")) {
+    let apt = on_path("apt-get");
+    match decide(root, terminal, apt) {
         Action::Install { sudo } => install(&needs, sudo)?,
         Action::Ask => {
             eprint!("Install them now with `{cmd}`? [y/N] ");
@@ -108,7 +109,14 @@ pub fn ensure(video_player: &str, no_window: bool) -> anyhow::Result<()> {
                 info!("not installing; run `{cmd}` to install them later");
             }
         }
-        Action::Tell => warn!("to install them, run: {cmd}"),
+        Action::Tell if apt => warn!("to install them, run: {cmd}"),
+        Action::Tell => {
+            let names: Vec<&str> = needs.iter().map(|n| n.package).collect();
+            warn!(
+                "no apt-get here: install {} with your package manager",
+                names.join(" ")
+            );
+        }
     }
     let still = missing(on_path, want_player);
     if still.iter().any(|n| n.required) {
