@@ -37,6 +37,11 @@ pub struct Args {
     /// Video player per stream.
     #[arg(long, value_enum, default_value = "mpv")]
     pub video_player: PlayerKind,
+    /// Extra option for the video player (repeatable), passed after the client's own so that
+    /// it wins, e.g. `--player-arg=--vo=x11` (mpv) or `--player-arg=-vf --player-arg=hflip`
+    /// (ffplay).
+    #[arg(long = "player-arg", value_name = "ARG", allow_hyphen_values = true)]
+    pub player_args: Vec<String>,
     /// Play this channel at start (repeatable). It starts as soon as a live PoP lists it.
     #[arg(long = "stream", value_name = "NAME")]
     pub streams: Vec<String>,
@@ -202,6 +207,7 @@ impl Args {
             give_up: (!self.give_up.is_zero()).then_some(self.give_up),
             impair,
             player: self.video_player,
+            player_args: self.player_args.clone(),
             streams,
             record: self.record.clone(),
             output: self.output,
@@ -324,6 +330,21 @@ mod tests {
         let a = Args::try_parse_from(["client", "--servers", "127.0.0.2", "--redundancy", "2"])
             .unwrap();
         assert_eq!(a.engine_config().unwrap().core.redundancy, 2);
+        let a = Args::try_parse_from([
+            "client",
+            "--servers",
+            "127.0.0.2",
+            "--player-arg=--vo=x11",
+            "--player-arg",
+            "--fs",
+            "--player-arg",
+            "-vf",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.engine_config().unwrap().player_args,
+            ["--vo=x11", "--fs", "-vf"]
+        );
         for bad in ["0", "3", "two"] {
             let e = Args::try_parse_from(["client", "--servers", "127.0.0.2", "--redundancy", bad])
                 .unwrap_err()

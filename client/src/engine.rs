@@ -4,6 +4,7 @@
 //! headless main) sends [`Command`]s over an `mpsc` channel; nobody waits for anybody.
 
 use crate::core::{Action, ClientCore, CoreConfig, Problem, Snapshot, StreamView};
+use crate::graphics::{self, Facts, OpenGl};
 use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
 use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
@@ -34,6 +35,8 @@ pub struct EngineConfig {
     pub impair: ImpairConfig,
     /// Player per stream.
     pub player: PlayerKind,
+    /// The user's extra player options (`--player-arg`), after the client's own.
+    pub player_args: Vec<String>,
     /// Streams to play at start.
     pub streams: Vec<String>,
     /// Record the TS here (suffixed by the stream name when several streams are recorded).
@@ -147,6 +150,8 @@ struct Engine {
     udp_streams: Vec<String>,
     notices: Vec<String>,
     player_missing_told: bool,
+    /// The player's options after the client's own: video output, then `--player-arg`s.
+    player_args: Vec<String>,
     summary: Summary,
     /// Per stream: when its last datagram arrived and whether a keyframe came (stats events).
     arrivals: HashMap<String, (Instant, bool)>,
@@ -228,8 +233,10 @@ pub async fn run(
         }
         None => None,
     };
+    let player_args = player_options(cfg.player, &cfg.player_args).await;
     let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
     let mut e = Engine {
+        player_args,
         core: ClientCore::new(cfg.core.clone(), &cfg.pops, start),
         cfg,
         transport,
@@ -339,6 +346,24 @@ fn source_towards(local: SocketAddr, pop: SocketAddr) -> String {
     }
 }
 
+/// The player's options after the client's own: for mpv, the video output that works on this
+/// desktop ([`crate::graphics`]: without a GPU mpv's default leaves a black window), unless the
+/// user chose one; then the user's `--player-arg`s, last so that they win.
+async fn player_options(kind: PlayerKind, user: &[String]) -> Vec<String> {
+    let mut out = Vec::new();
+    if kind == PlayerKind::Mpv {
+        if graphics::user_chooses_output(user) {
+            info!(player_args = ?user, "mpv video output: as chosen by --player-arg");
+        } else {
+            let gl = OpenGl::from_facts(&Facts::gather().await);
+            info!(options = ?gl.mpv_args(), "mpv video output: {}", gl.describe());
+            out = gl.mpv_args();
+        }
+    }
+    out.extend(user.iter().cloned());
+    out
+}
+
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -354,7 +379,12 @@ impl Engine {
         info!(stream = name, "play requested");
         self.generation += 1;
         let mut o = Outputs::new(self.generation);
-        match o.start_player(self.cfg.player, name, self.exits_tx.clone()) {
+        match o.start_player(
+            self.cfg.player,
+            &self.player_args,
+            name,
+            self.exits_tx.clone(),
+        ) {
             Ok(()) => {}
             Err(PlayerError::NotFound(msg)) => {
                 if !self.player_missing_told {

@@ -12,13 +12,15 @@
 //!   0`); [`playout`] — per-stream jitter buffer and NACK loss recovery.
 //! * [`engine`] — the tokio task that drives the core: network (through the one task owning
 //!   the socket, `common::transport`), sinks, stats file, GUI snapshot.
-//! * [`outputs`] — player, recording and UDP sinks (player choice and flags documented there).
+//! * [`outputs`] — player, recording and UDP sinks (player choice and flags documented there);
+//!   [`graphics`] — software-OpenGL detection and the video output mpv uses accordingly.
 //! * [`stats`] — the events and the `--stats` JSON-lines format.
 //! * [`gui`] — the eframe window; [`cli`] — the command line.
 
 pub mod cli;
 pub mod core;
 pub mod engine;
+pub mod graphics;
 pub mod gui;
 pub mod outputs;
 pub mod playout;

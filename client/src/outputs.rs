@@ -37,6 +37,10 @@
 //! stream); mpv does not. mpv is the default player for that reason.
 //! * `none`: no player (record, re-send and count only).
 //!
+//! After these flags come, for mpv, the video-output options chosen by [`crate::graphics`]
+//! (without a GPU mpv's default output leaves a black window: `--vo=x11` then), and last the
+//! user's `--player-arg`s, so that theirs win (mpv and ffplay keep an option's last value).
+//!
 //! A player that is not installed is reported once with how to get it, and the stream goes on
 //! being recorded and counted. When the player exits (the user closed its window) the engine
 //! stops that stream. A closed pipe is not an error for the client.
@@ -71,8 +75,10 @@ pub enum PlayerKind {
 }
 
 impl PlayerKind {
-    /// Program name and arguments for stream `name`; `None` for [`PlayerKind::None`].
-    pub fn command_line(self, name: &str) -> Option<(&'static str, Vec<String>)> {
+    /// Program name and arguments for stream `name`, `extra` (the video-output options and the
+    /// user's `--player-arg`s) after ours and before the input, so they win; `None` for
+    /// [`PlayerKind::None`].
+    pub fn command_line(self, name: &str, extra: &[String]) -> Option<(&'static str, Vec<String>)> {
         let args: Vec<&str> = match self {
             PlayerKind::None => return None,
             PlayerKind::Mpv => vec![
@@ -105,16 +111,14 @@ impl PlayerKind {
         match self {
             PlayerKind::Mpv => {
                 args.push(format!("--title=Pessi Streamer: {name}"));
+                args.extend(extra.iter().cloned());
                 args.push("-".into());
                 Some(("mpv", args))
             }
             PlayerKind::Ffplay => {
-                args.extend([
-                    "-window_title".into(),
-                    format!("Pessi Streamer: {name}"),
-                    "-i".into(),
-                    "-".into(),
-                ]);
+                args.extend(["-window_title".into(), format!("Pessi Streamer: {name}")]);
+                args.extend(extra.iter().cloned());
+                args.extend(["-i".into(), "-".into()]);
                 Some(("ffplay", args))
             }
             PlayerKind::None => None,
@@ -202,10 +206,11 @@ impl Outputs {
     pub fn start_player(
         &mut self,
         kind: PlayerKind,
+        extra: &[String],
         stream: &str,
         exits: mpsc::UnboundedSender<PlayerExit>,
     ) -> Result<(), PlayerError> {
-        let Some((program, args)) = kind.command_line(stream) else {
+        let Some((program, args)) = kind.command_line(stream, extra) else {
             return Ok(());
         };
         self.spawn_player(program, &args, &kind.missing_message(), stream, exits)
@@ -228,7 +233,13 @@ impl Outputs {
             io::ErrorKind::NotFound => PlayerError::NotFound(missing.to_string()),
             _ => PlayerError::Spawn { program, source: e },
         })?;
-        info!(stream, player = program, pid = child.id(), "player started");
+        info!(
+            stream,
+            player = program,
+            pid = child.id(),
+            ?args,
+            "player started"
+        );
         let mut stdin = child.stdin.take();
         let (tx, mut rx) = mpsc::channel::<Bytes>(SINK_QUEUE);
         let stream = stream.to_string();
@@ -362,13 +373,21 @@ mod tests {
 
     #[test]
     fn player_command_lines() {
-        let (p, a) = PlayerKind::Ffplay.command_line("x").unwrap();
+        let extra = ["--vo=x11".to_string(), "--cache=yes".to_string()];
+        let (p, a) = PlayerKind::Ffplay
+            .command_line("x", &["-vf".into(), "hflip".into()])
+            .unwrap();
         assert_eq!(p, "ffplay");
-        assert_eq!(a.last().unwrap(), "-");
-        let (p, a) = PlayerKind::Mpv.command_line("x").unwrap();
+        assert_eq!(a[a.len() - 4..], ["-vf", "hflip", "-i", "-"]);
+        let (p, a) = PlayerKind::Mpv.command_line("x", &[]).unwrap();
         assert_eq!(p, "mpv");
         assert!(a.contains(&"--profile=low-latency".to_string()));
-        assert!(PlayerKind::None.command_line("x").is_none());
+        assert_eq!(a.last().unwrap(), "-");
+        // The extra options come after ours (mpv keeps the last value) and before the input.
+        let (_, b) = PlayerKind::Mpv.command_line("x", &extra).unwrap();
+        assert_eq!(b[..a.len() - 1], a[..a.len() - 1]);
+        assert_eq!(b[a.len() - 1..], ["--vo=x11", "--cache=yes", "-"]);
+        assert!(PlayerKind::None.command_line("x", &extra).is_none());
         assert!(PlayerKind::Mpv
             .missing_message()
             .contains("apt-get install mpv"));

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
+mod setup;
+
 /// Runs a whole overlay locally: bootstrapper, servers and relay nodes on their 127.0.0.x
 /// addresses from a topology file (or each in its own network namespace with --netns), then a
 /// client (a window if a display is available, headless with a running summary otherwise).
@@ -71,7 +73,8 @@ struct Args {
     /// Do not start a client.
     #[arg(long)]
     no_client: bool,
-    /// Extra argument for the client (repeatable), e.g. `--client-arg=--latency=300ms`.
+    /// Extra argument for the client (repeatable), e.g. `--client-arg=--latency=300ms`, or
+    /// `--client-arg=--player-arg=--vo=x11` for an option of the player.
     #[arg(long = "client-arg", allow_hyphen_values = true)]
     client_args: Vec<String>,
     /// Do not run `cargo build` for the other binaries first.
@@ -87,12 +90,7 @@ async fn main() -> anyhow::Result<()> {
         lab::netns::check_support()?;
     }
     let shutdown = common::runtime::shutdown_on_signals();
-    if !on_path("ffmpeg") {
-        anyhow::bail!(
-            "ffmpeg is needed by the servers and was not found on PATH: install it with \
-             `sudo apt-get install ffmpeg` (Debian/Ubuntu)"
-        );
-    }
+    setup::ensure(&args.video_player, args.headless || args.no_client)?;
     if !args.no_build {
         lab::build_siblings()?;
     }
