@@ -15,6 +15,7 @@ pub mod reliable;
 pub mod rng;
 pub mod rtt;
 pub mod runtime;
+pub mod setup;
 pub mod topology;
 pub mod transport;
 pub mod ts;

@@ -12,8 +12,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-mod setup;
-
 /// Runs a whole overlay locally: bootstrapper, servers and relay nodes on their 127.0.0.x
 /// addresses from a topology file (or each in its own network namespace with --netns), then a
 /// client (a window if a display is available, headless with a running summary otherwise).
@@ -90,7 +88,16 @@ async fn main() -> anyhow::Result<()> {
         lab::netns::check_support()?;
     }
     let shutdown = common::runtime::shutdown_on_signals();
-    setup::ensure(&args.video_player, args.headless || args.no_client)?;
+    // What the demo needs, installed when missing: FFmpeg, and mpv when a player will open a
+    // window (a display, a client, and the player `auto` or `mpv`).
+    let set = |v: &str| std::env::var_os(v).is_some_and(|x| !x.is_empty());
+    let display = set("DISPLAY") || set("WAYLAND_DISPLAY");
+    let no_window = args.headless || args.no_client;
+    let mut needs = vec![common::setup::FFMPEG];
+    if display && !no_window && matches!(args.video_player.as_str(), "auto" | "mpv") {
+        needs.push(common::setup::MPV);
+    }
+    common::setup::ensure(&needs)?;
     if !args.no_build {
         lab::build_siblings()?;
     }
@@ -226,12 +233,6 @@ async fn run(
     Ok(())
 }
 
-/// Whether `program` is an executable on PATH.
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
-
 /// The player to give the client: `auto` picks mpv, else ffplay, else none (with a hint); with
 /// no display (headless) `auto` means none: a player could not open a window.
 fn player(choice: &str, headless: bool) -> String {
@@ -242,7 +243,7 @@ fn player(choice: &str, headless: bool) -> String {
         return "none".to_owned();
     }
     for p in ["mpv", "ffplay"] {
-        if on_path(p) {
+        if common::setup::on_path(p) {
             return p.to_owned();
         }
     }

@@ -34,10 +34,7 @@ const TOOLS: [(&str, &str); 4] = [
     ("ffmpeg", "ffmpeg"),
 ];
 
-fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
-}
+use common::setup::on_path;
 
 /// An RGB screenshot.
 #[derive(Debug)]

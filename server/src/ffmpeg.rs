@@ -2,7 +2,7 @@
 //! and the encoder arguments shared by the transcode cache and live sources.
 
 use common::runtime::child_command;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::sync::Arc;
 use thiserror::Error;
@@ -55,26 +55,7 @@ pub struct Ffmpeg {
     encoder: Arc<OnceCell<String>>,
 }
 
-/// Finds an executable called `name` in the directories of `PATH`.
-pub fn find_on_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| is_executable(p))
-}
-
-fn is_executable(p: &Path) -> bool {
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        p.metadata()
-            .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
-    }
-    #[cfg(not(unix))]
-    {
-        p.is_file()
-    }
-}
+pub use common::setup::find_on_path;
 
 impl Ffmpeg {
     /// Finds `ffmpeg` and `ffprobe` on `PATH`; the error says how to install them.

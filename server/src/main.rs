@@ -45,6 +45,9 @@ fn parse_source(s: &str) -> Result<(String, String), String> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
+    // FFmpeg is installed when missing (as root; else asked on a terminal, or the command is
+    // printed), as on a fresh lab machine started by hand.
+    common::setup::ensure(&[common::setup::FFMPEG])?;
     let shutdown = common::runtime::shutdown_on_signals();
     let cfg = ManagerConfig {
         videos: args.videos.clone(),
