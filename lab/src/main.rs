@@ -171,6 +171,11 @@ async fn run(
             stats_path.clone().into(),
             "--video-player".into(),
             player(&args.video_player, headless).into(),
+            // Headless, the client gives up (and the lab stops) when nothing can be watched for
+            // this long: generous for a first start on a slow machine and for scenarios that
+            // take PoPs down for a while (`--client-arg=--give-up=…` overrides it).
+            "--give-up".into(),
+            "60s".into(),
         ];
         let streams: Vec<String> =
             if args.streams.is_empty() && media.videos.is_none() && media.sources.is_empty() {
