@@ -6,11 +6,14 @@
 //!   one upstream per watched channel, local demand for servers).
 //! * [`gop`]: the I/O-free GOP cache (the current group of pictures per channel, sent to a
 //!   new subscriber before the live datagrams: "instant start").
+//! * [`choice`]: the upstream decisions as plain functions (hysteresis, disjoint secondary,
+//!   catastrophic fallback parent).
 //! * [`relay`]: the tokio engine that drives both over a [`common::transport::Transport`]; the
 //!   `node` binary runs it with no local channel, servers use its [`relay::Relay`] handle.
 //!
 //! The protocol is described in `report/protocol.md`.
 
+pub mod choice;
 pub mod gop;
 pub mod relay;
 pub mod routing;

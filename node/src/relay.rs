@@ -50,6 +50,7 @@
 //! is the transport's SRTT of the upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
+use crate::choice;
 use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
@@ -1243,26 +1244,9 @@ impl Engine {
         primary: SocketAddr,
     ) -> Option<(crate::routing::Route, bool)> {
         let prim = self.routing.route_via(channel, primary)?;
-        let relays = |r: &crate::routing::Route| -> Vec<SocketAddr> {
-            // The path is origin first: the origin is shared by design.
-            r.path.iter().skip(1).map(|h| h.addr).collect()
-        };
-        let prim_relays = relays(&prim);
-        self.routing
-            .routes()
-            .filter(|r| {
-                r.channel == channel
-                    && r.origin == prim.origin
-                    && r.via != primary
-                    && !self.subs.is_subscriber(r.via, channel)
-                    && !r.path.iter().any(|h| h.addr == self.me.addr)
-                    && self.routing.is_usable(t, r.via)
-            })
-            .map(|r| {
-                let disjoint = !relays(r).iter().any(|a| prim_relays.contains(a));
-                (r.clone(), disjoint)
-            })
-            .min_by_key(|(r, disjoint)| (!disjoint, r.key()))
+        choice::secondary(&prim, self.routing.routes(), self.me.addr, |r| {
+            !self.subs.is_subscriber(r.via, channel) && self.routing.is_usable(t, r.via)
+        })
     }
 
     /// With `redundancy` 2: gives every received channel with a primary upstream (not a
@@ -1420,14 +1404,7 @@ impl Engine {
             _ => self.routing.upstream_of(dead, channel),
         };
         let parent = path.as_ref().and_then(|path| {
-            let idx = path.iter().position(|h| h.addr == dead)?;
-            path[..idx]
-                .iter()
-                .rev()
-                .find(|h| {
-                    h.addr != self.me.addr && h.id != self.me.id && self.routing.is_alive(h.addr)
-                })
-                .copied()
+            choice::fallback_parent(path, dead, self.me, |a| self.routing.is_alive(a))
         });
         match (parent, path) {
             (Some(p), Some(path)) => {
@@ -1486,20 +1463,12 @@ impl Engine {
                                 .await
                         }
                         Some(cur) => {
-                            let min_gain =
-                                u64::try_from(self.cfg.switch_min_gain.as_micros()).unwrap_or(0);
-                            let cheaper = b.cost_us.saturating_mul(100)
-                                <= cur.cost_us.saturating_mul(self.cfg.switch_percent)
-                                && b.cost_us.saturating_add(min_gain) <= cur.cost_us;
-                            // Costs within the noise margin are equal: then fewer hops wins
-                            // (e.g. a nearer replica announced after we subscribed). Stable: the
-                            // way back needs a clearly cheaper route.
-                            let shorter = b.hops < cur.hops
-                                && b.cost_us <= cur.cost_us.saturating_add(min_gain);
-                            if cheaper {
-                                self.switch(ch, b.via, b.cost_us, "better route").await;
-                            } else if shorter {
-                                self.switch(ch, b.via, b.cost_us, "shorter route").await;
+                            let h = choice::Hysteresis {
+                                switch_percent: self.cfg.switch_percent,
+                                min_gain: self.cfg.switch_min_gain,
+                            };
+                            if let Some(why) = choice::should_move(&cur, &b, h) {
+                                self.switch(ch, b.via, b.cost_us, why.reason()).await;
                             }
                         }
                     }
