@@ -180,7 +180,12 @@ impl Pop {
     }
 
     fn lists(&self, name: &str) -> Option<ChannelId> {
-        self.channels.iter().find(|c| c.name == name).map(|c| c.id)
+        // A channel's id is the hash of its name (streams are keyed by it); an entry that
+        // disagrees is not that channel.
+        self.channels
+            .iter()
+            .find(|c| c.name == name && c.id == ChannelId::of_name(name))
+            .map(|c| c.id)
     }
 }
 
@@ -221,6 +226,8 @@ const MISMATCH_HOLD: Duration = Duration::from_secs(1);
 
 #[derive(Debug)]
 struct Stream {
+    /// Its channel's name (what the user asked for; the key is `ChannelId::of_name(name)`).
+    name: String,
     channel: Option<ChannelId>,
     /// Where it is subscribed: the primary first (NACKs, `pop` of the stats), then the
     /// secondary (`--redundancy 2`). Empty: waiting for a PoP that lists it.
@@ -350,7 +357,8 @@ pub struct ClientCore {
     cfg: CoreConfig,
     start: Instant,
     pops: Vec<Pop>,
-    streams: BTreeMap<String, Stream>,
+    /// Playing streams, keyed by `ChannelId::of_name(name)` (no string on the video path).
+    streams: BTreeMap<ChannelId, Stream>,
     /// Nonce → (PoP index, sent at).
     pings: HashMap<u64, (usize, Instant)>,
     nonce: u64,
@@ -364,7 +372,7 @@ pub struct ClientCore {
     liveness: FailureDetector<SocketAddr>,
     actions: VecDeque<Action>,
     /// Payloads for the sinks, in order per stream.
-    output: VecDeque<(String, Bytes)>,
+    output: VecDeque<(ChannelId, Bytes)>,
     /// The latest `now` we were given.
     now: Instant,
     /// Since when no PoP has been up (from the start until the first pong, and after every
@@ -433,7 +441,7 @@ impl ClientCore {
 
     /// The next payload for a stream's sinks (released by its jitter buffer), if any. Drain it
     /// after every `handle_*` call.
-    pub fn poll_output(&mut self) -> Option<(String, Bytes)> {
+    pub fn poll_output(&mut self) -> Option<(ChannelId, Bytes)> {
         self.output.pop_front()
     }
 
@@ -518,14 +526,14 @@ impl ClientCore {
             self.fail_over(&went_down);
         }
         self.assign_waiting();
-        let names: Vec<String> = self
+        let ids: Vec<ChannelId> = self
             .streams
             .iter()
             .filter(|(_, s)| s.playout.is_some())
-            .map(|(n, _)| n.clone())
+            .map(|(id, _)| *id)
             .collect();
-        for name in names {
-            self.pump(now, &name);
+        for id in ids {
+            self.pump(now, id);
         }
         // Stalled subscriptions: re-send Subscribe.
         let stall = self.cfg.stall_resubscribe;
@@ -546,10 +554,10 @@ impl ClientCore {
         self.update_fast();
         self.update_waiting(now);
         if now >= self.next_stats {
-            for (name, s) in &self.streams {
+            for s in self.streams.values() {
                 if let Some(pop) = s.primary() {
                     self.actions
-                        .push_back(Action::Event(stats_event(name, pop, s)));
+                        .push_back(Action::Event(stats_event(&s.name, pop, s)));
                 }
             }
             self.next_stats = advance(self.next_stats, self.cfg.stats_interval, now);
@@ -663,7 +671,7 @@ impl ClientCore {
         self.assign_waiting();
     }
 
-    /// A video datagram from `from`. Returns the stream's name if the datagram is taken (from
+    /// A video datagram from `from`. Returns the stream's channel if the datagram is taken (from
     /// one of the stream's PoPs, not a duplicate or too late); what goes to the sinks comes out
     /// of [`poll_output`](Self::poll_output), and NACKs out of
     /// [`poll_action`](Self::poll_action).
@@ -672,7 +680,7 @@ impl ClientCore {
         now: Instant,
         from: SocketAddr,
         packet: VideoPacket,
-    ) -> Option<String> {
+    ) -> Option<ChannelId> {
         self.tick(now);
         self.liveness.heard(now, from);
         let srtt = self
@@ -680,11 +688,11 @@ impl ClientCore {
             .iter()
             .find(|p| p.addr == from)
             .and_then(Pop::srtt);
-        let (name, s) = self
+        let id = packet.channel;
+        let s = self
             .streams
-            .iter_mut()
-            .find(|(_, s)| s.channel == Some(packet.channel) && s.has(from))?;
-        let name = name.clone();
+            .get_mut(&id)
+            .filter(|s| s.channel == Some(id) && s.has(from))?;
         let primary = s.primary() == Some(from);
         *s.received.entry(from).or_default() += 1;
         // Another origin's numbering (a replica, not the same stream): not merged while the
@@ -719,7 +727,7 @@ impl ClientCore {
                 }
                 let ok = !stale && s.seq.push(packet.seq).accept();
                 if ok {
-                    deliver(&name, s, packet.payload, &mut self.output);
+                    deliver(id, s, packet.payload, &mut self.output);
                 }
                 ok
             }
@@ -738,29 +746,29 @@ impl ClientCore {
         if !taken {
             return None;
         }
-        let s = self.streams.get_mut(&name).expect("found above");
+        let s = self.streams.get_mut(&id).expect("found above");
         if !s.first_packet {
             s.first_packet = true;
             self.actions
                 .push_back(Action::Event(StatEvent::FirstPacket {
-                    stream: name.clone(),
+                    stream: s.name.clone(),
                     pop: from,
                 }));
         }
-        self.pump(now, &name);
-        Some(name)
+        self.pump(now, id);
+        Some(id)
     }
 
     /// Releases what the stream's jitter buffer has due to the sinks and sends its due NACKs.
-    fn pump(&mut self, now: Instant, name: &str) {
-        let Some(s) = self.streams.get_mut(name) else {
+    fn pump(&mut self, now: Instant, id: ChannelId) {
+        let Some(s) = self.streams.get_mut(&id) else {
             return;
         };
         let Some(mut p) = s.playout.take() else {
             return;
         };
         while let Some(b) = p.poll_release(now) {
-            deliver(name, s, b, &mut self.output);
+            deliver(id, s, b, &mut self.output);
         }
         while let Some(seqs) = p.poll_nacks(now) {
             if let (Some(to), Some(channel)) = (s.primary(), s.channel) {
@@ -788,12 +796,14 @@ impl ClientCore {
     /// Starts playing `name` (no-op if it is already playing). Returns whether it is new.
     pub fn play(&mut self, now: Instant, name: &str) -> bool {
         self.tick(now);
-        if self.streams.contains_key(name) {
+        let id = ChannelId::of_name(name);
+        if self.streams.contains_key(&id) {
             return false;
         }
         self.streams.insert(
-            name.to_string(),
+            id,
             Stream {
+                name: name.to_string(),
                 channel: None,
                 paths: Vec::new(),
                 lost_pop: None,
@@ -819,14 +829,15 @@ impl ClientCore {
     /// Returns whether it was playing.
     pub fn stop(&mut self, now: Instant, name: &str, reason: &str) -> bool {
         self.tick(now);
-        let Some(mut s) = self.streams.remove(name) else {
+        let id = ChannelId::of_name(name);
+        let Some(mut s) = self.streams.remove(&id) else {
             return false;
         };
         // What the jitter buffer holds still goes to the sinks.
         if let Some(mut p) = s.playout.take() {
             p.reset(now);
             while let Some(b) = p.poll_release(now) {
-                deliver(name, &mut s, b, &mut self.output);
+                deliver(id, &mut s, b, &mut self.output);
             }
             s.playout = Some(p);
         }
@@ -851,15 +862,20 @@ impl ClientCore {
 
     /// Stops every stream (at exit).
     pub fn stop_all(&mut self, now: Instant, reason: &str) {
-        let names: Vec<String> = self.streams.keys().cloned().collect();
+        let names: Vec<String> = self.playing();
         for n in names {
             self.stop(now, &n, reason);
         }
     }
 
+    /// The name of the playing stream of channel `id`.
+    pub fn name_of(&self, id: ChannelId) -> Option<&str> {
+        self.streams.get(&id).map(|s| s.name.as_str())
+    }
+
     /// Names of the playing streams.
     pub fn playing(&self) -> Vec<String> {
-        self.streams.keys().cloned().collect()
+        self.streams.values().map(|s| s.name.clone()).collect()
     }
 
     /// What keeps the user from watching, and since when: no PoP answering, or a stream that
@@ -874,14 +890,14 @@ impl ClientCore {
             .pops
             .iter()
             .any(|p| p.status == PopStatus::Up && p.channels_at.is_some());
-        for (name, s) in &self.streams {
+        for s in self.streams.values() {
             let Some(since) = s.waiting_since else {
                 continue;
             };
             // Only once some up PoP has answered a list: before that we do not know yet.
-            if any_list && !self.union.contains(name) {
+            if any_list && !self.union.contains(&s.name) {
                 out.push(Problem::NotOffered {
-                    stream: name.clone(),
+                    stream: s.name.clone(),
                     since,
                     offered: self.union.iter().cloned().collect(),
                 });
@@ -916,6 +932,23 @@ impl ClientCore {
 
     /// A copy of the state for the GUI and the exit summary.
     pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut streams: Vec<StreamView> = self
+            .streams
+            .values()
+            .map(|s| StreamView {
+                name: s.name.clone(),
+                pop: s.primary(),
+                pops: s.pops(),
+                packets: s.packets,
+                bytes: s.bytes,
+                lost: lost(s),
+                cc_lost: s.cc.lost(),
+                duplicates: duplicates(s),
+                source_changes: s.source_changes,
+                playout: counters(s),
+            })
+            .collect();
+        streams.sort_by(|a, b| a.name.cmp(&b.name));
         Snapshot {
             uptime: now.saturating_duration_since(self.start),
             pops: self
@@ -929,22 +962,7 @@ impl ClientCore {
                 })
                 .collect(),
             channels: self.channel_names(),
-            streams: self
-                .streams
-                .iter()
-                .map(|(name, s)| StreamView {
-                    name: name.clone(),
-                    pop: s.primary(),
-                    pops: s.pops(),
-                    packets: s.packets,
-                    bytes: s.bytes,
-                    lost: lost(s),
-                    cc_lost: s.cc.lost(),
-                    duplicates: duplicates(s),
-                    source_changes: s.source_changes,
-                    playout: counters(s),
-                })
-                .collect(),
+            streams,
             notices: Vec::new(),
             problems: Vec::new(),
         }
@@ -999,7 +1017,7 @@ impl ClientCore {
     }
 
     fn fail_over(&mut self, down: &[SocketAddr]) {
-        for (name, s) in &mut self.streams {
+        for (&id, s) in &mut self.streams {
             let Some(primary) = s.primary() else {
                 continue;
             };
@@ -1030,11 +1048,11 @@ impl ClientCore {
                 // to it.
                 Some(p) if p.mismatched && lost.contains(&primary) => {
                     let to = p.pop;
-                    restart(name, s, self.now, &mut self.output);
+                    restart(id, s, self.now, &mut self.output);
                     s.source_changes += 1;
                     self.actions
                         .push_back(Action::Event(StatEvent::SourceChanged {
-                            stream: name.clone(),
+                            stream: s.name.clone(),
                             from: primary,
                             to,
                         }));
@@ -1044,7 +1062,7 @@ impl ClientCore {
                     let survivor = p.pop;
                     for pop in lost {
                         self.actions.push_back(Action::Event(StatEvent::PathLost {
-                            stream: name.clone(),
+                            stream: s.name.clone(),
                             pop,
                             primary: survivor,
                         }));
@@ -1065,14 +1083,15 @@ impl ClientCore {
     /// stream with fewer paths than that at the best other usable candidates.
     fn assign(&mut self, failover: bool) {
         let redundancy = self.cfg.redundancy.clamp(1, 2);
-        let names: Vec<String> = self
+        let ids: Vec<ChannelId> = self
             .streams
             .iter()
             .filter(|(_, s)| s.paths.len() < redundancy)
-            .map(|(n, _)| n.clone())
+            .map(|(id, _)| *id)
             .collect();
-        for name in names {
-            let s = &self.streams[&name];
+        for id in ids {
+            let s = &self.streams[&id];
+            let name = s.name.clone();
             // Never played: wait until every PoP has had its chance to answer.
             if !s.played && !failover && !self.settled() && !self.settle_over() {
                 continue;
@@ -1081,15 +1100,15 @@ impl ClientCore {
                 let Some((pop, channel)) = self.best_pop(&name, &[], false) else {
                     continue;
                 };
-                self.subscribe_primary(&name, pop, channel);
+                self.subscribe_primary(id, pop, channel);
             }
-            while self.streams[&name].paths.len() < redundancy {
-                let have = self.streams[&name].pops();
+            while self.streams[&id].paths.len() < redundancy {
+                let have = self.streams[&id].pops();
                 let Some((pop, channel)) = self.best_pop(&name, &have, true) else {
                     break;
                 };
                 let now = self.now;
-                let s = self.streams.get_mut(&name).expect("listed above");
+                let s = self.streams.get_mut(&id).expect("listed above");
                 s.paths.push(Path::new(pop, now));
                 self.actions.push_back(Action::SendReliable {
                     to: pop,
@@ -1105,12 +1124,12 @@ impl ClientCore {
 
     /// A stream without a PoP subscribes at `pop`: a `play`, or a `source_changed` (its
     /// sequence tracking and jitter buffer restart).
-    fn subscribe_primary(&mut self, name: &str, pop: SocketAddr, channel: ChannelId) {
+    fn subscribe_primary(&mut self, id: ChannelId, pop: SocketAddr, channel: ChannelId) {
         let now = self.now;
-        let s = self.streams.get_mut(name).expect("caller checked");
+        let s = self.streams.get_mut(&id).expect("caller checked");
         s.paths.push(Path::new(pop, now));
         s.channel = Some(channel);
-        restart(name, s, now, &mut self.output);
+        restart(id, s, now, &mut self.output);
         self.actions.push_back(Action::SendReliable {
             to: pop,
             msg: Message::Subscribe { channel },
@@ -1119,14 +1138,14 @@ impl ClientCore {
             (false, _) => {
                 s.played = true;
                 StatEvent::Play {
-                    stream: name.to_owned(),
+                    stream: s.name.clone(),
                     pop,
                 }
             }
             (true, from) => {
                 s.source_changes += 1;
                 StatEvent::SourceChanged {
-                    stream: name.to_owned(),
+                    stream: s.name.clone(),
                     from: from.unwrap_or(pop),
                     to: pop,
                 }
@@ -1142,12 +1161,12 @@ impl ClientCore {
 
 /// A source change: what the jitter buffer held goes to the sinks, then sequence tracking and
 /// the jitter buffer start afresh.
-fn restart(name: &str, s: &mut Stream, now: Instant, output: &mut VecDeque<(String, Bytes)>) {
+fn restart(id: ChannelId, s: &mut Stream, now: Instant, output: &mut VecDeque<(ChannelId, Bytes)>) {
     s.seq.reset();
     if let Some(mut p) = s.playout.take() {
         p.reset(now);
         while let Some(b) = p.poll_release(now) {
-            deliver(name, s, b, output);
+            deliver(id, s, b, output);
         }
         s.playout = Some(p);
     }
@@ -1199,13 +1218,13 @@ fn duplicates(s: &Stream) -> u64 {
 
 /// Hands a payload to the stream's sinks: counts it and checks TS continuity (in release
 /// order; TS-level duplicates are counted by the checker and passed through).
-fn deliver(name: &str, s: &mut Stream, b: Bytes, output: &mut VecDeque<(String, Bytes)>) {
+fn deliver(id: ChannelId, s: &mut Stream, b: Bytes, output: &mut VecDeque<(ChannelId, Bytes)>) {
     s.packets += 1;
     s.bytes += b.len() as u64;
     for pkt in datagram_packets(&b).flatten() {
         s.cc.push(&pkt);
     }
-    output.push_back((name.to_owned(), b));
+    output.push_back((id, b));
 }
 
 /// Whether a decoder can start at this datagram: the server's `KEYFRAME` flag, or a random
@@ -1316,7 +1335,7 @@ mod tests {
         /// NACKs sent: (to, seqs).
         nacks: Vec<(SocketAddr, Vec<u64>)>,
         /// What reached the sinks.
-        output: Vec<(String, Bytes)>,
+        output: Vec<(ChannelId, Bytes)>,
         /// Pings sent, per PoP.
         pings: BTreeMap<SocketAddr, u64>,
     }
@@ -1489,11 +1508,11 @@ mod tests {
         }
 
         fn stream_pop(&self, name: &str) -> Option<SocketAddr> {
-            self.core.streams[name].primary()
+            self.core.streams[&ChannelId::of_name(name)].primary()
         }
 
         fn stream_pops(&self, name: &str) -> Vec<SocketAddr> {
-            self.core.streams[name].pops()
+            self.core.streams[&ChannelId::of_name(name)].pops()
         }
     }
 
@@ -1646,6 +1665,21 @@ mod tests {
         sim.run_for(Duration::from_millis(1100));
         assert_eq!(sim.stream_pop("weather"), Some(addr(3)));
         assert_eq!(sim.source_changes(), [(addr(2), addr(3))]);
+    }
+
+    /// Streams are keyed by `ChannelId::of_name(name)`: a PoP listing a name under another id
+    /// does not offer that channel (its video could never reach the stream).
+    #[test]
+    fn a_listed_id_that_is_not_the_names_hash_is_not_that_channel() {
+        let mut sim = two_pops();
+        sim.pop(addr(2)).channels.push(ChannelInfo {
+            id: ChannelId::of_name("something else"),
+            name: "weird".into(),
+        });
+        sim.play("weird");
+        sim.run_for(Duration::from_secs(2));
+        assert!(sim.subscribes().is_empty());
+        assert_eq!(sim.core.name_of(ChannelId::of_name("weird")), Some("weird"));
     }
 
     /// The problems a user is told about: a stream nobody offers (named, with what is offered),
@@ -2067,7 +2101,7 @@ mod tests {
             assert_eq!(v.lost, merged, "latency {latency:?}");
             assert_eq!(v.pops, [addr(3), addr(2)]);
             // Each path alone lost ~10 %; merged, ~1 %.
-            let s = &sim.core.streams["news"];
+            let s = &sim.core.streams[&ChannelId::of_name("news")];
             let sent = got.last().unwrap() - 1000 + 1;
             for p in [addr(2), addr(3)] {
                 let path_lost = sent - s.received[&p];
@@ -2229,7 +2263,7 @@ mod tests {
             sim.run_for(Duration::from_millis(5));
         }
         assert_eq!(sim.output_seqs(), (100..150).collect::<Vec<u64>>());
-        assert!(sim.core.streams["news"].paths[1].mismatched);
+        assert!(sim.core.streams[&ChannelId::of_name("news")].paths[1].mismatched);
         // The primary dies: the survivor's numbering is a new start (a source change).
         sim.pop(a).alive = false;
         sim.run_for(Duration::from_millis(300));

@@ -9,6 +9,7 @@ use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
 use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
 use common::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
+use common::wire::ChannelId;
 use common::NodeId;
 use std::collections::{BTreeSet, HashMap};
 use std::io;
@@ -141,7 +142,8 @@ struct Engine {
     core: ClientCore,
     transport: Transport,
     stats: Option<StatsWriter>,
-    outputs: HashMap<String, Outputs>,
+    /// Sinks per playing stream, keyed by channel (looked up for every datagram).
+    outputs: HashMap<ChannelId, Outputs>,
     generation: u64,
     exits_tx: mpsc::UnboundedSender<PlayerExit>,
     recorded: BTreeSet<PathBuf>,
@@ -154,7 +156,7 @@ struct Engine {
     player_args: Vec<String>,
     summary: Summary,
     /// Per stream: when its last datagram arrived and whether a keyframe came (stats events).
-    arrivals: HashMap<String, (Instant, bool)>,
+    arrivals: HashMap<ChannelId, (Instant, bool)>,
     /// Per PoP, the local address our datagrams leave from (or why there is none), for the
     /// messages that tell a user what to check.
     sources: HashMap<SocketAddr, String>,
@@ -290,8 +292,8 @@ pub async fn run(
                 Some(Incoming::Message { from, msg, .. }) => e.core.handle_message(now(), from, msg),
                 Some(Incoming::Video { from, packet, .. }) => {
                     let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
-                    if let Some(name) = e.core.handle_video(now(), from, packet) {
-                        e.arrival(now(), &name, from, keyframe);
+                    if let Some(id) = e.core.handle_video(now(), from, packet) {
+                        e.arrival(now(), id, from, keyframe);
                     }
                 }
                 Some(Incoming::TimedOut { peer, .. }) => {
@@ -427,19 +429,19 @@ impl Engine {
             info!(stream = name, %to, "re-sending as plain UDP");
             o.start_udp(sock.clone(), to);
         }
-        if let Some(old) = self.outputs.insert(name.to_string(), o) {
+        if let Some(old) = self.outputs.insert(ChannelId::of_name(name), o) {
             old.close().await;
         }
     }
 
     async fn stop(&mut self, now: Instant, name: &str, reason: &str) {
         self.record_summary(now, name);
-        self.arrivals.remove(name);
+        self.arrivals.remove(&ChannelId::of_name(name));
         if self.core.stop(now, name, reason) {
             info!(stream = name, reason, "stream stopped");
         }
         self.write_output();
-        if let Some(o) = self.outputs.remove(name) {
+        if let Some(o) = self.outputs.remove(&ChannelId::of_name(name)) {
             o.close().await;
         }
     }
@@ -447,7 +449,7 @@ impl Engine {
     async fn player_exited(&mut self, exit: PlayerExit) {
         let current = self
             .outputs
-            .get(&exit.stream)
+            .get(&ChannelId::of_name(&exit.stream))
             .is_some_and(|o| o.generation() == exit.generation);
         if !current {
             return;
@@ -474,8 +476,8 @@ impl Engine {
 
     /// Hands what the core released (in order per stream) to the sinks.
     fn write_output(&mut self) {
-        while let Some((name, payload)) = self.core.poll_output() {
-            if let Some(o) = self.outputs.get_mut(&name) {
+        while let Some((id, payload)) = self.core.poll_output() {
+            if let Some(o) = self.outputs.get_mut(&id) {
                 o.write(&payload);
             }
         }
@@ -501,24 +503,27 @@ impl Engine {
     }
 
     /// Stats of arrivals: the first keyframe, and silences ended (`gap`).
-    fn arrival(&mut self, now: Instant, name: &str, pop: SocketAddr, key: bool) {
-        let (last, keyed) = self.arrivals.entry(name.to_owned()).or_insert((now, false));
+    fn arrival(&mut self, now: Instant, id: ChannelId, pop: SocketAddr, key: bool) {
+        let (last, keyed) = self.arrivals.entry(id).or_insert((now, false));
         let gap = now.saturating_duration_since(*last);
         *last = now;
         let first_key = key && !*keyed;
         *keyed |= key;
+        if gap <= crate::stats::GAP_EVENT_MIN && !first_key {
+            return;
+        }
+        let Some(name) = self.core.name_of(id).map(str::to_owned) else {
+            return;
+        };
         if gap > crate::stats::GAP_EVENT_MIN {
             self.event(StatEvent::Gap {
-                stream: name.to_owned(),
+                stream: name.clone(),
                 pop,
                 gap_ms: (gap.as_secs_f64() * 1e4).round() / 10.0,
             });
         }
         if first_key {
-            self.event(StatEvent::FirstKeyframe {
-                stream: name.to_owned(),
-                pop,
-            });
+            self.event(StatEvent::FirstKeyframe { stream: name, pop });
         }
     }
 
