@@ -1,5 +1,12 @@
 //! The relay engine: one tokio task that owns a host's [`Transport`] (from [`Joined`]), its
 //! [`RoutingTable`] and [`Subscriptions`], and every timer (floods, pings, expiry, healing).
+//!
+//! Decisions and I/O are split: the engine's handlers (`command`, `incoming_item`,
+//! `set_neighbours`, `housekeeping`) are synchronous, read no clock (the driver sets the
+//! event's time once, `Engine::t`) and only queue what is to be sent (`Out`); the driver
+//! (`Engine::run`, `Engine::flush`) reads the clock, sends the queue in order after each
+//! event and feeds back the reliable channel's RTT estimates. This is the seam along which the
+//! I/O-free relay core is being extracted.
 //! Nodes run it with no local channel; servers also announce their own channels and feed their
 //! video through the [`Relay`] handle.
 //!
@@ -64,7 +71,7 @@ use common::wire::{
     VideoPacket,
 };
 use common::NodeId;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
@@ -376,6 +383,13 @@ struct Engine {
     cmd_rx: mpsc::Receiver<Command>,
     /// Neighbour lists pushed by the bootstrapper (topology edits).
     neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
+    /// The time of the event being handled: read once by the driver, so decisions read no
+    /// clock.
+    t: Instant,
+    /// What to send, in order (see [`Out`]).
+    out: VecDeque<Out>,
+    /// Peers whose RTT estimate the driver is to fetch after sending (reliable ping rounds).
+    rtt_due: Vec<SocketAddr>,
     routing: RoutingTable,
     subs: Subscriptions,
     origin: FloodOrigin,
@@ -414,6 +428,20 @@ struct Engine {
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
     fast: Vec<SocketAddr>,
     next_fast_heartbeat: Instant,
+}
+
+/// What the engine's decisions want sent; the driver sends it in order after each event
+/// ([`Engine::flush`]).
+#[derive(Debug)]
+enum Out {
+    /// An encoded datagram (video, floods): the same `Bytes` for every destination.
+    Bytes(SocketAddr, Bytes),
+    /// A control message, retransmitted until acknowledged.
+    Reliable(SocketAddr, Message),
+    /// A message sent once.
+    Unreliable(SocketAddr, Message),
+    /// Drop the reliable channel's state of a dead peer.
+    Forget(SocketAddr),
 }
 
 /// The second upstream of a channel (`redundancy` 2).
@@ -462,6 +490,9 @@ impl Engine {
             incoming: joined.incoming,
             transport_task: joined.task,
             neighbour_updates: joined.neighbour_updates,
+            t,
+            out: VecDeque::new(),
+            rtt_due: Vec::new(),
             cmd_rx,
             routing,
             subs: Subscriptions::new(cfg.subscriber_timeout),
@@ -509,18 +540,34 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => break,
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
-                    Some(c) => self.command(c).await,
+                    Some(c) => {
+                        self.t = now();
+                        self.command(c);
+                        self.flush().await;
+                    }
                     None => commands_open = false,
                 },
                 n = self.neighbour_updates.recv(), if updates_open => match n {
-                    Some(n) => self.set_neighbours(n).await,
+                    Some(n) => {
+                        self.t = now();
+                        self.set_neighbours(n);
+                        self.flush().await;
+                    }
                     None => updates_open = false,
                 },
                 item = self.incoming.recv() => match item {
-                    Some(item) => self.incoming_item(item).await,
+                    Some(item) => {
+                        self.t = now();
+                        self.incoming_item(item);
+                        self.flush().await;
+                    }
                     None => break,
                 },
-                _ = tick.tick() => self.housekeeping().await,
+                _ = tick.tick() => {
+                    self.t = now();
+                    self.housekeeping();
+                    self.flush().await;
+                }
             }
         }
         info!("relay stopped");
@@ -533,8 +580,8 @@ impl Engine {
     /// removed one is treated as dead for us: its subscriptions go, the channels it fed move
     /// to another route, and it is watched no more. Channels that do not use a changed link
     /// are not touched.
-    async fn set_neighbours(&mut self, neighbours: Vec<PathHop>) {
-        let t = now();
+    fn set_neighbours(&mut self, neighbours: Vec<PathHop>) {
+        let t = self.t;
         let (added, removed) = self.routing.set_neighbours(t, &neighbours);
         if added.is_empty() && removed.is_empty() {
             return;
@@ -546,22 +593,21 @@ impl Engine {
         );
         for peer in removed {
             self.link_cost.remove(&peer);
-            self.peer_dead(t, peer, "link removed from the topology")
-                .await;
+            self.peer_dead(t, peer, "link removed from the topology");
             if !self.feeding_hosts().contains(&peer) {
                 self.routing.unwatch(peer);
             }
         }
         if !added.is_empty() {
             self.next_flood = t;
-            self.flood_if_due(t).await;
+            self.flood_if_due(t);
         }
-        self.reconcile(t).await;
+        self.reconcile(t);
     }
 
     // ----- commands from the handle -------------------------------------------------------
 
-    async fn command(&mut self, c: Command) {
+    fn command(&mut self, c: Command) {
         match c {
             Command::SetLocal(mut channels, reply) => {
                 channels.sort_by_key(|c| c.id);
@@ -592,16 +638,16 @@ impl Engine {
                     self.previous.remove(id);
                     self.drop_tracker(*id);
                 }
-                self.apply(actions).await;
-                self.next_flood = now();
-                self.flood_if_due(now()).await;
+                self.apply(actions);
+                self.next_flood = self.t;
+                self.flood_if_due(self.t);
                 let _ = reply.send(());
             }
             Command::Video {
                 channel,
                 payload,
                 keyframe,
-            } => self.local_video(channel, payload, keyframe).await,
+            } => self.local_video(channel, payload, keyframe),
             Command::Stats(reply) => {
                 let mut s = self.stats.clone();
                 s.floods = self.routing.stats();
@@ -633,7 +679,7 @@ impl Engine {
         }
     }
 
-    async fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+    fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
         self.stats.local_video_in += 1;
         if !self.subs.is_local(channel) {
             self.stats.malformed += 1;
@@ -652,10 +698,10 @@ impl Engine {
         let (seq, keyframe) = (packet.seq, keyframe);
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
             Ok(bytes) => {
-                let t = now();
+                let t = self.t;
                 self.cache(t, channel, seq, keyframe, bytes.clone());
                 self.remember(t, channel, seq, &bytes);
-                self.fan_out(channel, bytes).await
+                self.fan_out(channel, bytes)
             }
             Err(e) => {
                 self.stats.malformed += 1;
@@ -754,7 +800,7 @@ impl Engine {
     }
 
     /// A subscriber's NACK: sends it (only it) what the buffer still holds of `seqs`.
-    async fn nack(
+    fn nack(
         &mut self,
         t: Instant,
         from: SocketAddr,
@@ -778,7 +824,7 @@ impl Engine {
             // Flagged RETRANSMIT (one re-encode per resend, a few % of the traffic) so receivers
             // can count the recovery overhead.
             let bytes = common::nack::mark_retransmit(&bytes).unwrap_or(bytes);
-            let _ = self.transport.send_bytes(from, bytes).await;
+            self.out_bytes(from, bytes);
         }
     }
 
@@ -790,7 +836,7 @@ impl Engine {
 
     /// Sends the due NACKs of every channel to its current upstream (unreliably); expires the
     /// retransmission buffers. Without recovery, only expires the trackers' gaps (no NACK).
-    async fn poll_nacks(&mut self, t: Instant) {
+    fn poll_nacks(&mut self, t: Instant) {
         if !self.tracking() {
             return;
         }
@@ -817,17 +863,14 @@ impl Engine {
         for (up, channel, seqs) in out {
             self.stats.nacks_out += 1;
             self.stats.nack_seqs_out += seqs.len() as u64;
-            let _ = self
-                .transport
-                .send_unreliable(up, Message::Nack { channel, seqs })
-                .await;
+            self.out_unreliable(up, Message::Nack { channel, seqs });
         }
     }
 
     /// Sends a new subscriber the cached GOP of `channel` (flagged `FROM_CACHE`), if any. Must
     /// be called in the same task turn as the subscription is recorded, before the next live
     /// datagram, so that burst and live are contiguous.
-    async fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
+    fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
         let Some(cache) = self.gop.get(channel) else {
             return;
         };
@@ -841,66 +884,66 @@ impl Engine {
         self.stats.gop_burst_datagrams += burst.len() as u64;
         for b in burst {
             self.stats.video_out += 1;
-            let _ = self.transport.send_bytes(to, b).await;
+            self.out_bytes(to, b);
         }
     }
 
     /// Sends one encoded video datagram to every subscriber of `channel`.
-    async fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
+    fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
         let subscribers: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
         for s in subscribers {
             self.stats.video_out += 1;
-            let _ = self.transport.send_bytes(s, bytes.clone()).await;
+            self.out_bytes(s, bytes.clone());
         }
     }
 
     // ----- what the network sends ---------------------------------------------------------
 
-    async fn incoming_item(&mut self, item: Incoming) {
-        let t = now();
+    fn incoming_item(&mut self, item: Incoming) {
+        let t = self.t;
         match item {
             Incoming::Message {
                 from, sender, msg, ..
             } => {
-                self.heard(t, from).await;
-                self.message(t, from, sender, msg).await;
+                self.heard(t, from);
+                self.message(t, from, sender, msg);
             }
             Incoming::Video {
                 from,
                 sender: _,
                 packet,
             } => {
-                self.heard(t, from).await;
-                self.video(t, from, packet).await;
+                self.heard(t, from);
+                self.video(t, from, packet);
             }
             Incoming::TimedOut { peer, .. } => {
                 if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
                         self.routing.mark_dead(peer);
-                        self.peer_dead(t, peer, "reliable message timed out").await;
+                        self.peer_dead(t, peer, "reliable message timed out");
                     }
                 } else {
                     // A client or non-neighbour subscriber that stopped acknowledging.
                     let actions = self.subs.drop_peer(peer);
-                    self.apply(actions).await;
-                    let _ = self.transport.forget_peer(peer).await;
+                    self.apply(actions);
+                    self.out_forget(peer);
                 }
             }
         }
     }
 
     /// Liveness and soft-state refresh for any datagram from `from`.
-    async fn heard(&mut self, t: Instant, from: SocketAddr) {
+    fn heard(&mut self, t: Instant, from: SocketAddr) {
         self.subs.touch(t, from);
         if self.routing.heard_from(t, from) {
             info!(peer = %from, "neighbour up");
-            self.reconcile(t).await;
+            self.reconcile(t);
         }
     }
 
-    async fn message(&mut self, t: Instant, from: SocketAddr, sender: NodeId, msg: Message) {
+    fn message(&mut self, t: Instant, from: SocketAddr, sender: NodeId, msg: Message) {
         match msg {
-            Message::Flood(flood) => self.flood(t, from, sender, flood).await,
+            Message::Flood(flood) => self.flood(t, from, sender, flood),
             Message::Subscribe { channel } => {
                 let fresh = !self.subs.is_subscriber(from, channel);
                 let hint = if self.subs.upstream(channel).is_none() {
@@ -912,11 +955,11 @@ impl Engine {
                     Ok(actions) => {
                         if fresh {
                             info!(%channel, peer = %from, "subscriber added");
-                            self.send_burst(t, from, channel).await;
+                            self.send_burst(t, from, channel);
                         }
-                        self.apply(actions).await;
+                        self.apply(actions);
                         if self.subs.upstream(channel).is_none() {
-                            self.reconcile(t).await;
+                            self.reconcile(t);
                         }
                     }
                     Err(e) => {
@@ -930,33 +973,30 @@ impl Engine {
                     info!(%channel, peer = %from, "subscriber removed");
                 }
                 let actions = self.subs.unsubscribe(from, channel);
-                self.apply(actions).await;
+                self.apply(actions);
             }
-            Message::ListChannels => self.list_channels(from).await,
+            Message::ListChannels => self.list_channels(from),
             Message::Ping { nonce } => {
-                let _ = self
-                    .transport
-                    .send_unreliable(from, Message::Pong { nonce })
-                    .await;
+                self.out_unreliable(from, Message::Pong { nonce });
             }
             Message::Pong { .. } => {}
             Message::Goodbye => {
                 debug!(peer = %from, "goodbye");
                 let actions = self.subs.drop_peer(from);
-                self.apply(actions).await;
+                self.apply(actions);
                 if (self.routing.is_neighbour(from) || self.feeding_hosts().contains(&from))
                     && self.routing.is_alive(from)
                 {
                     self.routing.mark_dead(from);
-                    self.peer_dead(t, from, "goodbye").await;
+                    self.peer_dead(t, from, "goodbye");
                 }
             }
-            Message::Nack { channel, seqs } => self.nack(t, from, sender, channel, &seqs).await,
+            Message::Nack { channel, seqs } => self.nack(t, from, sender, channel, &seqs),
             Message::Channels { .. } => self.stats.unexpected += 1,
         }
     }
 
-    async fn flood(&mut self, t: Instant, from: SocketAddr, sender: NodeId, flood: Flood) {
+    fn flood(&mut self, t: Instant, from: SocketAddr, sender: NodeId, flood: Flood) {
         if !self.routing.is_neighbour(from) {
             self.stats.malformed += 1;
             return;
@@ -971,7 +1011,7 @@ impl Engine {
             match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
                 Ok(bytes) => {
                     for to in verdict.to {
-                        let _ = self.transport.send_bytes(to, bytes.clone()).await;
+                        self.out_bytes(to, bytes.clone());
                     }
                 }
                 Err(e) => {
@@ -1002,7 +1042,7 @@ impl Engine {
             }
         }
         if changed || flood.channels.iter().any(|c| self.needs_upstream(c.id)) {
-            self.reconcile(t).await;
+            self.reconcile(t);
         }
     }
 
@@ -1010,7 +1050,7 @@ impl Engine {
         self.subs.is_watched(channel) && self.subs.upstream(channel).is_none()
     }
 
-    async fn list_channels(&mut self, to: SocketAddr) {
+    fn list_channels(&mut self, to: SocketAddr) {
         let mut all: BTreeMap<ChannelId, String> = BTreeMap::new();
         for c in &self.local {
             all.insert(c.id, c.name.clone());
@@ -1040,13 +1080,11 @@ impl Engine {
                 pages: n,
                 channels: page.to_vec(),
             };
-            if let Err(e) = self.transport.send_unreliable(to, msg).await {
-                debug!(peer = %to, error = %e, "channel list page not sent");
-            }
+            self.out_unreliable(to, msg);
         }
     }
 
-    async fn video(&mut self, t: Instant, from: SocketAddr, packet: VideoPacket) {
+    fn video(&mut self, t: Instant, from: SocketAddr, packet: VideoPacket) {
         self.stats.video_in += 1;
         let ch = packet.channel;
         let accepted = match self.subs.upstream(ch) {
@@ -1074,10 +1112,7 @@ impl Engine {
                         self.unwanted.clear();
                     }
                     self.unwanted.insert((ch, from), t);
-                    let _ = self
-                        .transport
-                        .send_unreliable(from, Message::Unsubscribe { channel: ch })
-                        .await;
+                    self.out_unreliable(from, Message::Unsubscribe { channel: ch });
                 }
             }
             return;
@@ -1109,7 +1144,7 @@ impl Engine {
             Ok(bytes) => {
                 self.cache(t, ch, seq, keyframe, bytes.clone());
                 self.remember(t, ch, seq, &bytes);
-                self.fan_out(ch, bytes).await
+                self.fan_out(ch, bytes)
             }
             Err(_) => self.stats.malformed += 1,
         }
@@ -1118,8 +1153,8 @@ impl Engine {
     // ----- subscriptions, upstream choice, healing ------------------------------------------
 
     /// Carries out subscription actions.
-    async fn apply(&mut self, actions: Vec<SubAction>) {
-        let t = now();
+    fn apply(&mut self, actions: Vec<SubAction>) {
+        let t = self.t;
         for a in actions {
             match a {
                 SubAction::Subscribe(channel, up) if matches!(self.promoting, Some((c, u, _)) if c == channel && u == up) =>
@@ -1151,13 +1186,7 @@ impl Engine {
                     if !self.routing.is_neighbour(up) {
                         self.routing.watch(t, up);
                     }
-                    if let Err(e) = self
-                        .transport
-                        .send_reliable(up, Message::Subscribe { channel })
-                        .await
-                    {
-                        debug!(%channel, upstream = %up, error = %e, "subscribe not sent");
-                    }
+                    self.out_reliable(up, Message::Subscribe { channel });
                 }
                 SubAction::Unsubscribe(channel, up) => {
                     info!(%channel, upstream = %up, "unsubscribe upstream");
@@ -1167,17 +1196,14 @@ impl Engine {
                     }
                     if self.subs.upstream(channel).is_none() {
                         self.drop_tracker(channel);
-                        self.drop_secondary(channel, "channel not received").await;
+                        self.drop_secondary(channel, "channel not received");
                         self.fallback.remove(&channel);
                         self.previous.remove(&channel);
                         self.last_subscribe.remove(&channel);
                         self.last_video.remove(&channel);
                     }
                     if self.routing.is_alive(up) {
-                        let _ = self
-                            .transport
-                            .send_reliable(up, Message::Unsubscribe { channel })
-                            .await;
+                        self.out_reliable(up, Message::Unsubscribe { channel });
                     }
                 }
                 SubAction::LocalDemand(channel, watched) => {
@@ -1220,18 +1246,15 @@ impl Engine {
     }
 
     /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
-    async fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
+    fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
         let Some(s) = self.secondary.remove(&channel) else {
             return;
         };
         info!(%channel, upstream = %s.addr, reason, "unsubscribe secondary");
         if self.routing.is_alive(s.addr) {
-            let _ = self
-                .transport
-                .send_reliable(s.addr, Message::Unsubscribe { channel })
-                .await;
+            self.out_reliable(s.addr, Message::Unsubscribe { channel });
         }
-        self.unwatch_unused(now());
+        self.unwatch_unused(self.t);
     }
 
     /// The best route for a secondary upstream of `channel` whose primary is `primary`: same
@@ -1251,7 +1274,7 @@ impl Engine {
 
     /// With `redundancy` 2: gives every received channel with a primary upstream (not a
     /// fallback) a live secondary, and drops secondaries that no longer qualify.
-    async fn reconcile_secondaries(&mut self, t: Instant) {
+    fn reconcile_secondaries(&mut self, t: Instant) {
         if self.cfg.redundancy < 2 {
             return;
         }
@@ -1265,7 +1288,7 @@ impl Engine {
                 _ => None,
             };
             let Some(primary) = primary.filter(|_| self.subs.is_watched(ch)) else {
-                self.drop_secondary(ch, "no primary").await;
+                self.drop_secondary(ch, "no primary");
                 continue;
             };
             if let Some(s) = self.secondary.get(&ch).copied() {
@@ -1276,8 +1299,7 @@ impl Engine {
                 if keep {
                     continue;
                 }
-                self.drop_secondary(ch, "no longer a way to the channel")
-                    .await;
+                self.drop_secondary(ch, "no longer a way to the channel");
             }
             let Some((route, disjoint)) = self.choose_secondary(t, ch, primary) else {
                 continue;
@@ -1294,13 +1316,7 @@ impl Engine {
                 },
             );
             self.unwatch_unused(t);
-            if let Err(e) = self
-                .transport
-                .send_reliable(route.via, Message::Subscribe { channel: ch })
-                .await
-            {
-                debug!(channel = %ch, upstream = %route.via, error = %e, "subscribe not sent");
-            }
+            self.out_reliable(route.via, Message::Subscribe { channel: ch });
         }
     }
 
@@ -1309,11 +1325,11 @@ impl Engine {
     fn choose(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<crate::routing::Route> {
         let mut ex: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
         ex.extend_from_slice(exclude);
-        self.routing.best_usable_route(now(), channel, &ex)
+        self.routing.best_usable_route(self.t, channel, &ex)
     }
 
     /// Moves `channel` to `to` (from its current upstream).
-    async fn switch(&mut self, channel: ChannelId, to: SocketAddr, cost_us: u64, reason: &str) {
+    fn switch(&mut self, channel: ChannelId, to: SocketAddr, cost_us: u64, reason: &str) {
         let from = match self.subs.upstream(channel) {
             Some(Upstream::Node(u)) => Some(u),
             _ => None,
@@ -1335,7 +1351,7 @@ impl Engine {
                     channel,
                     Secondary {
                         addr: f,
-                        subscribed: now(),
+                        subscribed: self.t,
                         last_video,
                     },
                 );
@@ -1350,15 +1366,15 @@ impl Engine {
             }
         }
         self.fallback.remove(&channel);
-        self.apply(actions).await;
+        self.apply(actions);
     }
 
     /// A watched peer died: every channel it fed moves elsewhere; its subscriptions go.
-    async fn peer_dead(&mut self, t: Instant, peer: SocketAddr, reason: &str) {
+    fn peer_dead(&mut self, t: Instant, peer: SocketAddr, reason: &str) {
         info!(%peer, reason, "neighbour down");
-        let _ = self.transport.forget_peer(peer).await;
+        self.out_forget(peer);
         let actions = self.subs.drop_peer(peer);
-        self.apply(actions).await;
+        self.apply(actions);
         let lost_secondaries: Vec<ChannelId> = self
             .secondary
             .iter()
@@ -1374,26 +1390,24 @@ impl Engine {
             self.stats.upstream_losses += 1;
             warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
             self.previous.remove(&ch);
-            self.heal(t, ch, peer).await;
+            self.heal(t, ch, peer);
         }
     }
 
     /// Finds a new upstream for `channel`, whose upstream `dead` died.
-    async fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
+    fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
         if let Some(s) = self.secondary.get(&channel).copied() {
             if s.addr != dead && self.routing.is_alive(s.addr) {
                 let cost = self
                     .routing
                     .route_via(channel, s.addr)
                     .map_or(0, |r| r.cost_us);
-                self.switch(channel, s.addr, cost, "secondary promoted")
-                    .await;
+                self.switch(channel, s.addr, cost, "secondary promoted");
                 return;
             }
         }
         if let Some(r) = self.choose(channel, &[dead]) {
-            self.switch(channel, r.via, r.cost_us, "upstream lost")
-                .await;
+            self.switch(channel, r.via, r.cost_us, "upstream lost");
             return;
         }
         // Catastrophic: no neighbour has a route. Go to the dead node's own upstream, taken
@@ -1419,13 +1433,13 @@ impl Engine {
                         parent: p.addr,
                     },
                 );
-                self.apply(actions).await;
+                self.apply(actions);
             }
             _ => {
                 warn!(%channel, dead = %dead, "no route");
                 let actions = self.subs.set_upstream(channel, None);
                 self.fallback.remove(&channel);
-                self.apply(actions).await;
+                self.apply(actions);
             }
         }
     }
@@ -1434,19 +1448,19 @@ impl Engine {
     /// gets the best route; a fallback gives way to a normal route as soon as one exists; a
     /// working upstream gives way to a clearly better route (or to any route if its own route
     /// is gone).
-    async fn reconcile(&mut self, t: Instant) {
+    fn reconcile(&mut self, t: Instant) {
         for ch in self.subs.wanted() {
             let best = self.choose(ch, &[]);
             match self.subs.upstream(ch) {
                 Some(Upstream::Local) => {}
                 None => {
                     if let Some(b) = best {
-                        self.switch(ch, b.via, b.cost_us, "route found").await;
+                        self.switch(ch, b.via, b.cost_us, "route found");
                     }
                 }
                 Some(Upstream::Node(u)) => {
                     if !self.routing.is_alive(u) {
-                        self.heal(t, ch, u).await;
+                        self.heal(t, ch, u);
                         continue;
                     }
                     let Some(b) = best else { continue };
@@ -1454,21 +1468,18 @@ impl Engine {
                         continue;
                     }
                     if self.fallback.contains_key(&ch) {
-                        self.switch(ch, b.via, b.cost_us, "normal route back").await;
+                        self.switch(ch, b.via, b.cost_us, "normal route back");
                         continue;
                     }
                     match self.routing.route_via(ch, u) {
-                        None => {
-                            self.switch(ch, b.via, b.cost_us, "route via upstream gone")
-                                .await
-                        }
+                        None => self.switch(ch, b.via, b.cost_us, "route via upstream gone"),
                         Some(cur) => {
                             let h = choice::Hysteresis {
                                 switch_percent: self.cfg.switch_percent,
                                 min_gain: self.cfg.switch_min_gain,
                             };
                             if let Some(why) = choice::should_move(&cur, &b, h) {
-                                self.switch(ch, b.via, b.cost_us, why.reason()).await;
+                                self.switch(ch, b.via, b.cost_us, why.reason());
                             }
                         }
                     }
@@ -1479,28 +1490,28 @@ impl Engine {
 
     // ----- timers -------------------------------------------------------------------------
 
-    async fn housekeeping(&mut self) {
-        let t = now();
+    fn housekeeping(&mut self) {
+        let t = self.t;
         self.routing.set_load(self.subs.load());
         self.routing.expire(t);
         for peer in self.routing.poll_dead(t) {
-            self.peer_dead(t, peer, "silent").await;
+            self.peer_dead(t, peer, "silent");
         }
         let expired = self.subs.expire(t);
         for (channel, peer) in &expired.dropped {
             info!(%channel, %peer, "subscriber expired");
         }
-        self.apply(expired.actions).await;
-        self.flood_if_due(t).await;
+        self.apply(expired.actions);
+        self.flood_if_due(t);
         if t >= self.next_heartbeat {
             self.next_heartbeat = t + self.cfg.failure.heartbeat_interval;
             let reliable = t >= self.next_ping;
             if reliable {
                 self.next_ping = t + self.cfg.ping_interval;
             }
-            self.ping(t, reliable).await;
+            self.ping(t, reliable);
         } else if t >= self.next_fast_heartbeat {
-            self.fast_heartbeats().await;
+            self.fast_heartbeats();
         }
         if t >= self.next_fast_heartbeat {
             // 1 ms early: the ticks that drive this are not exact.
@@ -1510,10 +1521,10 @@ impl Engine {
                 .fast_interval
                 .saturating_sub(Duration::from_millis(1));
         }
-        self.reconcile(t).await;
-        self.reconcile_secondaries(t).await;
-        self.resubscribe_stalled(t).await;
-        self.poll_nacks(t).await;
+        self.reconcile(t);
+        self.reconcile_secondaries(t);
+        self.resubscribe_stalled(t);
+        self.poll_nacks(t);
         if t >= self.next_stats {
             self.next_stats = t + self.cfg.flood_interval;
             let s = self.routing.stats();
@@ -1530,7 +1541,7 @@ impl Engine {
         }
     }
 
-    async fn flood_if_due(&mut self, t: Instant) {
+    fn flood_if_due(&mut self, t: Instant) {
         if self.local.is_empty() || t < self.next_flood {
             return;
         }
@@ -1542,7 +1553,7 @@ impl Engine {
                 let to: Vec<SocketAddr> =
                     self.routing.neighbours().iter().map(|n| n.addr).collect();
                 for n in to {
-                    let _ = self.transport.send_bytes(n, bytes.clone()).await;
+                    self.out_bytes(n, bytes.clone());
                 }
             }
             Err(e) => {
@@ -1557,7 +1568,7 @@ impl Engine {
     /// peers get a reliable ping whose ack feeds the RTT estimate; then the cached link costs
     /// and the liveness timeouts are refreshed from it. Dead peers get unreliable pings, to
     /// notice a return.
-    async fn ping(&mut self, _t: Instant, reliable: bool) {
+    fn ping(&mut self, _t: Instant, reliable: bool) {
         let mut targets: Vec<SocketAddr> =
             self.routing.neighbours().iter().map(|n| n.addr).collect();
         for u in self.feeding_hosts() {
@@ -1569,24 +1580,67 @@ impl Engine {
             self.nonce = self.nonce.wrapping_add(1);
             let msg = Message::Ping { nonce: self.nonce };
             if !reliable {
-                let _ = self.transport.send_unreliable(p, msg).await;
+                self.out_unreliable(p, msg);
                 continue;
             }
             if self.routing.is_alive(p) {
-                let _ = self.transport.send_reliable(p, msg).await;
+                self.out_reliable(p, msg);
             } else {
-                let _ = self.transport.send_unreliable(p, msg).await;
+                self.out_unreliable(p, msg);
             }
+            // The driver asks the reliable channel for its estimate once this round is sent.
+            self.rtt_due.push(p);
+        }
+    }
+
+    /// A new RTT estimate of the link to `p` (from the reliable channel): link cost, liveness
+    /// timeout, and the NACK timing of the channels it feeds.
+    fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
+        self.link_cost.insert(p, srtt.max(Duration::from_micros(1)));
+        self.routing.rtt_sample(p, srtt, rttvar);
+        for tr in self.trackers.values_mut() {
+            if tr.upstream == p && tr.srtt != Some(srtt) {
+                tr.srtt = Some(srtt);
+                tr.tracker.set_rtt(srtt);
+            }
+        }
+    }
+
+    // ----- what goes out (sent by the driver, in order, after each event) ------------------
+
+    fn out_bytes(&mut self, to: SocketAddr, bytes: Bytes) {
+        self.out.push_back(Out::Bytes(to, bytes));
+    }
+
+    fn out_reliable(&mut self, to: SocketAddr, msg: Message) {
+        self.out.push_back(Out::Reliable(to, msg));
+    }
+
+    fn out_unreliable(&mut self, to: SocketAddr, msg: Message) {
+        self.out.push_back(Out::Unreliable(to, msg));
+    }
+
+    fn out_forget(&mut self, peer: SocketAddr) {
+        self.out.push_back(Out::Forget(peer));
+    }
+
+    /// The driver's half of an event: sends what the decisions queued, in order, then feeds
+    /// the RTT estimates asked for back in.
+    async fn flush(&mut self) {
+        while let Some(o) = self.out.pop_front() {
+            let r = match o {
+                Out::Bytes(to, b) => self.transport.send_bytes(to, b).await,
+                Out::Reliable(to, m) => self.transport.send_reliable(to, m).await.map(drop),
+                Out::Unreliable(to, m) => self.transport.send_unreliable(to, m).await,
+                Out::Forget(p) => self.transport.forget_peer(p).await,
+            };
+            if let Err(e) = r {
+                debug!(error = %e, "not sent");
+            }
+        }
+        for p in std::mem::take(&mut self.rtt_due) {
             if let Ok(Some(rtt)) = self.transport.rtt(p).await {
-                self.link_cost
-                    .insert(p, rtt.srtt.max(Duration::from_micros(1)));
-                self.routing.rtt_sample(p, rtt.srtt, rtt.rttvar);
-                for tr in self.trackers.values_mut() {
-                    if tr.upstream == p && tr.srtt != Some(rtt.srtt) {
-                        tr.srtt = Some(rtt.srtt);
-                        tr.tracker.set_rtt(rtt.srtt);
-                    }
-                }
+                self.rtt_sample(p, rtt.srtt, rtt.rttvar);
             }
         }
     }
@@ -1594,21 +1648,18 @@ impl Engine {
     /// The heartbeats of fast peers (every upstream in use) between two ordinary rounds:
     /// unreliable pings every `failure.fast_interval`, whose pongs keep them alive (see
     /// `common::failure`, "Fast peers"). Dead ones are left to the ordinary rounds.
-    async fn fast_heartbeats(&mut self) {
+    fn fast_heartbeats(&mut self) {
         for p in self.fast.clone() {
             if !self.routing.is_alive(p) {
                 continue;
             }
             self.nonce = self.nonce.wrapping_add(1);
-            let _ = self
-                .transport
-                .send_unreliable(p, Message::Ping { nonce: self.nonce })
-                .await;
+            self.out_unreliable(p, Message::Ping { nonce: self.nonce });
         }
     }
 
     /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.
-    async fn resubscribe_stalled(&mut self, t: Instant) {
+    fn resubscribe_stalled(&mut self, t: Instant) {
         let after = self.cfg.resubscribe_after;
         let mut stalled = Vec::new();
         for ch in self.subs.wanted() {
@@ -1638,10 +1689,7 @@ impl Engine {
         for (channel, u) in stalled {
             debug!(%channel, upstream = %u, "no video lately; subscribe again");
             self.last_subscribe.insert(channel, t);
-            let _ = self
-                .transport
-                .send_reliable(u, Message::Subscribe { channel })
-                .await;
+            self.out_reliable(u, Message::Subscribe { channel });
         }
     }
 }
