@@ -8,6 +8,8 @@
 //!   new subscriber before the live datagrams: "instant start").
 //! * [`choice`]: the upstream decisions as plain functions (hysteresis, disjoint secondary,
 //!   catastrophic fallback parent).
+//! * [`relay_core`]: every decision of the relay, synchronous and clock-free (the I/O-free
+//!   core being extracted).
 //! * [`relay`]: the tokio engine that drives both over a [`common::transport::Transport`]; the
 //!   `node` binary runs it with no local channel, servers use its [`relay::Relay`] handle.
 //!
@@ -16,6 +18,7 @@
 pub mod choice;
 pub mod gop;
 pub mod relay;
+pub mod relay_core;
 pub mod routing;
 pub mod subscriptions;
 

@@ -1,0 +1,1416 @@
+//! The relay's core: every decision of a relay (routing from floods, subscriptions, upstream
+//! choice and healing, secondary upstreams, the GOP cache, per-hop loss recovery, heartbeats and
+//! timers) in one synchronous struct that reads no clock and does no I/O. The driver
+//! ([`crate::relay`]) sets the event's time (`t`), calls a handler (`command`,
+//! `incoming_item`, `set_neighbours`, `housekeeping`), then sends what
+//! [`RelayCore::poll_transmit`] yields, in order, and feeds back the RTT estimates asked for
+//! ([`RelayCore::take_rtt_due`], [`RelayCore::rtt_sample`]). The log lines and the video path
+//! are described in [`crate::relay`].
+
+use crate::choice;
+use crate::gop::{flag_from_cache, GopCaches, Pushed};
+use crate::relay::{Command, RelayConfig, RelayStats};
+use crate::routing::{FloodOrigin, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
+use crate::subscriptions::{SubAction, Subscriptions, Upstream};
+use bytes::Bytes;
+use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer};
+use common::transport::Incoming;
+use common::wire::{
+    limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
+    VideoPacket,
+};
+use common::NodeId;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+/// A catastrophic fallback in force for a channel.
+#[derive(Debug, Clone)]
+struct Fallback {
+    /// The flood path (origin first) the parent was taken from.
+    path: Vec<PathHop>,
+    /// The host we subscribed to.
+    parent: SocketAddr,
+}
+
+/// What the core's decisions want sent; the driver sends it in order after each event.
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// An encoded datagram (video, floods): the same `Bytes` for every destination.
+    Bytes(SocketAddr, Bytes),
+    /// A control message, retransmitted until acknowledged.
+    Reliable(SocketAddr, Message),
+    /// A message sent once.
+    Unreliable(SocketAddr, Message),
+    /// Drop the reliable channel's state of a dead peer.
+    Forget(SocketAddr),
+}
+
+/// The second upstream of a channel (`redundancy` 2).
+#[derive(Debug, Clone, Copy)]
+struct Secondary {
+    addr: SocketAddr,
+    /// When we subscribed (or last re-sent `Subscribe`).
+    subscribed: Instant,
+    last_video: Option<Instant>,
+}
+
+/// The [`NackTracker`] of one channel from one upstream.
+struct Tracked {
+    upstream: SocketAddr,
+    srtt: Option<Duration>,
+    tracker: NackTracker,
+}
+
+/// The relay's decisions: routing, subscriptions, upstream choice and healing, GOP caches,
+/// loss recovery, timers. Synchronous and clock-free: fed the event's time (`t`) by the driver,
+/// it queues what to send ([`RelayCore::poll_transmit`]).
+pub(crate) struct RelayCore {
+    pub(crate) me: PathHop,
+    pub(crate) cfg: RelayConfig,
+    /// The time of the event being handled: read once by the driver, so decisions read no
+    /// clock.
+    pub(crate) t: Instant,
+    /// What to send, in order (see [`Out`]).
+    out: VecDeque<Out>,
+    /// Peers whose RTT estimate the driver is to fetch after sending (reliable ping rounds).
+    rtt_due: Vec<SocketAddr>,
+    pub(crate) routing: RoutingTable,
+    subs: Subscriptions,
+    origin: FloodOrigin,
+    local: Vec<ChannelInfo>,
+    local_seq: HashMap<ChannelId, u64>,
+    /// Names of channels we carry (for listing while routes are gone but video still flows).
+    names: HashMap<ChannelId, String>,
+    link_cost: HashMap<SocketAddr, Duration>,
+    demand: Vec<mpsc::Sender<(ChannelId, bool)>>,
+    fallback: HashMap<ChannelId, Fallback>,
+    /// Former upstream per channel, accepted until the new one's first datagram.
+    previous: HashMap<ChannelId, SocketAddr>,
+    last_video: HashMap<ChannelId, Instant>,
+    last_subscribe: HashMap<ChannelId, Instant>,
+    /// Rate limit of `Unsubscribe`s to peers that send unwanted video.
+    unwanted: HashMap<(ChannelId, SocketAddr), Instant>,
+    best_via: HashMap<ChannelId, SocketAddr>,
+    next_flood: Instant,
+    next_ping: Instant,
+    next_heartbeat: Instant,
+    next_stats: Instant,
+    nonce: u64,
+    stats: RelayStats,
+    /// The current GOP of every channel we send.
+    gop: GopCaches,
+    /// Per channel we send, what we sent recently (to answer NACKs). Only with `recovery`.
+    retx: HashMap<ChannelId, RetransmitBuffer>,
+    /// Per channel we receive, gap tracking of its current upstream (the address it tracks,
+    /// the RTT last fed to it). With `recovery`, or `redundancy` 2 (for the merge).
+    trackers: HashMap<ChannelId, Tracked>,
+    /// Per channel, its secondary upstream (`redundancy` 2).
+    secondary: HashMap<ChannelId, Secondary>,
+    /// A switch of `channel` to `to` that is the promotion of its secondary, with the time of
+    /// the secondary's last datagram (read by `apply`).
+    promoting: Option<(ChannelId, SocketAddr, Option<Instant>)>,
+    /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
+    fast: Vec<SocketAddr>,
+    next_fast_heartbeat: Instant,
+}
+
+impl RelayCore {
+    /// A core for host `me` with its topology `neighbours`, started at `t`.
+    pub(crate) fn new(
+        me: PathHop,
+        neighbours: &[PathHop],
+        cfg: RelayConfig,
+        t: Instant,
+    ) -> RelayCore {
+        let routing = RoutingTable::new(
+            t,
+            me,
+            neighbours,
+            RoutingConfig {
+                route_ttl: cfg.route_ttl,
+                failure: cfg.failure,
+                ..RoutingConfig::default()
+            },
+        );
+        // A random start, so a restarted server is not taken for a duplicate of its old self;
+        // 2^32 rounds of headroom before wrapping.
+        let first_seq = common::rng::Rng::from_entropy().next_u64() >> 32;
+        RelayCore {
+            me,
+            t,
+            out: VecDeque::new(),
+            rtt_due: Vec::new(),
+            routing,
+            subs: Subscriptions::new(cfg.subscriber_timeout),
+            origin: FloodOrigin::new(me, first_seq),
+            local: Vec::new(),
+            local_seq: HashMap::new(),
+            names: HashMap::new(),
+            link_cost: HashMap::new(),
+            demand: Vec::new(),
+            fallback: HashMap::new(),
+            previous: HashMap::new(),
+            last_video: HashMap::new(),
+            last_subscribe: HashMap::new(),
+            unwanted: HashMap::new(),
+            best_via: HashMap::new(),
+            next_flood: t,
+            next_ping: t,
+            next_heartbeat: t,
+            next_stats: t + cfg.flood_interval,
+            nonce: 0,
+            stats: RelayStats::default(),
+            gop: GopCaches::new(cfg.gop),
+            retx: HashMap::new(),
+            trackers: HashMap::new(),
+            secondary: HashMap::new(),
+            promoting: None,
+            fast: Vec::new(),
+            next_fast_heartbeat: t,
+            cfg,
+        }
+    }
+
+    /// The next datagram or message to send, in the order decided.
+    pub(crate) fn poll_transmit(&mut self) -> Option<Out> {
+        self.out.pop_front()
+    }
+
+    /// Peers whose RTT estimate is wanted (reliable ping rounds): the driver fetches each
+    /// from the reliable channel and feeds it to [`rtt_sample`](Self::rtt_sample).
+    pub(crate) fn take_rtt_due(&mut self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.rtt_due)
+    }
+
+    /// The bootstrapper pushed a new neighbour list (the topology was edited): a new
+    /// neighbour gets our floods and heartbeats from now on (a server floods at once); a
+    /// removed one is treated as dead for us: its subscriptions go, the channels it fed move
+    /// to another route, and it is watched no more. Channels that do not use a changed link
+    /// are not touched.
+    pub(crate) fn set_neighbours(&mut self, neighbours: Vec<PathHop>) {
+        let t = self.t;
+        let (added, removed) = self.routing.set_neighbours(t, &neighbours);
+        if added.is_empty() && removed.is_empty() {
+            return;
+        }
+        info!(
+            added = ?added.iter().map(|n| n.addr).collect::<Vec<_>>(),
+            removed = ?removed,
+            "neighbours changed"
+        );
+        for peer in removed {
+            self.link_cost.remove(&peer);
+            self.peer_dead(t, peer, "link removed from the topology");
+            if !self.feeding_hosts().contains(&peer) {
+                self.routing.unwatch(peer);
+            }
+        }
+        if !added.is_empty() {
+            self.next_flood = t;
+            self.flood_if_due(t);
+        }
+        self.reconcile(t);
+    }
+
+    // ----- commands from the handle -------------------------------------------------------
+
+    pub(crate) fn command(&mut self, c: Command) {
+        match c {
+            Command::SetLocal(mut channels, reply) => {
+                channels.sort_by_key(|c| c.id);
+                channels.dedup_by_key(|c| c.id);
+                if channels.len() > limits::CHANNELS {
+                    warn!(
+                        count = channels.len(),
+                        max = limits::CHANNELS,
+                        "too many local channels; only the first are announced"
+                    );
+                    channels.truncate(limits::CHANNELS);
+                }
+                for c in &channels {
+                    self.names.insert(c.id, c.name.clone());
+                }
+                let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
+                info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
+                for old in &self.local {
+                    if !ids.contains(&old.id) {
+                        self.gop.remove(old.id);
+                        self.retx.remove(&old.id);
+                    }
+                }
+                self.local = channels;
+                let actions = self.subs.set_local(&ids);
+                for id in &ids {
+                    self.fallback.remove(id);
+                    self.previous.remove(id);
+                    self.drop_tracker(*id);
+                }
+                self.apply(actions);
+                self.next_flood = self.t;
+                self.flood_if_due(self.t);
+                let _ = reply.send(());
+            }
+            Command::Video {
+                channel,
+                payload,
+                keyframe,
+            } => self.local_video(channel, payload, keyframe),
+            Command::Stats(reply) => {
+                let mut s = self.stats.clone();
+                s.floods = self.routing.stats();
+                s.routes = self.routing.routes().count();
+                s.gop_overflows = self.gop.overflows();
+                s.gop_bytes_cached = self.gop.bytes();
+                s.gop_datagrams_cached = self.gop.datagrams();
+                s.given_up += self
+                    .trackers
+                    .values()
+                    .map(|t| t.tracker.stats().given_up)
+                    .sum::<u64>();
+                s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
+                s.secondaries = self.secondary.iter().map(|(c, s)| (*c, s.addr)).collect();
+                for (ch, (subs, up)) in self.subs.snapshot() {
+                    s.subscribers.insert(ch, subs);
+                    if let Some(up) = up {
+                        s.upstreams.insert(ch, up);
+                    }
+                }
+                let _ = reply.send(s);
+            }
+            Command::Demand(tx) => {
+                for ch in self.subs.demanded_local() {
+                    let _ = tx.try_send((ch, true));
+                }
+                self.demand.push(tx);
+            }
+        }
+    }
+
+    fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+        self.stats.local_video_in += 1;
+        if !self.subs.is_local(channel) {
+            self.stats.malformed += 1;
+            return;
+        }
+        let seq = self.local_seq.entry(channel).or_insert(0);
+        let packet = VideoPacket {
+            channel,
+            seq: *seq,
+            flags: if keyframe { video_flags::KEYFRAME } else { 0 },
+            payload,
+        };
+        *seq += 1;
+        // Encoded even without subscribers (the server only plays watched channels anyway), so
+        // the GOP cache is complete when the first one arrives.
+        let (seq, keyframe) = (packet.seq, keyframe);
+        match Datagram::new(self.me.id, Body::Video(packet)).encode() {
+            Ok(bytes) => {
+                let t = self.t;
+                self.cache(t, channel, seq, keyframe, bytes.clone());
+                self.remember(t, channel, seq, &bytes);
+                self.fan_out(channel, bytes)
+            }
+            Err(e) => {
+                self.stats.malformed += 1;
+                debug!(%channel, error = %e, "local video chunk cannot be encoded; dropped");
+            }
+        }
+    }
+
+    /// Records a datagram about to be sent in the channel's GOP cache.
+    fn cache(&mut self, t: Instant, channel: ChannelId, seq: u64, keyframe: bool, bytes: Bytes) {
+        if self.gop.push(t, channel, seq, keyframe, bytes) == Pushed::Overflow {
+            debug!(%channel, seq, "GOP larger than the cache; not cached until the next keyframe");
+        }
+    }
+
+    /// Records a datagram about to be sent to the subscribers of `channel` in its
+    /// retransmission buffer (with recovery on).
+    fn remember(&mut self, t: Instant, channel: ChannelId, seq: u64, bytes: &Bytes) {
+        if !self.cfg.recovery {
+            return;
+        }
+        let cfg = &self.cfg.retransmit;
+        self.retx
+            .entry(channel)
+            .or_insert_with(|| RetransmitBuffer::new(cfg.clone()))
+            .insert(t, seq, bytes.clone());
+    }
+
+    /// Forgets the gap tracking of `channel` (its upstream changed or went away); what it was
+    /// still missing counts as given up.
+    fn drop_tracker(&mut self, channel: ChannelId) {
+        if let Some(mut t) = self.trackers.remove(&channel) {
+            t.tracker.reset();
+            self.stats.given_up += t.tracker.stats().given_up;
+        }
+    }
+
+    /// Classifies a datagram of `channel` from its current upstream `from`; false if it must be
+    /// dropped (duplicate, or too late for this hop). Always true without recovery.
+    fn track(&mut self, t: Instant, from: SocketAddr, channel: ChannelId, seq: u64) -> bool {
+        if !self.tracking() {
+            return true;
+        }
+        let from_secondary = self.secondary.get(&channel).is_some_and(|s| s.addr == from);
+        if !from_secondary
+            && self
+                .trackers
+                .get(&channel)
+                .is_some_and(|tr| tr.upstream != from)
+        {
+            self.drop_tracker(channel);
+        }
+        let srtt = self.link_cost.get(&from).copied();
+        let deadline = self.cfg.recovery_deadline;
+        let tr = self.trackers.entry(channel).or_insert_with(|| {
+            let mut tracker = NackTracker::new(NackConfig {
+                deadline,
+                ..NackConfig::default()
+            });
+            if let Some(r) = srtt {
+                tracker.set_rtt(r);
+            }
+            Tracked {
+                upstream: from,
+                srtt,
+                tracker,
+            }
+        });
+        match tr.tracker.on_packet(t, seq) {
+            Arrival::New => {
+                if from_secondary {
+                    self.stats.secondary_first += 1;
+                }
+                true
+            }
+            Arrival::Recovered => {
+                self.stats.recovered += 1;
+                true
+            }
+            Arrival::Duplicate => {
+                self.stats.video_duplicates += 1;
+                false
+            }
+            Arrival::TooOld => {
+                self.stats.video_too_old += 1;
+                false
+            }
+            Arrival::Reset => {
+                self.stats.recovery_resets += 1;
+                if let Some(b) = self.retx.get_mut(&channel) {
+                    b.clear();
+                }
+                true
+            }
+        }
+    }
+
+    /// A subscriber's NACK: sends it (only it) what the buffer still holds of `seqs`.
+    fn nack(
+        &mut self,
+        t: Instant,
+        from: SocketAddr,
+        sender: NodeId,
+        channel: ChannelId,
+        seqs: &[u64],
+    ) {
+        if !self.cfg.recovery || !self.subs.is_subscriber(from, channel) {
+            self.stats.nacks_ignored += 1;
+            self.stats.unexpected += 1;
+            return;
+        }
+        self.stats.nacks_in += 1;
+        self.stats.nack_seqs_in += seqs.len().min(limits::NACK_SEQS) as u64;
+        let Some(buf) = self.retx.get_mut(&channel) else {
+            return;
+        };
+        for (_, bytes) in buf.handle_nack(t, sender, seqs) {
+            self.stats.retransmitted += 1;
+            self.stats.video_out += 1;
+            // Flagged RETRANSMIT (one re-encode per resend, a few % of the traffic) so receivers
+            // can count the recovery overhead.
+            let bytes = common::nack::mark_retransmit(&bytes).unwrap_or(bytes);
+            self.out_bytes(from, bytes);
+        }
+    }
+
+    /// Whether video from upstreams goes through a [`NackTracker`]: for recovery, or to merge
+    /// two upstreams (duplicates dropped) even without recovery.
+    fn tracking(&self) -> bool {
+        self.cfg.recovery || self.cfg.redundancy >= 2
+    }
+
+    /// Sends the due NACKs of every channel to its current upstream (unreliably); expires the
+    /// retransmission buffers. Without recovery, only expires the trackers' gaps (no NACK).
+    fn poll_nacks(&mut self, t: Instant) {
+        if !self.tracking() {
+            return;
+        }
+        for b in self.retx.values_mut() {
+            b.expire(t);
+        }
+        let mut out: Vec<(SocketAddr, ChannelId, Vec<u64>)> = Vec::new();
+        let mut stale = Vec::new();
+        for (&ch, tr) in self.trackers.iter_mut() {
+            if self.subs.upstream(ch) != Some(Upstream::Node(tr.upstream)) {
+                stale.push(ch);
+                continue;
+            }
+            while let Some(seqs) = tr.tracker.poll_nacks(t) {
+                out.push((tr.upstream, ch, seqs));
+            }
+        }
+        for ch in stale {
+            self.drop_tracker(ch);
+        }
+        if !self.cfg.recovery {
+            return;
+        }
+        for (up, channel, seqs) in out {
+            self.stats.nacks_out += 1;
+            self.stats.nack_seqs_out += seqs.len() as u64;
+            self.out_unreliable(up, Message::Nack { channel, seqs });
+        }
+    }
+
+    /// Sends a new subscriber the cached GOP of `channel` (flagged `FROM_CACHE`), if any. Must
+    /// be called in the same task turn as the subscription is recorded, before the next live
+    /// datagram, so that burst and live are contiguous.
+    fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
+        let Some(cache) = self.gop.get(channel) else {
+            return;
+        };
+        let burst: Vec<Bytes> = cache.burst(t).filter_map(|b| flag_from_cache(b)).collect();
+        if burst.is_empty() {
+            return;
+        }
+        let bytes: usize = burst.iter().map(Bytes::len).sum();
+        debug!(%channel, peer = %to, datagrams = burst.len(), bytes, "gop burst");
+        self.stats.gop_bursts += 1;
+        self.stats.gop_burst_datagrams += burst.len() as u64;
+        for b in burst {
+            self.stats.video_out += 1;
+            self.out_bytes(to, b);
+        }
+    }
+
+    /// Sends one encoded video datagram to every subscriber of `channel`.
+    fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
+        let subscribers: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+        for s in subscribers {
+            self.stats.video_out += 1;
+            self.out_bytes(s, bytes.clone());
+        }
+    }
+
+    // ----- what the network sends ---------------------------------------------------------
+
+    pub(crate) fn incoming_item(&mut self, item: Incoming) {
+        let t = self.t;
+        match item {
+            Incoming::Message {
+                from, sender, msg, ..
+            } => {
+                self.heard(t, from);
+                self.message(t, from, sender, msg);
+            }
+            Incoming::Video {
+                from,
+                sender: _,
+                packet,
+            } => {
+                self.heard(t, from);
+                self.video(t, from, packet);
+            }
+            Incoming::TimedOut { peer, .. } => {
+                if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
+                    if self.routing.is_alive(peer) {
+                        self.routing.mark_dead(peer);
+                        self.peer_dead(t, peer, "reliable message timed out");
+                    }
+                } else {
+                    // A client or non-neighbour subscriber that stopped acknowledging.
+                    let actions = self.subs.drop_peer(peer);
+                    self.apply(actions);
+                    self.out_forget(peer);
+                }
+            }
+        }
+    }
+
+    /// Liveness and soft-state refresh for any datagram from `from`.
+    fn heard(&mut self, t: Instant, from: SocketAddr) {
+        self.subs.touch(t, from);
+        if self.routing.heard_from(t, from) {
+            info!(peer = %from, "neighbour up");
+            self.reconcile(t);
+        }
+    }
+
+    fn message(&mut self, t: Instant, from: SocketAddr, sender: NodeId, msg: Message) {
+        match msg {
+            Message::Flood(flood) => self.flood(t, from, sender, flood),
+            Message::Subscribe { channel } => {
+                let fresh = !self.subs.is_subscriber(from, channel);
+                let hint = if self.subs.upstream(channel).is_none() {
+                    self.choose(channel, &[from]).map(|r| r.via)
+                } else {
+                    None
+                };
+                match self.subs.subscribe(t, from, channel, hint) {
+                    Ok(actions) => {
+                        if fresh {
+                            info!(%channel, peer = %from, "subscriber added");
+                            self.send_burst(t, from, channel);
+                        }
+                        self.apply(actions);
+                        if self.subs.upstream(channel).is_none() {
+                            self.reconcile(t);
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.subscribes_refused += 1;
+                        debug!(%channel, peer = %from, error = %e, "subscribe refused");
+                    }
+                }
+            }
+            Message::Unsubscribe { channel } => {
+                if self.subs.is_subscriber(from, channel) {
+                    info!(%channel, peer = %from, "subscriber removed");
+                }
+                let actions = self.subs.unsubscribe(from, channel);
+                self.apply(actions);
+            }
+            Message::ListChannels => self.list_channels(from),
+            Message::Ping { nonce } => {
+                self.out_unreliable(from, Message::Pong { nonce });
+            }
+            Message::Pong { .. } => {}
+            Message::Goodbye => {
+                debug!(peer = %from, "goodbye");
+                let actions = self.subs.drop_peer(from);
+                self.apply(actions);
+                if (self.routing.is_neighbour(from) || self.feeding_hosts().contains(&from))
+                    && self.routing.is_alive(from)
+                {
+                    self.routing.mark_dead(from);
+                    self.peer_dead(t, from, "goodbye");
+                }
+            }
+            Message::Nack { channel, seqs } => self.nack(t, from, sender, channel, &seqs),
+            Message::Channels { .. } => self.stats.unexpected += 1,
+        }
+    }
+
+    fn flood(&mut self, t: Instant, from: SocketAddr, sender: NodeId, flood: Flood) {
+        if !self.routing.is_neighbour(from) {
+            self.stats.malformed += 1;
+            return;
+        }
+        let cost = self
+            .link_cost
+            .get(&from)
+            .copied()
+            .unwrap_or(DEFAULT_LINK_COST);
+        let verdict = self.routing.handle_flood(t, from, sender, &flood, cost);
+        if let Some(fwd) = verdict.forward {
+            match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
+                Ok(bytes) => {
+                    for to in verdict.to {
+                        self.out_bytes(to, bytes.clone());
+                    }
+                }
+                Err(e) => {
+                    self.stats.malformed += 1;
+                    debug!(error = %e, "flood cannot be forwarded (too large)");
+                }
+            }
+        }
+        let mut changed = false;
+        for info in &flood.channels {
+            self.names
+                .entry(info.id)
+                .or_insert_with(|| info.name.clone());
+            if let Some(best) = self.routing.best_route(info.id, &[]) {
+                match self.best_via.insert(info.id, best.via) {
+                    None => info!(channel = %info.id, name = %info.name, via = %best.via,
+                        cost_us = best.cost_us, hops = best.hops, "channel available"),
+                    // Equal-cost paths trade places as RTTs wobble: that changes nothing we do
+                    // unless the channel is watched (then `reconcile` decides, with
+                    // hysteresis, and logs a move as "resubscribed").
+                    Some(old) if old != best.via => {
+                        debug!(channel = %info.id, name = %info.name, via = %best.via,
+                            cost_us = best.cost_us, hops = best.hops, "best route changed");
+                        changed |= self.subs.is_watched(info.id);
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        if changed || flood.channels.iter().any(|c| self.needs_upstream(c.id)) {
+            self.reconcile(t);
+        }
+    }
+
+    fn needs_upstream(&self, channel: ChannelId) -> bool {
+        self.subs.is_watched(channel) && self.subs.upstream(channel).is_none()
+    }
+
+    fn list_channels(&mut self, to: SocketAddr) {
+        let mut all: BTreeMap<ChannelId, String> = BTreeMap::new();
+        for c in &self.local {
+            all.insert(c.id, c.name.clone());
+        }
+        for c in self.routing.channels() {
+            all.entry(c.id).or_insert(c.name);
+        }
+        // Channels still flowing to us (e.g. through a fallback) while their routes are gone.
+        for (ch, _) in self.subs.snapshot() {
+            if let Some(name) = self.names.get(&ch) {
+                all.entry(ch).or_insert_with(|| name.clone());
+            }
+        }
+        let list: Vec<ChannelInfo> = all
+            .into_iter()
+            .map(|(id, name)| ChannelInfo { id, name })
+            .collect();
+        let pages: Vec<&[ChannelInfo]> = if list.is_empty() {
+            vec![&[]]
+        } else {
+            list.chunks(limits::CHANNELS).collect()
+        };
+        let n = u16::try_from(pages.len()).unwrap_or(u16::MAX);
+        for (i, page) in pages.into_iter().enumerate().take(n as usize) {
+            let msg = Message::Channels {
+                page: i as u16,
+                pages: n,
+                channels: page.to_vec(),
+            };
+            self.out_unreliable(to, msg);
+        }
+    }
+
+    fn video(&mut self, t: Instant, from: SocketAddr, packet: VideoPacket) {
+        self.stats.video_in += 1;
+        let ch = packet.channel;
+        let accepted = match self.subs.upstream(ch) {
+            Some(Upstream::Node(u)) if u == from => {
+                self.previous.remove(&ch);
+                true
+            }
+            Some(Upstream::Node(_)) => {
+                self.previous.get(&ch) == Some(&from)
+                    || self.secondary.get(&ch).is_some_and(|s| s.addr == from)
+            }
+            _ => false,
+        };
+        if !accepted {
+            self.stats.video_not_upstream += 1;
+            // Tell a sender that feeds us for nothing to stop (rate-limited), unless it is a
+            // transition in progress.
+            if !self.subs.is_watched(ch) || self.subs.is_local(ch) {
+                let due = self
+                    .unwanted
+                    .get(&(ch, from))
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= Duration::from_secs(1));
+                if due {
+                    if self.unwanted.len() > 1024 {
+                        self.unwanted.clear();
+                    }
+                    self.unwanted.insert((ch, from), t);
+                    self.out_unreliable(from, Message::Unsubscribe { channel: ch });
+                }
+            }
+            return;
+        }
+        let from_secondary = match self.secondary.get_mut(&ch) {
+            Some(s) if s.addr == from => {
+                s.last_video = Some(t);
+                true
+            }
+            _ => {
+                self.last_video.insert(ch, t);
+                false
+            }
+        };
+        if packet.flags & video_flags::FROM_CACHE != 0 && self.gop.is_behind(ch, packet.seq) {
+            // A new upstream's burst overlapping what we already forwarded.
+            self.stats.gop_behind += 1;
+            return;
+        }
+        let (seq, keyframe) = (packet.seq, packet.flags & video_flags::KEYFRAME != 0);
+        // Gap tracking of the current upstream only (the former one's last datagrams during a
+        // switch are forwarded as before).
+        let tracked = from_secondary || self.subs.upstream(ch) == Some(Upstream::Node(from));
+        if tracked && !self.track(t, from, ch, seq) {
+            return;
+        }
+        // Re-stamp the header with our id: decode (done by the transport) + encode once.
+        match Datagram::new(self.me.id, Body::Video(packet)).encode() {
+            Ok(bytes) => {
+                self.cache(t, ch, seq, keyframe, bytes.clone());
+                self.remember(t, ch, seq, &bytes);
+                self.fan_out(ch, bytes)
+            }
+            Err(_) => self.stats.malformed += 1,
+        }
+    }
+
+    // ----- subscriptions, upstream choice, healing ------------------------------------------
+
+    /// Carries out subscription actions.
+    fn apply(&mut self, actions: Vec<SubAction>) {
+        let t = self.t;
+        for a in actions {
+            match a {
+                SubAction::Subscribe(channel, up) if matches!(self.promoting, Some((c, u, _)) if c == channel && u == up) =>
+                {
+                    // The secondary becomes primary: same origin, same seqs, already flowing;
+                    // the merge goes on (no new Subscribe, the tracker keeps its state).
+                    let last = self.promoting.take().and_then(|(_, _, l)| l);
+                    info!(%channel, upstream = %up, "subscribe upstream");
+                    self.last_subscribe.insert(channel, t);
+                    match last {
+                        Some(l) => self.last_video.insert(channel, l),
+                        None => self.last_video.remove(&channel),
+                    };
+                    let srtt = self.link_cost.get(&up).copied();
+                    if let Some(tr) = self.trackers.get_mut(&channel) {
+                        tr.upstream = up;
+                        if let Some(r) = srtt {
+                            tr.srtt = Some(r);
+                            tr.tracker.set_rtt(r);
+                        }
+                    }
+                }
+                SubAction::Subscribe(channel, up) => {
+                    info!(%channel, upstream = %up, "subscribe upstream");
+                    // A new upstream (maybe another replica, another seq space).
+                    self.drop_tracker(channel);
+                    self.last_subscribe.insert(channel, t);
+                    self.last_video.remove(&channel);
+                    if !self.routing.is_neighbour(up) {
+                        self.routing.watch(t, up);
+                    }
+                    self.out_reliable(up, Message::Subscribe { channel });
+                }
+                SubAction::Unsubscribe(channel, up) => {
+                    info!(%channel, upstream = %up, "unsubscribe upstream");
+                    if !self.subs.is_watched(channel) {
+                        self.gop.remove(channel);
+                        self.retx.remove(&channel);
+                    }
+                    if self.subs.upstream(channel).is_none() {
+                        self.drop_tracker(channel);
+                        self.drop_secondary(channel, "channel not received");
+                        self.fallback.remove(&channel);
+                        self.previous.remove(&channel);
+                        self.last_subscribe.remove(&channel);
+                        self.last_video.remove(&channel);
+                    }
+                    if self.routing.is_alive(up) {
+                        self.out_reliable(up, Message::Unsubscribe { channel });
+                    }
+                }
+                SubAction::LocalDemand(channel, watched) => {
+                    info!(%channel, watched, "local demand");
+                    if !watched {
+                        self.gop.remove(channel);
+                        self.retx.remove(&channel);
+                    }
+                    self.demand.retain(|tx| match tx.try_send((channel, watched)) {
+                        Ok(()) => true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            warn!(%channel, watched, "local demand receiver lags; event dropped");
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    });
+                }
+            }
+        }
+        self.unwatch_unused(t);
+    }
+
+    /// Every host that feeds us a channel: primary and secondary upstreams.
+    fn feeding_hosts(&self) -> BTreeSet<SocketAddr> {
+        let mut ups = self.subs.upstream_hosts();
+        ups.extend(self.secondary.values().map(|s| s.addr));
+        ups
+    }
+
+    /// Stops watching non-neighbour hosts that are no longer upstream of anything; makes the
+    /// feeding hosts (and only them) fast peers of the failure detector.
+    fn unwatch_unused(&mut self, _t: Instant) {
+        let ups = self.feeding_hosts();
+        for a in self.routing.watched_non_neighbours() {
+            if !ups.contains(&a) {
+                self.routing.unwatch(a);
+            }
+        }
+        self.fast = self.routing.set_fast_peers(&ups);
+    }
+
+    /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
+    fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
+        let Some(s) = self.secondary.remove(&channel) else {
+            return;
+        };
+        info!(%channel, upstream = %s.addr, reason, "unsubscribe secondary");
+        if self.routing.is_alive(s.addr) {
+            self.out_reliable(s.addr, Message::Unsubscribe { channel });
+        }
+        self.unwatch_unused(self.t);
+    }
+
+    /// The best route for a secondary upstream of `channel` whose primary is `primary`: same
+    /// origin (same seqs), another neighbour, not a subscriber; a path sharing no relay with the
+    /// primary's is preferred (then cost). `None` if there is no such route.
+    fn choose_secondary(
+        &self,
+        t: Instant,
+        channel: ChannelId,
+        primary: SocketAddr,
+    ) -> Option<(crate::routing::Route, bool)> {
+        let prim = self.routing.route_via(channel, primary)?;
+        choice::secondary(&prim, self.routing.routes(), self.me.addr, |r| {
+            !self.subs.is_subscriber(r.via, channel) && self.routing.is_usable(t, r.via)
+        })
+    }
+
+    /// With `redundancy` 2: gives every received channel with a primary upstream (not a
+    /// fallback) a live secondary, and drops secondaries that no longer qualify.
+    fn reconcile_secondaries(&mut self, t: Instant) {
+        if self.cfg.redundancy < 2 {
+            return;
+        }
+        let mut chans: Vec<ChannelId> = self.secondary.keys().copied().collect();
+        chans.extend(self.subs.wanted());
+        chans.sort();
+        chans.dedup();
+        for ch in chans {
+            let primary = match self.subs.upstream(ch) {
+                Some(Upstream::Node(p)) if !self.fallback.contains_key(&ch) => Some(p),
+                _ => None,
+            };
+            let Some(primary) = primary.filter(|_| self.subs.is_watched(ch)) else {
+                self.drop_secondary(ch, "no primary");
+                continue;
+            };
+            if let Some(s) = self.secondary.get(&ch).copied() {
+                let keep = s.addr != primary
+                    && self.routing.is_alive(s.addr)
+                    && !self.subs.is_subscriber(s.addr, ch)
+                    && self.routing.route_via(ch, s.addr).is_some();
+                if keep {
+                    continue;
+                }
+                self.drop_secondary(ch, "no longer a way to the channel");
+            }
+            let Some((route, disjoint)) = self.choose_secondary(t, ch, primary) else {
+                continue;
+            };
+            info!(channel = %ch, upstream = %route.via, disjoint, cost_us = route.cost_us,
+                "subscribe secondary");
+            self.stats.secondary_subscribes += 1;
+            self.secondary.insert(
+                ch,
+                Secondary {
+                    addr: route.via,
+                    subscribed: t,
+                    last_video: None,
+                },
+            );
+            self.unwatch_unused(t);
+            self.out_reliable(route.via, Message::Subscribe { channel: ch });
+        }
+    }
+
+    /// The best route for `channel`, never through one of its subscribers (that would be a
+    /// loop) nor through `exclude`.
+    fn choose(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<crate::routing::Route> {
+        let mut ex: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+        ex.extend_from_slice(exclude);
+        self.routing.best_usable_route(self.t, channel, &ex)
+    }
+
+    /// Moves `channel` to `to` (from its current upstream).
+    fn switch(&mut self, channel: ChannelId, to: SocketAddr, cost_us: u64, reason: &str) {
+        let from = match self.subs.upstream(channel) {
+            Some(Upstream::Node(u)) => Some(u),
+            _ => None,
+        };
+        if from == Some(to) {
+            return;
+        }
+        let mut actions = self.subs.set_upstream(channel, Some(to));
+        let mut swapped = false;
+        if self.secondary.get(&channel).is_some_and(|s| s.addr == to) {
+            self.stats.promotions += 1;
+            let sec = self.secondary.remove(&channel);
+            self.promoting = Some((channel, to, sec.and_then(|s| s.last_video)));
+            // A live former primary stays on as the secondary (the two swap roles).
+            if let Some(f) = from.filter(|f| self.routing.is_alive(*f)) {
+                actions.retain(|a| *a != SubAction::Unsubscribe(channel, f));
+                let last_video = self.last_video.get(&channel).copied();
+                self.secondary.insert(
+                    channel,
+                    Secondary {
+                        addr: f,
+                        subscribed: self.t,
+                        last_video,
+                    },
+                );
+                swapped = true;
+            }
+        }
+        if let Some(f) = from {
+            info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
+            self.stats.resubscriptions += 1;
+            if !swapped && self.routing.is_alive(f) {
+                self.previous.insert(channel, f);
+            }
+        }
+        self.fallback.remove(&channel);
+        self.apply(actions);
+    }
+
+    /// A watched peer died: every channel it fed moves elsewhere; its subscriptions go.
+    fn peer_dead(&mut self, t: Instant, peer: SocketAddr, reason: &str) {
+        info!(%peer, reason, "neighbour down");
+        self.out_forget(peer);
+        let actions = self.subs.drop_peer(peer);
+        self.apply(actions);
+        let lost_secondaries: Vec<ChannelId> = self
+            .secondary
+            .iter()
+            .filter(|(_, s)| s.addr == peer)
+            .map(|(c, _)| *c)
+            .collect();
+        for ch in lost_secondaries {
+            warn!(channel = %ch, upstream = %peer, reason, "secondary lost");
+            self.secondary.remove(&ch);
+        }
+        self.unwatch_unused(t);
+        for ch in self.subs.fed_by(peer) {
+            self.stats.upstream_losses += 1;
+            warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
+            self.previous.remove(&ch);
+            self.heal(t, ch, peer);
+        }
+    }
+
+    /// Finds a new upstream for `channel`, whose upstream `dead` died.
+    fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
+        if let Some(s) = self.secondary.get(&channel).copied() {
+            if s.addr != dead && self.routing.is_alive(s.addr) {
+                let cost = self
+                    .routing
+                    .route_via(channel, s.addr)
+                    .map_or(0, |r| r.cost_us);
+                self.switch(channel, s.addr, cost, "secondary promoted");
+                return;
+            }
+        }
+        if let Some(r) = self.choose(channel, &[dead]) {
+            self.switch(channel, r.via, r.cost_us, "upstream lost");
+            return;
+        }
+        // Catastrophic: no neighbour has a route. Go to the dead node's own upstream, taken
+        // from the last flood path seen through it (or, if the dead one was itself a fallback
+        // parent, from the path that fallback came from).
+        let path = match self.fallback.get(&channel) {
+            Some(fb) if fb.parent == dead => Some(fb.path.clone()),
+            _ => self.routing.upstream_of(dead, channel),
+        };
+        let parent = path.as_ref().and_then(|path| {
+            choice::fallback_parent(path, dead, self.me, |a| self.routing.is_alive(a))
+        });
+        match (parent, path) {
+            (Some(p), Some(path)) => {
+                warn!(%channel, dead = %dead, parent = %p.addr, "catastrophic fallback");
+                self.stats.fallbacks += 1;
+                self.routing.watch(t, p.addr);
+                let actions = self.subs.set_upstream(channel, Some(p.addr));
+                self.fallback.insert(
+                    channel,
+                    Fallback {
+                        path,
+                        parent: p.addr,
+                    },
+                );
+                self.apply(actions);
+            }
+            _ => {
+                warn!(%channel, dead = %dead, "no route");
+                let actions = self.subs.set_upstream(channel, None);
+                self.fallback.remove(&channel);
+                self.apply(actions);
+            }
+        }
+    }
+
+    /// Makes every watched channel's upstream match the routes: a channel without upstream
+    /// gets the best route; a fallback gives way to a normal route as soon as one exists; a
+    /// working upstream gives way to a clearly better route (or to any route if its own route
+    /// is gone).
+    fn reconcile(&mut self, t: Instant) {
+        for ch in self.subs.wanted() {
+            let best = self.choose(ch, &[]);
+            match self.subs.upstream(ch) {
+                Some(Upstream::Local) => {}
+                None => {
+                    if let Some(b) = best {
+                        self.switch(ch, b.via, b.cost_us, "route found");
+                    }
+                }
+                Some(Upstream::Node(u)) => {
+                    if !self.routing.is_alive(u) {
+                        self.heal(t, ch, u);
+                        continue;
+                    }
+                    let Some(b) = best else { continue };
+                    if b.via == u {
+                        continue;
+                    }
+                    if self.fallback.contains_key(&ch) {
+                        self.switch(ch, b.via, b.cost_us, "normal route back");
+                        continue;
+                    }
+                    match self.routing.route_via(ch, u) {
+                        None => self.switch(ch, b.via, b.cost_us, "route via upstream gone"),
+                        Some(cur) => {
+                            let h = choice::Hysteresis {
+                                switch_percent: self.cfg.switch_percent,
+                                min_gain: self.cfg.switch_min_gain,
+                            };
+                            if let Some(why) = choice::should_move(&cur, &b, h) {
+                                self.switch(ch, b.via, b.cost_us, why.reason());
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    // ----- timers -------------------------------------------------------------------------
+
+    pub(crate) fn housekeeping(&mut self) {
+        let t = self.t;
+        self.routing.set_load(self.subs.load());
+        self.routing.expire(t);
+        for peer in self.routing.poll_dead(t) {
+            self.peer_dead(t, peer, "silent");
+        }
+        let expired = self.subs.expire(t);
+        for (channel, peer) in &expired.dropped {
+            info!(%channel, %peer, "subscriber expired");
+        }
+        self.apply(expired.actions);
+        self.flood_if_due(t);
+        if t >= self.next_heartbeat {
+            self.next_heartbeat = t + self.cfg.failure.heartbeat_interval;
+            let reliable = t >= self.next_ping;
+            if reliable {
+                self.next_ping = t + self.cfg.ping_interval;
+            }
+            self.ping(t, reliable);
+        } else if t >= self.next_fast_heartbeat {
+            self.fast_heartbeats();
+        }
+        if t >= self.next_fast_heartbeat {
+            // 1 ms early: the ticks that drive this are not exact.
+            self.next_fast_heartbeat = t + self
+                .cfg
+                .failure
+                .fast_interval
+                .saturating_sub(Duration::from_millis(1));
+        }
+        self.reconcile(t);
+        self.reconcile_secondaries(t);
+        self.resubscribe_stalled(t);
+        self.poll_nacks(t);
+        if t >= self.next_stats {
+            self.next_stats = t + self.cfg.flood_interval;
+            let s = self.routing.stats();
+            debug!(
+                received = s.received,
+                forwarded = s.forwarded,
+                messages_out = s.messages_out,
+                suppressed = s.suppressed,
+                loops = s.loops,
+                originated = self.stats.floods_originated,
+                routes = self.routing.routes().count(),
+                "flood_stats"
+            );
+        }
+    }
+
+    fn flood_if_due(&mut self, t: Instant) {
+        if self.local.is_empty() || t < self.next_flood {
+            return;
+        }
+        self.next_flood = t + self.cfg.flood_interval;
+        let flood = self.origin.next_flood(&self.local, self.subs.load());
+        match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(flood))).encode() {
+            Ok(bytes) => {
+                self.stats.floods_originated += 1;
+                let to: Vec<SocketAddr> =
+                    self.routing.neighbours().iter().map(|n| n.addr).collect();
+                for n in to {
+                    self.out_bytes(n, bytes.clone());
+                }
+            }
+            Err(e) => {
+                self.stats.malformed += 1;
+                warn!(error = %e, "flood too large to send; shorten channel names");
+            }
+        }
+    }
+
+    /// Heartbeats: pings neighbours and every upstream that is not a neighbour (the pings also
+    /// keep our subscriptions there alive). Unreliable, except on `reliable` rounds where live
+    /// peers get a reliable ping whose ack feeds the RTT estimate; then the cached link costs
+    /// and the liveness timeouts are refreshed from it. Dead peers get unreliable pings, to
+    /// notice a return.
+    fn ping(&mut self, _t: Instant, reliable: bool) {
+        let mut targets: Vec<SocketAddr> =
+            self.routing.neighbours().iter().map(|n| n.addr).collect();
+        for u in self.feeding_hosts() {
+            if !targets.contains(&u) {
+                targets.push(u);
+            }
+        }
+        for p in targets {
+            self.nonce = self.nonce.wrapping_add(1);
+            let msg = Message::Ping { nonce: self.nonce };
+            if !reliable {
+                self.out_unreliable(p, msg);
+                continue;
+            }
+            if self.routing.is_alive(p) {
+                self.out_reliable(p, msg);
+            } else {
+                self.out_unreliable(p, msg);
+            }
+            // The driver asks the reliable channel for its estimate once this round is sent.
+            self.rtt_due.push(p);
+        }
+    }
+
+    /// A new RTT estimate of the link to `p` (from the reliable channel): link cost, liveness
+    /// timeout, and the NACK timing of the channels it feeds.
+    pub(crate) fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
+        self.link_cost.insert(p, srtt.max(Duration::from_micros(1)));
+        self.routing.rtt_sample(p, srtt, rttvar);
+        for tr in self.trackers.values_mut() {
+            if tr.upstream == p && tr.srtt != Some(srtt) {
+                tr.srtt = Some(srtt);
+                tr.tracker.set_rtt(srtt);
+            }
+        }
+    }
+
+    // ----- what goes out (sent by the driver, in order, after each event) ------------------
+
+    fn out_bytes(&mut self, to: SocketAddr, bytes: Bytes) {
+        self.out.push_back(Out::Bytes(to, bytes));
+    }
+
+    fn out_reliable(&mut self, to: SocketAddr, msg: Message) {
+        self.out.push_back(Out::Reliable(to, msg));
+    }
+
+    fn out_unreliable(&mut self, to: SocketAddr, msg: Message) {
+        self.out.push_back(Out::Unreliable(to, msg));
+    }
+
+    fn out_forget(&mut self, peer: SocketAddr) {
+        self.out.push_back(Out::Forget(peer));
+    }
+
+    /// The heartbeats of fast peers (every upstream in use) between two ordinary rounds:
+    /// unreliable pings every `failure.fast_interval`, whose pongs keep them alive (see
+    /// `common::failure`, "Fast peers"). Dead ones are left to the ordinary rounds.
+    fn fast_heartbeats(&mut self) {
+        for p in self.fast.clone() {
+            if !self.routing.is_alive(p) {
+                continue;
+            }
+            self.nonce = self.nonce.wrapping_add(1);
+            self.out_unreliable(p, Message::Ping { nonce: self.nonce });
+        }
+    }
+
+    /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.
+    fn resubscribe_stalled(&mut self, t: Instant) {
+        let after = self.cfg.resubscribe_after;
+        let mut stalled = Vec::new();
+        for ch in self.subs.wanted() {
+            if let Some(Upstream::Node(u)) = self.subs.upstream(ch) {
+                let quiet = self
+                    .last_video
+                    .get(&ch)
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
+                let not_recent = self
+                    .last_subscribe
+                    .get(&ch)
+                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
+                if quiet && not_recent && self.routing.is_alive(u) {
+                    stalled.push((ch, u));
+                }
+            }
+        }
+        for (ch, s) in self.secondary.iter_mut() {
+            let quiet = s
+                .last_video
+                .is_none_or(|l| t.saturating_duration_since(l) >= after);
+            if quiet && t.saturating_duration_since(s.subscribed) >= after {
+                s.subscribed = t;
+                stalled.push((*ch, s.addr));
+            }
+        }
+        for (channel, u) in stalled {
+            debug!(%channel, upstream = %u, "no video lately; subscribe again");
+            self.last_subscribe.insert(channel, t);
+            self.out_reliable(u, Message::Subscribe { channel });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The core driven directly with a fake clock: no socket, no runtime, no sleeping.
+    use super::*;
+    use crate::routing::FloodOrigin;
+
+    fn hop(n: u8) -> PathHop {
+        PathHop {
+            id: NodeId(u64::from(n)),
+            addr: SocketAddr::from(([127, 0, 0, n], 8010)),
+        }
+    }
+
+    fn chan() -> ChannelInfo {
+        ChannelInfo {
+            id: ChannelId::of_name("live"),
+            name: "live".into(),
+        }
+    }
+
+    /// A relay `me` = 4 between a server 1 (through neighbours 2 and 3) and a client.
+    struct Bench {
+        core: RelayCore,
+        t: Instant,
+        origin: FloodOrigin,
+        client: SocketAddr,
+    }
+
+    impl Bench {
+        fn new() -> Bench {
+            let t = Instant::now();
+            let core = RelayCore::new(hop(4), &[hop(2), hop(3)], RelayConfig::default(), t);
+            Bench {
+                core,
+                t,
+                origin: FloodOrigin::new(hop(1), 1),
+                client: SocketAddr::from(([127, 0, 0, 20], 5000)),
+            }
+        }
+
+        fn deliver(&mut self, from: PathHop, msg: Message) {
+            self.core.t = self.t;
+            self.core.incoming_item(Incoming::Message {
+                from: from.addr,
+                sender: from.id,
+                msg,
+                reliable: false,
+            });
+        }
+
+        /// One flood round of the server, arriving through `via` (2 or 3).
+        fn flood_via(&mut self, vias: &[u8]) {
+            let f = self.origin.next_flood(&[chan()], 0);
+            for v in vias {
+                let mut g = f.clone();
+                g.path.push(hop(*v));
+                self.deliver(hop(*v), Message::Flood(g));
+            }
+        }
+
+        /// Advances the fake clock by `d` in 25 ms steps, answering nothing, running timers.
+        fn advance(&mut self, d: Duration, alive: &[u8]) {
+            let end = self.t + d;
+            while self.t < end {
+                self.t += Duration::from_millis(25);
+                for n in alive {
+                    self.deliver(hop(*n), Message::Pong { nonce: 0 });
+                }
+                self.core.t = self.t;
+                self.core.housekeeping();
+            }
+        }
+
+        /// Everything queued since the last call.
+        fn sent(&mut self) -> Vec<Out> {
+            std::iter::from_fn(|| self.core.poll_transmit()).collect()
+        }
+    }
+
+    fn subscribes(out: &[Out]) -> Vec<SocketAddr> {
+        out.iter()
+            .filter_map(|o| match o {
+                Out::Reliable(to, Message::Subscribe { .. }) => Some(*to),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A subscriber makes the core subscribe upstream at once; when that upstream falls
+    /// silent the core declares it dead on the fast-peer timeout and moves the channel to the
+    /// other neighbour, all on the fake clock.
+    #[test]
+    fn subscribes_upstream_and_fails_over_on_a_fake_clock() {
+        let mut b = Bench::new();
+        b.flood_via(&[2, 3]);
+        b.sent();
+        b.core.t = b.t;
+        let ch = chan().id;
+        b.core.incoming_item(Incoming::Message {
+            from: b.client,
+            sender: NodeId(99),
+            msg: Message::Subscribe { channel: ch },
+            reliable: true,
+        });
+        let first = subscribes(&b.sent());
+        assert_eq!(first.len(), 1, "one upstream subscription");
+        let up = first[0];
+        let other = if up == hop(2).addr { 3 } else { 2 };
+        // Both neighbours answer for a while: nothing moves.
+        b.advance(Duration::from_secs(1), &[2, 3]);
+        assert!(subscribes(&b.sent()).is_empty());
+        // The upstream goes silent; the other keeps answering (and flooding).
+        let t0 = b.t;
+        let mut moved_at = None;
+        for _ in 0..40 {
+            b.advance(Duration::from_millis(25), &[other]);
+            b.flood_via(&[other]);
+            if subscribes(&b.sent()).contains(&hop(other).addr) {
+                moved_at = Some(b.t - t0);
+                break;
+            }
+        }
+        let moved_at = moved_at.expect("the channel moved to the other neighbour");
+        // The fast-peer timeout is 150 ms (6 × 25 ms heartbeats); timers run every 25 ms.
+        assert!(
+            moved_at <= Duration::from_millis(200),
+            "moved after {moved_at:?} of silence"
+        );
+        assert_eq!(b.core.stats.upstream_losses, 1);
+    }
+}
