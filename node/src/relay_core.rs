@@ -3,17 +3,17 @@
 //! timers) in one synchronous struct that reads no clock and does no I/O. The driver
 //! ([`crate::relay`]) sets the event's time (`t`), calls a handler (`command`,
 //! `incoming_item`, `set_neighbours`, `housekeeping`), then sends what
-//! [`RelayCore::poll_transmit`] yields, in order, and feeds back the RTT estimates asked for
-//! ([`RelayCore::take_rtt_due`], [`RelayCore::rtt_sample`]). The log lines and the video path
+//! `RelayCore::poll_transmit` yields, in order, and feeds back the RTT estimates asked for
+//! (`RelayCore::take_rtt_due`, `RelayCore::rtt_sample`). The log lines and the video path
 //! are described in [`crate::relay`].
 
 use crate::choice;
-use crate::gop::{flag_from_cache, GopCaches, Pushed};
-use crate::relay::{Command, RelayConfig, RelayStats};
-use crate::routing::{FloodOrigin, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
+use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
+use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
-use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer};
+use common::failure::FailureConfig;
+use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
 use common::transport::Incoming;
 use common::wire::{
     limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
@@ -23,8 +23,196 @@ use common::NodeId;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
+
+/// Tuning of a [`Relay`](crate::relay::Relay). [`Default`] is the protocol's values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayConfig {
+    /// How often a server floods its channels. Default 1 s.
+    pub flood_interval: Duration,
+    /// Routes not refreshed for this long are dropped. Default 3.5 s.
+    pub route_ttl: Duration,
+    /// Liveness of neighbours and upstreams: a heartbeat (unreliable `Ping`) to each every
+    /// `heartbeat_interval`; any datagram from a peer counts as heard; a peer silent for
+    /// `max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)` is dead and its channels move at once;
+    /// one that came back is not chosen as upstream for `hold_down` unless it is the only
+    /// route. Default: 100 ms, k = 6, 2 s ([`RoutingConfig::default`]).
+    pub failure: FailureConfig,
+    /// A subscriber silent this long is dropped. Default 5 s.
+    pub subscriber_timeout: Duration,
+    /// How often one of the heartbeats to a live peer is sent reliably instead, so that its
+    /// acknowledgement feeds the RTT estimate (link cost, liveness timeout). Default 500 ms.
+    pub ping_interval: Duration,
+    /// Granularity of the timers (expiry, death detection, reconciliation). Default 25 ms.
+    pub tick: Duration,
+    /// An upstream that sent nothing of a channel for this long is sent `Subscribe` again (it
+    /// may have lost our subscription). Default 2 s.
+    pub resubscribe_after: Duration,
+    /// A better route replaces a working one only if it costs at most this percentage of the
+    /// current one. Default 80 (hysteresis against RTT jitter).
+    pub switch_percent: u64,
+    /// …and is at least this much cheaper: on a LAN or loopback, paths differ by fractions of a
+    /// millisecond that are noise (a busy host's RTT spikes), not a reason to move a stream.
+    /// Default 2 ms.
+    pub switch_min_gain: Duration,
+    /// Capacity of the handle → engine command queue. Default 1024.
+    pub command_queue: usize,
+    /// Bounds of the per-channel GOP cache (instant start for new subscribers).
+    pub gop: GopConfig,
+    /// Per-hop loss recovery (see the module docs): keep a [`RetransmitBuffer`] per channel
+    /// sent and answer subscribers' `Nack`s; NACK gaps in the video from our upstream. `false`
+    /// (CLI `--no-recovery`) disables both, for comparison. Default true.
+    pub recovery: bool,
+    /// Latency budget of a gap at this hop: a missing seq is NACKed upstream until this long
+    /// after its gap was detected, then given up ([`NackConfig::deadline`]). Default 150 ms
+    /// (the client adds its own 200 ms budget).
+    pub recovery_deadline: Duration,
+    /// Bounds and rate limits of the per-channel retransmission buffers.
+    pub retransmit: RetransmitConfig,
+    /// Upstreams per received channel (`--redundancy`, 1 or 2). With 2, each channel is also
+    /// subscribed at a *secondary* upstream, on a path disjoint from the primary's where the
+    /// routes allow, and the two are merged by seq (see the module docs). Default 1.
+    pub redundancy: u8,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            flood_interval: Duration::from_secs(1),
+            route_ttl: Duration::from_millis(3500),
+            failure: RoutingConfig::default().failure,
+            subscriber_timeout: Duration::from_secs(5),
+            ping_interval: Duration::from_millis(500),
+            tick: Duration::from_millis(25),
+            resubscribe_after: Duration::from_secs(2),
+            switch_percent: 80,
+            switch_min_gain: Duration::from_millis(2),
+            command_queue: 1024,
+            gop: GopConfig::default(),
+            recovery: true,
+            recovery_deadline: Duration::from_millis(150),
+            retransmit: RetransmitConfig::default(),
+            redundancy: 1,
+        }
+    }
+}
+
+impl RelayConfig {
+    /// The defaults, with what the daemons' shared flags change (`--no-recovery`).
+    pub fn from_args(args: &common::host::OverlayArgs) -> RelayConfig {
+        RelayConfig {
+            recovery: !args.no_recovery,
+            redundancy: args.redundancy.clamp(1, 2),
+            ..RelayConfig::default()
+        }
+    }
+}
+
+/// Counters and state of a relay, for tests and diagnostics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayStats {
+    /// Flood counters of the routing table.
+    pub floods: FloodStats,
+    /// Floods this host originated (servers).
+    pub floods_originated: u64,
+    /// Video datagrams received.
+    pub video_in: u64,
+    /// Video datagrams sent (one per subscriber per datagram).
+    pub video_out: u64,
+    /// Local video chunks the server handed in.
+    pub local_video_in: u64,
+    /// Video from a peer that is not our upstream for its channel (dropped).
+    pub video_not_upstream: u64,
+    /// Messages that make no sense (e.g. a flood from a non-neighbour, local video for a
+    /// channel that is not local, unencodable data), dropped.
+    pub malformed: u64,
+    /// Messages we do not expect (e.g. `Channels` or `Nack`), dropped.
+    pub unexpected: u64,
+    /// Upstreams declared dead while feeding channels.
+    pub upstream_losses: u64,
+    /// Channels moved to another upstream (healing or a better route).
+    pub resubscriptions: u64,
+    /// Catastrophic fallbacks (subscriptions to a dead node's parent).
+    pub fallbacks: u64,
+    /// Subscribes refused (subscriber limits).
+    pub subscribes_refused: u64,
+    /// Routes currently held.
+    pub routes: usize,
+    /// Per watched channel, its subscribers.
+    pub subscribers: BTreeMap<ChannelId, Vec<SocketAddr>>,
+    /// Per watched channel, its upstream (absent: none yet).
+    pub upstreams: BTreeMap<ChannelId, Upstream>,
+    /// GOP bursts sent to new subscribers.
+    pub gop_bursts: u64,
+    /// Datagrams sent in GOP bursts (also counted in `video_out`).
+    pub gop_burst_datagrams: u64,
+    /// GOPs that outgrew the cache bounds (cache emptied until the next keyframe).
+    pub gop_overflows: u64,
+    /// Bytes currently held by the GOP caches.
+    pub gop_bytes_cached: usize,
+    /// Datagrams currently held by the GOP caches.
+    pub gop_datagrams_cached: usize,
+    /// Datagrams flagged `FROM_CACHE` received that were not newer than what we had already
+    /// forwarded (a new upstream's burst after a switch), dropped.
+    pub gop_behind: u64,
+    /// `Nack`s received from subscribers (answered from the retransmission buffer).
+    pub nacks_in: u64,
+    /// `Nack`s received from peers that are not subscribers of the channel, or while recovery
+    /// is disabled (dropped; also counted in `unexpected`).
+    pub nacks_ignored: u64,
+    /// Seqs requested by those `Nack`s.
+    pub nack_seqs_in: u64,
+    /// Datagrams retransmitted in answer (also counted in `video_out`).
+    pub retransmitted: u64,
+    /// `Nack`s sent to our upstreams.
+    pub nacks_out: u64,
+    /// Seqs in those `Nack`s (a seq NACKed three times counts three).
+    pub nack_seqs_out: u64,
+    /// Missing seqs from upstream that arrived in time (forwarded; [`Arrival::Recovered`]).
+    pub recovered: u64,
+    /// Missing seqs given up (deadline passed, or the tracker was reset).
+    pub given_up: u64,
+    /// Video datagrams from the upstream already received (dropped).
+    pub video_duplicates: u64,
+    /// Video datagrams from the upstream whose gap was already given up (dropped).
+    pub video_too_old: u64,
+    /// Seq jumps from the upstream that restarted the tracker and cleared the buffer.
+    pub recovery_resets: u64,
+    /// Datagrams currently held by the retransmission buffers.
+    pub retransmit_datagrams: usize,
+    /// Per channel received through two upstreams (`redundancy` 2), its secondary upstream.
+    pub secondaries: BTreeMap<ChannelId, SocketAddr>,
+    /// Secondary upstreams subscribed.
+    pub secondary_subscribes: u64,
+    /// Secondaries that became primary (the primary died or a better route goes through it).
+    pub promotions: u64,
+    /// Datagrams delivered first by the secondary upstream (forwarded; the primary's copy,
+    /// if it comes, is a duplicate).
+    pub secondary_first: u64,
+}
+
+pub(crate) enum Command {
+    SetLocal(Vec<ChannelInfo>, oneshot::Sender<()>),
+    Video {
+        channel: ChannelId,
+        payload: Bytes,
+        keyframe: bool,
+    },
+    Stats(oneshot::Sender<RelayStats>),
+    Demand(mpsc::Sender<(ChannelId, bool)>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::SetLocal(..) => "SetLocal",
+            Command::Video { .. } => "Video",
+            Command::Stats(_) => "Stats",
+            Command::Demand(_) => "Demand",
+        })
+    }
+}
 
 /// A catastrophic fallback in force for a channel.
 #[derive(Debug, Clone)]
@@ -66,7 +254,7 @@ struct Tracked {
 
 /// The relay's decisions: routing, subscriptions, upstream choice and healing, GOP caches,
 /// loss recovery, timers. Synchronous and clock-free: fed the event's time (`t`) by the driver,
-/// it queues what to send ([`RelayCore::poll_transmit`]).
+/// it queues what to send (`RelayCore::poll_transmit`).
 pub(crate) struct RelayCore {
     pub(crate) me: PathHop,
     pub(crate) cfg: RelayConfig,
