@@ -121,12 +121,7 @@ mod tests {
     use common::NodeId;
     use std::time::Instant;
 
-    fn hop(n: u8) -> PathHop {
-        PathHop {
-            id: NodeId(u64::from(n)),
-            addr: SocketAddr::from(([127, 0, 0, n], 8010)),
-        }
-    }
+    use crate::testutil::hop;
 
     /// A route to channel "a" of origin 1 along `path` (origin first, the neighbour last).
     fn route(path: &[u8], cost_us: u64) -> Route {

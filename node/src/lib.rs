@@ -21,5 +21,7 @@ pub mod relay;
 pub mod relay_core;
 pub mod routing;
 pub mod subscriptions;
+#[cfg(test)]
+mod testutil;
 
 pub use relay::{Relay, RelayConfig, RelayStats};

@@ -1477,12 +1477,7 @@ mod tests {
     use super::*;
     use crate::routing::FloodOrigin;
 
-    fn hop(n: u8) -> PathHop {
-        PathHop {
-            id: NodeId(u64::from(n)),
-            addr: SocketAddr::from(([127, 0, 0, n], 8010)),
-        }
-    }
+    use crate::testutil::hop;
 
     fn chan() -> ChannelInfo {
         ChannelInfo {

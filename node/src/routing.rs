@@ -647,13 +647,7 @@ impl FloodOrigin {
 mod tests {
     use super::*;
 
-    fn hop(n: u8) -> PathHop {
-        let addr: SocketAddr = format!("127.0.0.{n}:8010").parse().unwrap();
-        PathHop {
-            id: NodeId(n as u64),
-            addr,
-        }
-    }
+    use crate::testutil::hop;
 
     fn chan(name: &str) -> ChannelInfo {
         ChannelInfo {
