@@ -53,8 +53,10 @@
 //! current upstream with a [`NackTracker`](common::nack::NackTracker) (deadline [`RelayConfig::recovery_deadline`](crate::relay_core::RelayConfig::recovery_deadline)):
 //! duplicates and datagrams whose gap was given up are dropped, new and recovered ones are
 //! forwarded and buffered (so recovery also fills downstream gaps), a seq jump (reset) clears
-//! the buffer. Due NACKs are sent (unreliably) to the upstream on every tick; the tracker's RTT
-//! is the transport's SRTT of the upstream, refreshed on the reliable-ping rounds. A change of
+//! the buffer. NACKs are sent (unreliably) to the upstream when due: the driver sleeps until
+//! the core's `poll_timeout`, the earlier of the periodic checks and the trackers' own
+//! deadlines (`NackTracker::poll_timeout`). The tracker's RTT is the transport's SRTT of the
+//! upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
 use crate::relay_core::{Command, Out, RelayCore};
@@ -63,7 +65,7 @@ use bytes::Bytes;
 use common::host::Joined;
 use common::transport::{Incoming, Transport};
 use common::wire::{ChannelId, ChannelInfo, PathHop};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -205,11 +207,13 @@ impl Engine {
             neighbours = ?self.core.routing.neighbours().iter().map(|n| n.addr).collect::<Vec<_>>(),
             "relay started"
         );
-        let mut tick = tokio::time::interval(self.core.cfg.tick.max(Duration::from_millis(1)));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Sleeps until the core's next deadline (periodic checks, or a NACK due sooner).
+        let timer = tokio::time::sleep_until(self.core.poll_timeout().into());
+        tokio::pin!(timer);
         let mut commands_open = true;
         let mut updates_open = true;
         loop {
+            timer.as_mut().reset(self.core.poll_timeout().into());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -237,9 +241,9 @@ impl Engine {
                     }
                     None => break,
                 },
-                _ = tick.tick() => {
+                _ = &mut timer => {
                     self.core.t = now();
-                    self.core.housekeeping();
+                    self.core.handle_timeout();
                     self.flush().await;
                 }
             }

@@ -303,6 +303,8 @@ pub(crate) struct RelayCore {
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
     fast: Vec<SocketAddr>,
     next_fast_heartbeat: Instant,
+    /// When the periodic checks (`housekeeping`) are next due.
+    next_tick: Instant,
 }
 
 impl RelayCore {
@@ -358,6 +360,7 @@ impl RelayCore {
             promoting: None,
             fast: Vec::new(),
             next_fast_heartbeat: t,
+            next_tick: t,
             cfg,
         }
     }
@@ -1288,8 +1291,29 @@ impl RelayCore {
 
     // ----- timers -------------------------------------------------------------------------
 
-    pub(crate) fn housekeeping(&mut self) {
+    /// When the driver must call [`handle_timeout`](Self::handle_timeout) next: the periodic
+    /// checks (every [`RelayConfig::tick`]) or, sooner, a NACK due from a channel's
+    /// [`NackTracker`] (so a gap is NACKed when its reorder delay ends, not on the next tick).
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        self.trackers
+            .values()
+            .filter_map(|tr| tr.tracker.poll_timeout())
+            .fold(self.next_tick, Instant::min)
+    }
+
+    /// Timers due at `self.t`: the periodic checks if their time has come, NACKs in any case.
+    pub(crate) fn handle_timeout(&mut self) {
+        if self.t >= self.next_tick {
+            self.housekeeping();
+        } else {
+            let t = self.t;
+            self.poll_nacks(t);
+        }
+    }
+
+    fn housekeeping(&mut self) {
         let t = self.t;
+        self.next_tick = t + self.cfg.tick.max(Duration::from_millis(1));
         self.routing.set_load(self.subs.load());
         self.routing.expire(t);
         for peer in self.routing.poll_dead(t) {
@@ -1535,7 +1559,7 @@ mod tests {
                     self.deliver(hop(*n), Message::Pong { nonce: 0 });
                 }
                 self.core.t = self.t;
-                self.core.housekeeping();
+                self.core.handle_timeout();
             }
         }
 
