@@ -59,7 +59,7 @@
 //! upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
-use crate::relay_core::{Command, Out, RelayCore};
+use crate::relay_core::{Event, Out, RelayCore};
 pub use crate::relay_core::{RelayConfig, RelayStats};
 use bytes::Bytes;
 use common::host::Joined;
@@ -70,6 +70,29 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
+
+/// What the handle asks of the engine.
+enum Command {
+    SetLocal(Vec<ChannelInfo>, oneshot::Sender<()>),
+    Video {
+        channel: ChannelId,
+        payload: Bytes,
+        keyframe: bool,
+    },
+    Stats(oneshot::Sender<RelayStats>),
+    Demand(mpsc::Sender<(ChannelId, bool)>),
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::SetLocal(..) => "SetLocal",
+            Command::Video { .. } => "Video",
+            Command::Stats(_) => "Stats",
+            Command::Demand(_) => "Demand",
+        })
+    }
+}
 
 /// Handle to a running relay engine. Cheap to clone; every method is a no-op (or returns
 /// defaults) once the engine has stopped.
@@ -179,6 +202,8 @@ struct Engine {
     cmd_rx: mpsc::Receiver<Command>,
     /// Neighbour lists pushed by the bootstrapper (topology edits).
     neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
+    /// Receivers of local demand ([`Relay::local_demand`]).
+    demand: Vec<mpsc::Sender<(ChannelId, bool)>>,
 }
 
 fn now() -> Instant {
@@ -198,6 +223,7 @@ impl Engine {
             transport_task: joined.task,
             cmd_rx,
             neighbour_updates: joined.neighbour_updates,
+            demand: Vec::new(),
         }
     }
 
@@ -220,7 +246,7 @@ impl Engine {
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
                     Some(c) => {
                         self.core.t = now();
-                        self.core.command(c);
+                        self.command(c);
                         self.flush().await;
                     }
                     None => commands_open = false,
@@ -255,6 +281,30 @@ impl Engine {
 
     /// The driver's half of an event: sends what the decisions queued, in order, then feeds
     /// the RTT estimates asked for back in.
+    /// A request of the handle: the core's part, then the reply.
+    fn command(&mut self, c: Command) {
+        match c {
+            Command::SetLocal(channels, reply) => {
+                self.core.set_local(channels);
+                let _ = reply.send(());
+            }
+            Command::Video {
+                channel,
+                payload,
+                keyframe,
+            } => self.core.local_video(channel, payload, keyframe),
+            Command::Stats(reply) => {
+                let _ = reply.send(self.core.stats());
+            }
+            Command::Demand(tx) => {
+                for ch in self.core.demanded_local() {
+                    let _ = tx.try_send((ch, true));
+                }
+                self.demand.push(tx);
+            }
+        }
+    }
+
     async fn flush(&mut self) {
         while let Some(o) = self.core.poll_transmit() {
             let r = match o {
@@ -265,6 +315,20 @@ impl Engine {
             };
             if let Err(e) = r {
                 debug!(error = %e, "not sent");
+            }
+        }
+        while let Some(ev) = self.core.poll_event() {
+            match ev {
+                Event::LocalDemand { channel, watched } => {
+                    self.demand.retain(|tx| match tx.try_send((channel, watched)) {
+                        Ok(()) => true,
+                        Err(mpsc::error::TrySendError::Full(_)) => {
+                            tracing::warn!(%channel, watched, "local demand receiver lags; event dropped");
+                            true
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => false,
+                    });
+                }
             }
         }
         for p in self.core.take_rtt_due() {

@@ -1,8 +1,9 @@
 //! The relay's core: every decision of a relay (routing from floods, subscriptions, upstream
 //! choice and healing, secondary upstreams, the GOP cache, per-hop loss recovery, heartbeats and
-//! timers) in one synchronous struct that reads no clock and does no I/O. The driver
-//! ([`crate::relay`]) sets the event's time (`t`), calls a handler (`command`,
-//! `incoming_item`, `set_neighbours`, `housekeeping`), then sends what
+//! timers) in one synchronous struct that reads no clock, does no I/O and knows nothing of
+//! tokio (no channels, no tasks). The driver
+//! ([`crate::relay`]) sets the event's time (`t`), calls a handler (`set_local`,
+//! `local_video`, `incoming_item`, `set_neighbours`, `handle_timeout`), then sends what
 //! `RelayCore::poll_transmit` yields, in order, and feeds back the RTT estimates asked for
 //! (`RelayCore::take_rtt_due`, `RelayCore::rtt_sample`). The log lines and the video path
 //! are described in [`crate::relay`].
@@ -23,7 +24,6 @@ use common::NodeId;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
-use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, warn};
 
 /// Tuning of a [`Relay`](crate::relay::Relay). [`Default`] is the protocol's values.
@@ -192,26 +192,16 @@ pub struct RelayStats {
     pub secondary_first: u64,
 }
 
-pub(crate) enum Command {
-    SetLocal(Vec<ChannelInfo>, oneshot::Sender<()>),
-    Video {
+/// What the core tells its driver besides transmits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Event {
+    /// A server's own channel got its first subscriber (`watched`) or lost its last one.
+    LocalDemand {
+        /// The channel.
         channel: ChannelId,
-        payload: Bytes,
-        keyframe: bool,
+        /// Whether someone watches it now.
+        watched: bool,
     },
-    Stats(oneshot::Sender<RelayStats>),
-    Demand(mpsc::Sender<(ChannelId, bool)>),
-}
-
-impl std::fmt::Debug for Command {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Command::SetLocal(..) => "SetLocal",
-            Command::Video { .. } => "Video",
-            Command::Stats(_) => "Stats",
-            Command::Demand(_) => "Demand",
-        })
-    }
 }
 
 /// A catastrophic fallback in force for a channel.
@@ -273,7 +263,8 @@ pub(crate) struct RelayCore {
     /// Names of channels we carry (for listing while routes are gone but video still flows).
     names: HashMap<ChannelId, String>,
     link_cost: HashMap<SocketAddr, Duration>,
-    demand: Vec<mpsc::Sender<(ChannelId, bool)>>,
+    /// Events for the driver ([`Event`]).
+    events: VecDeque<Event>,
     fallback: HashMap<ChannelId, Fallback>,
     /// Former upstream per channel, accepted until the new one's first datagram.
     previous: HashMap<ChannelId, SocketAddr>,
@@ -340,7 +331,7 @@ impl RelayCore {
             local_seq: HashMap::new(),
             names: HashMap::new(),
             link_cost: HashMap::new(),
-            demand: Vec::new(),
+            events: VecDeque::new(),
             fallback: HashMap::new(),
             previous: HashMap::new(),
             last_video: HashMap::new(),
@@ -408,79 +399,79 @@ impl RelayCore {
 
     // ----- commands from the handle -------------------------------------------------------
 
-    pub(crate) fn command(&mut self, c: Command) {
-        match c {
-            Command::SetLocal(mut channels, reply) => {
-                channels.sort_by_key(|c| c.id);
-                channels.dedup_by_key(|c| c.id);
-                if channels.len() > limits::CHANNELS {
-                    warn!(
-                        count = channels.len(),
-                        max = limits::CHANNELS,
-                        "too many local channels; only the first are announced"
-                    );
-                    channels.truncate(limits::CHANNELS);
-                }
-                for c in &channels {
-                    self.names.insert(c.id, c.name.clone());
-                }
-                let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
-                info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
-                for old in &self.local {
-                    if !ids.contains(&old.id) {
-                        self.gop.remove(old.id);
-                        self.retx.remove(&old.id);
-                    }
-                }
-                self.local = channels;
-                let actions = self.subs.set_local(&ids);
-                for id in &ids {
-                    self.fallback.remove(id);
-                    self.previous.remove(id);
-                    self.drop_tracker(*id);
-                }
-                self.apply(actions);
-                self.next_flood = self.t;
-                self.flood_if_due(self.t);
-                let _ = reply.send(());
-            }
-            Command::Video {
-                channel,
-                payload,
-                keyframe,
-            } => self.local_video(channel, payload, keyframe),
-            Command::Stats(reply) => {
-                let mut s = self.stats.clone();
-                s.floods = self.routing.stats();
-                s.routes = self.routing.routes().count();
-                s.gop_overflows = self.gop.overflows();
-                s.gop_bytes_cached = self.gop.bytes();
-                s.gop_datagrams_cached = self.gop.datagrams();
-                s.given_up += self
-                    .trackers
-                    .values()
-                    .map(|t| t.tracker.stats().given_up)
-                    .sum::<u64>();
-                s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
-                s.secondaries = self.secondary.iter().map(|(c, s)| (*c, s.addr)).collect();
-                for (ch, (subs, up)) in self.subs.snapshot() {
-                    s.subscribers.insert(ch, subs);
-                    if let Some(up) = up {
-                        s.upstreams.insert(ch, up);
-                    }
-                }
-                let _ = reply.send(s);
-            }
-            Command::Demand(tx) => {
-                for ch in self.subs.demanded_local() {
-                    let _ = tx.try_send((ch, true));
-                }
-                self.demand.push(tx);
+    /// Server only: the channels this host originates (see
+    /// [`Relay::set_local_channels`](crate::relay::Relay::set_local_channels)).
+    pub(crate) fn set_local(&mut self, mut channels: Vec<ChannelInfo>) {
+        channels.sort_by_key(|c| c.id);
+        channels.dedup_by_key(|c| c.id);
+        if channels.len() > limits::CHANNELS {
+            warn!(
+                count = channels.len(),
+                max = limits::CHANNELS,
+                "too many local channels; only the first are announced"
+            );
+            channels.truncate(limits::CHANNELS);
+        }
+        for c in &channels {
+            self.names.insert(c.id, c.name.clone());
+        }
+        let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
+        info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
+        for old in &self.local {
+            if !ids.contains(&old.id) {
+                self.gop.remove(old.id);
+                self.retx.remove(&old.id);
             }
         }
+        self.local = channels;
+        let actions = self.subs.set_local(&ids);
+        for id in &ids {
+            self.fallback.remove(id);
+            self.previous.remove(id);
+            self.drop_tracker(*id);
+        }
+        self.apply(actions);
+        self.next_flood = self.t;
+        self.flood_if_due(self.t);
     }
 
-    fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+    /// The counters and subscription state.
+    pub(crate) fn stats(&self) -> RelayStats {
+        let mut s = self.stats.clone();
+        s.floods = self.routing.stats();
+        s.routes = self.routing.routes().count();
+        s.gop_overflows = self.gop.overflows();
+        s.gop_bytes_cached = self.gop.bytes();
+        s.gop_datagrams_cached = self.gop.datagrams();
+        s.given_up += self
+            .trackers
+            .values()
+            .map(|t| t.tracker.stats().given_up)
+            .sum::<u64>();
+        s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
+        s.secondaries = self.secondary.iter().map(|(c, s)| (*c, s.addr)).collect();
+        for (ch, (subs, up)) in self.subs.snapshot() {
+            s.subscribers.insert(ch, subs);
+            if let Some(up) = up {
+                s.upstreams.insert(ch, up);
+            }
+        }
+        s
+    }
+
+    /// The local channels watched now (a new demand receiver starts from them).
+    pub(crate) fn demanded_local(&self) -> Vec<ChannelId> {
+        self.subs.demanded_local()
+    }
+
+    /// The next event for the driver (local demand changes), in order.
+    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Server only: one chunk of a local channel's MPEG-TS (see
+    /// [`Relay::send_local_video`](crate::relay::Relay::send_local_video)).
+    pub(crate) fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
         self.stats.local_video_in += 1;
         if !self.subs.is_local(channel) {
             self.stats.malformed += 1;
@@ -1013,14 +1004,8 @@ impl RelayCore {
                         self.gop.remove(channel);
                         self.retx.remove(&channel);
                     }
-                    self.demand.retain(|tx| match tx.try_send((channel, watched)) {
-                        Ok(()) => true,
-                        Err(mpsc::error::TrySendError::Full(_)) => {
-                            warn!(%channel, watched, "local demand receiver lags; event dropped");
-                            true
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => false,
-                    });
+                    self.events
+                        .push_back(Event::LocalDemand { channel, watched });
                 }
             }
         }
