@@ -1,11 +1,12 @@
 //! The relay's core: every decision of a relay (routing from floods, subscriptions, upstream
 //! choice and healing, secondary upstreams, the GOP cache, per-hop loss recovery, heartbeats and
 //! timers) in one synchronous struct that reads no clock, does no I/O and knows nothing of
-//! tokio (no channels, no tasks). The driver
-//! ([`crate::relay`]) sets the event's time (`t`), calls a handler (`set_local`,
-//! `local_video`, `incoming_item`, `set_neighbours`, `handle_timeout`), then sends what
-//! `RelayCore::poll_transmit` yields, in order, and feeds back the RTT estimates asked for
-//! (`RelayCore::take_rtt_due`, `RelayCore::rtt_sample`). The log lines and the video path
+//! tokio (no channels, no tasks). The driver ([`crate::relay`]) sets the event's time (`t`),
+//! calls a handler (`set_local`, `local_video`, `incoming_item`, `set_neighbours`,
+//! `handle_timeout`), then sends what `RelayCore::poll_transmit` yields, in order, delivers
+//! what `RelayCore::poll_event` yields (local demand), and feeds back the RTT estimates asked
+//! for (`RelayCore::take_rtt_due`, `RelayCore::rtt_sample`); it sleeps until
+//! `RelayCore::poll_timeout`. The log lines and the video path
 //! are described in [`crate::relay`].
 
 use crate::choice;
