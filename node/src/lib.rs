@@ -25,3 +25,33 @@ pub mod subscriptions;
 mod testutil;
 
 pub use relay::{Relay, RelayConfig, RelayStats};
+
+/// The decision modules read no clock, draw no entropy and use no tokio type: only the driver
+/// (`relay`) does. Checked on their source (comments and tests aside), so a change that breaks
+/// it fails here rather than in a review.
+#[cfg(test)]
+mod core_purity {
+    #[test]
+    fn the_decision_modules_read_no_clock_and_use_no_runtime() {
+        let sources = [
+            ("relay_core.rs", include_str!("relay_core.rs")),
+            ("choice.rs", include_str!("choice.rs")),
+            ("routing.rs", include_str!("routing.rs")),
+            ("subscriptions.rs", include_str!("subscriptions.rs")),
+            ("gop.rs", include_str!("gop.rs")),
+        ];
+        let banned = ["Instant::now", "SystemTime", "from_entropy", "tokio"];
+        for (name, text) in sources {
+            let code = text.split("#[cfg(test)]").next().unwrap_or(text);
+            for (i, line) in code.lines().enumerate() {
+                let l = line.trim_start();
+                if l.starts_with("//") {
+                    continue;
+                }
+                for b in banned {
+                    assert!(!l.contains(b), "{name}:{}: {b} in `{l}`", i + 1);
+                }
+            }
+        }
+    }
+}

@@ -217,7 +217,13 @@ impl Engine {
             addr: joined.me.addr,
         };
         Engine {
-            core: RelayCore::new(me, &joined.me.neighbours, cfg, now()),
+            core: RelayCore::new(
+                me,
+                &joined.me.neighbours,
+                cfg,
+                now(),
+                common::rng::Rng::from_entropy().next_u64(),
+            ),
             transport: joined.transport,
             incoming: joined.incoming,
             transport_task: joined.task,

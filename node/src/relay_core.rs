@@ -300,12 +300,14 @@ pub(crate) struct RelayCore {
 }
 
 impl RelayCore {
-    /// A core for host `me` with its topology `neighbours`, started at `t`.
+    /// A core for host `me` with its topology `neighbours`, started at `t`. `seed` is the
+    /// driver's randomness (the core draws none of its own, so a simulation can replay it).
     pub(crate) fn new(
         me: PathHop,
         neighbours: &[PathHop],
         cfg: RelayConfig,
         t: Instant,
+        seed: u64,
     ) -> RelayCore {
         let routing = RoutingTable::new(
             t,
@@ -319,7 +321,7 @@ impl RelayCore {
         );
         // A random start, so a restarted server is not taken for a duplicate of its old self;
         // 2^32 rounds of headroom before wrapping.
-        let first_seq = common::rng::Rng::from_entropy().next_u64() >> 32;
+        let first_seq = common::rng::Rng::seeded(seed).next_u64() >> 32;
         RelayCore {
             me,
             t,
@@ -1507,7 +1509,7 @@ mod tests {
     impl Bench {
         fn new() -> Bench {
             let t = Instant::now();
-            let core = RelayCore::new(hop(4), &[hop(2), hop(3)], RelayConfig::default(), t);
+            let core = RelayCore::new(hop(4), &[hop(2), hop(3)], RelayConfig::default(), t, 7);
             Bench {
                 core,
                 t,
