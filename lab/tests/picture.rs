@@ -240,7 +240,8 @@ fn the_demo_plays_moving_video_on_a_display_without_gpu() {
     .collect();
     {
         let _g = o.rt.enter();
-        o.sup.spawn("client", o.bins.path("client"), args).unwrap();
+        let client = o.bins.path("client");
+        o.lab.supervisor().spawn("client", client, args).unwrap();
     }
     let started = o.wait_log(
         "client",

@@ -4,7 +4,8 @@
 
 #![allow(dead_code)]
 
-use lab::process::{Binaries, Supervisor};
+use lab::overlay::{Lab, LabOptions};
+use lab::process::Binaries;
 use lab::stats::Summary;
 use lab::{Media, Plan};
 use std::ffi::OsString;
@@ -18,8 +19,8 @@ pub struct Overlay {
     /// Drives the supervisor's child processes.
     pub rt: tokio::runtime::Runtime,
     pub dir: tempfile::TempDir,
-    pub sup: Supervisor,
-    pub plan: Plan,
+    /// The overlay's processes (the lab the demo runs).
+    pub lab: Lab,
     pub bins: Binaries,
 }
 
@@ -95,46 +96,21 @@ impl Overlay {
         let servers: Vec<IpAddr> = servers.iter().map(|s| ip(s)).collect();
         let plan = Plan::new(topo, servers, vec![], None, 8010).unwrap();
         let bins = Binaries::locate().expect("binaries (run `cargo test --workspace`)");
-        let mut sup = Supervisor::new(dir.path().join("logs")).unwrap();
+        let opts = LabOptions {
+            netns: false,
+            media,
+            impair: plan
+                .topology
+                .hosts()
+                .filter_map(|h| impair(h).map(|spec| (h, spec)))
+                .collect(),
+        };
         let rt = runtime();
         let _g = rt.enter();
-        sup.spawn(
-            "bootstrapper",
-            bins.path("bootstrapper"),
-            lab::bootstrapper_args(&plan),
-        )
-        .unwrap();
-        rt.block_on(lab::wait_for_tcp(
-            plan.bootstrapper,
-            Duration::from_secs(20),
-        ))
-        .unwrap();
-        for s in &plan.servers {
-            let imp = impair(*s);
-            sup.spawn(
-                &lab::process_name("server", *s),
-                bins.path("server"),
-                lab::server_args(&plan, *s, &media, imp.as_deref()),
-            )
-            .unwrap();
-        }
-        for n in &plan.nodes {
-            let imp = impair(*n);
-            sup.spawn(
-                &lab::process_name("node", *n),
-                bins.path("node"),
-                lab::host_args(&plan, *n, imp.as_deref()),
-            )
-            .unwrap();
-        }
+        let mut lab = Lab::new(plan, bins.clone(), dir.path().join("logs"), opts).unwrap();
+        rt.block_on(lab.start()).unwrap();
         drop(_g);
-        Overlay {
-            rt,
-            dir,
-            sup,
-            plan,
-            bins,
-        }
+        Overlay { rt, dir, lab, bins }
     }
 
     /// Starts a headless client with `--stats` into the scratch folder; returns the stats path.
@@ -144,7 +120,8 @@ impl Overlay {
         let mut args = lab::headless_client_args(&pops, &stats);
         args.extend(extra.iter().map(OsString::from));
         let _g = self.rt.enter();
-        self.sup
+        self.lab
+            .supervisor()
             .spawn(name, self.bins.path("client"), args)
             .unwrap();
         stats
@@ -157,7 +134,7 @@ impl Overlay {
 
     /// The log of process `name` so far.
     pub fn log(&self, name: &str) -> String {
-        std::fs::read_to_string(self.sup.log_path(name)).unwrap_or_default()
+        std::fs::read_to_string(self.lab.log_path(name)).unwrap_or_default()
     }
 
     /// All logs, for failure messages.
@@ -167,13 +144,15 @@ impl Overlay {
 
     /// Kills (SIGKILL) the process `name`.
     pub fn kill(&mut self, name: &str) {
-        self.rt.block_on(self.sup.kill(name)).unwrap();
+        self.rt.block_on(self.lab.supervisor().kill(name)).unwrap();
     }
 
     /// Restarts the process `name` (same arguments).
     pub fn restart(&mut self, name: &str) {
         let _g = self.rt.enter();
-        self.rt.block_on(self.sup.restart(name, &[])).unwrap();
+        self.rt
+            .block_on(self.lab.supervisor().restart(name, &[]))
+            .unwrap();
     }
 
     /// Waits until `pred` holds for the stats file at `stats`, or panics with the logs.
@@ -227,7 +206,8 @@ impl Overlay {
 
     /// Stops everything (SIGTERM, then SIGKILL).
     pub fn stop(&mut self) {
-        self.rt.block_on(self.sup.stop_all(Duration::from_secs(5)));
+        self.rt
+            .block_on(self.lab.supervisor().stop_all(Duration::from_secs(5)));
     }
 }
 
