@@ -1,17 +1,16 @@
 //! What every overlay daemon (server, node) does to join: its shared command-line flags, binding
-//! its UDP socket, asking the bootstrapper for its id and neighbours, and starting the transport
-//! with the optional impairment shim on the send path.
+//! its UDP socket, asking the bootstrapper for its id and neighbours, and building the optional
+//! impairment shim of its send path. The socket is then owned by the relay's driver.
 
 use crate::bootstrap::{fetch_neighbours_retrying, watch_neighbours, FetchError, Neighbours};
 use crate::impair::{ImpairConfig, Impairment};
-use crate::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
+use crate::transport::{Direct, SendShim};
 use crate::wire::DEFAULT_PORT;
 use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -63,19 +62,17 @@ impl OverlayArgs {
 pub struct Joined {
     /// Our id, address and neighbours, as the bootstrapper told us.
     pub me: Neighbours,
-    /// Handle to the transport task.
-    pub transport: Transport,
-    /// Messages, video and timeouts arriving for us.
-    pub incoming: mpsc::Receiver<Incoming>,
+    /// The overlay socket, bound to `ip:port`.
+    pub socket: UdpSocket,
+    /// The send path: [`Direct`], or the `--impair` shim.
+    pub shim: Box<dyn SendShim>,
     /// Our neighbour list each time a topology edit changes it (pushed by the bootstrapper,
     /// see [`watch_neighbours`]).
     pub neighbour_updates: mpsc::Receiver<Vec<crate::wire::PathHop>>,
-    /// The transport task (ends on shutdown).
-    pub task: JoinHandle<()>,
 }
 
 /// Binds `ip:port`, fetches our neighbours (retrying while the bootstrapper is unreachable) and
-/// starts the transport, with the `--impair` shim on the send path if one was given.
+/// builds the send path, with the `--impair` shim if one was given.
 pub async fn join_overlay(
     args: &OverlayArgs,
     shutdown: &CancellationToken,
@@ -119,24 +116,13 @@ pub async fn join_overlay(
         warn!(impair = %impair, "TESTING AID: impairing outgoing traffic");
         Box::new(Impairment::new(impair, Instant::now()))
     };
-    let session = crate::rng::Rng::from_entropy().next_u64();
-    let (transport, incoming, task) = Transport::spawn_with_shim(
-        socket,
-        me.id,
-        session,
-        TransportConfig::default(),
-        shutdown.clone(),
-        shim,
-    )
-    .context("starting the UDP transport")?;
     let neighbour_updates =
         watch_neighbours(args.bootstrapper_addr(), args.ip, &me, shutdown.clone());
     Ok(Joined {
         me,
-        transport,
-        incoming,
+        socket,
+        shim,
         neighbour_updates,
-        task,
     })
 }
 

@@ -10,6 +10,7 @@ pub mod host;
 pub mod id;
 pub mod impair;
 pub mod jitter;
+pub mod link;
 pub mod nack;
 pub mod reliable;
 pub mod rng;

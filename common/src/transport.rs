@@ -1,4 +1,4 @@
-//! The tokio driver of a [`ReliableEndpoint`]: one task owns the UDP socket and the state
+//! The tokio driver of a [`Link`] (decoding and the reliable channel): one task owns the UDP socket and the state
 //! machine; the rest of the process talks to it through a cheap-to-clone [`Transport`] handle
 //! (commands over an `mpsc` channel) and receives what arrives as [`Incoming`] items.
 //!
@@ -23,12 +23,10 @@
 //! cannot deadlock the driver.
 
 use crate::id::NodeId;
-use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
+use crate::link::Link;
+use crate::reliable::{ReliableConfig, ReliableStats, RttEstimate};
 use crate::rng::Rng;
-use crate::wire::{
-    Body, Datagram, Message, OncePerPeer, VideoPacket, WireError, MAX_DATAGRAM_LEN,
-    PROTOCOL_VERSION,
-};
+use crate::wire::{Body, Datagram, Message, WireError, MAX_DATAGRAM_LEN};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
@@ -65,38 +63,7 @@ impl Default for TransportConfig {
     }
 }
 
-/// What the transport hands to the application.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Incoming {
-    /// A control message: reliable ones exactly once (in arrival order), unreliable ones as
-    /// they come.
-    Message {
-        /// Source address.
-        from: SocketAddr,
-        /// Sender id from the datagram header.
-        sender: NodeId,
-        /// The message.
-        msg: Message,
-        /// Whether it came through the reliable channel.
-        reliable: bool,
-    },
-    /// A video datagram.
-    Video {
-        /// Source address.
-        from: SocketAddr,
-        /// Sender id from the datagram header.
-        sender: NodeId,
-        /// The packet.
-        packet: VideoPacket,
-    },
-    /// A reliable message to `peer` was never acknowledged (see [`Event::TimedOut`]).
-    TimedOut {
-        /// The peer.
-        peer: SocketAddr,
-        /// The id [`Transport::send_reliable`] returned.
-        id: u64,
-    },
-}
+pub use crate::link::Incoming;
 
 /// Why a [`Transport`] call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -224,13 +191,12 @@ impl Transport {
         let (in_tx, in_rx) = mpsc::channel(cfg.incoming_queue.max(1));
         let driver = Driver {
             socket,
-            endpoint: ReliableEndpoint::new(local, session, cfg.reliable.clone()),
+            link: Link::new(local, session, cfg.reliable.clone()),
             shim,
             cmd_rx,
             incoming: in_tx,
             pending: VecDeque::new(),
             max_pending: cfg.max_pending_incoming.max(1),
-            other_version: OncePerPeer::default(),
             stats: TransportStats::default(),
             local_addr,
         };
@@ -300,7 +266,7 @@ impl Transport {
     }
 
     /// Drops all reliable state about `peer` (declared dead); see
-    /// [`ReliableEndpoint::forget_peer`].
+    /// [`Link::forget_peer`].
     pub async fn forget_peer(&self, peer: SocketAddr) -> Result<(), TransportError> {
         self.command(Command::ForgetPeer { peer }).await
     }
@@ -313,14 +279,13 @@ impl Transport {
 /// The task that owns the socket and the state machine.
 struct Driver {
     socket: UdpSocket,
-    endpoint: ReliableEndpoint,
+    link: Link,
     shim: Box<dyn SendShim>,
     cmd_rx: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Incoming>,
     /// Items waiting for room in `incoming`.
     pending: VecDeque<Incoming>,
     max_pending: usize,
-    other_version: OncePerPeer,
     stats: TransportStats,
     local_addr: SocketAddr,
 }
@@ -339,9 +304,9 @@ impl Driver {
         let mut commands_open = true;
         // A second sender for `reserve()`, so the permit does not borrow `self`.
         let incoming = self.incoming.clone();
-        info!(addr = %self.local_addr, session = self.endpoint.session(), "transport started");
+        info!(addr = %self.local_addr, session = self.link.session(), "transport started");
         loop {
-            let deadline = [self.endpoint.poll_timeout(), self.shim.poll_timeout()]
+            let deadline = [self.link.poll_timeout(), self.shim.poll_timeout()]
                 .into_iter()
                 .flatten()
                 .min();
@@ -379,8 +344,8 @@ impl Driver {
             }
             // Whatever woke us: fire due timers (cheap if none), collect events, send.
             let t = now();
-            self.endpoint.handle_timeout(t);
-            self.collect_events();
+            self.link.handle_timeout(t);
+            self.collect_incoming();
             self.flush(t).await;
         }
         info!(addr = %self.local_addr, "transport stopped");
@@ -390,55 +355,25 @@ impl Driver {
         let t = now();
         match cmd {
             Command::SendReliable { peer, msg, reply } => {
-                let _ = reply.send(self.endpoint.send(t, peer, msg));
+                let _ = reply.send(self.link.send_reliable(t, peer, msg));
             }
-            Command::SendBytes { peer, bytes } => self.shim.push(t, peer, bytes),
+            Command::SendBytes { peer, bytes } => self.link.send_bytes(peer, bytes),
             Command::Rtt { peer, reply } => {
-                let _ = reply.send(self.endpoint.rtt(peer));
+                let _ = reply.send(self.link.rtt(peer));
             }
             Command::Stats { reply } => {
                 let mut s = self.stats;
-                s.reliable = self.endpoint.stats();
+                s.reliable = self.link.stats().reliable;
                 let _ = reply.send(s);
             }
-            Command::ForgetPeer { peer } => self.endpoint.forget_peer(peer),
+            Command::ForgetPeer { peer } => self.link.forget_peer(peer),
         }
     }
 
     fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
         self.stats.datagrams_in += 1;
-        match self.endpoint.handle_datagram(now(), from, bytes) {
-            Ok(None) => {}
-            Ok(Some(d)) => {
-                let sender = d.header.sender;
-                let item = match d.body {
-                    Body::Unreliable(msg) => Incoming::Message {
-                        from,
-                        sender,
-                        msg,
-                        reliable: false,
-                    },
-                    Body::Video(packet) => Incoming::Video {
-                        from,
-                        sender,
-                        packet,
-                    },
-                    // Consumed by the endpoint; never returned.
-                    Body::Reliable { .. } | Body::Ack { .. } => return,
-                };
-                self.deliver(item);
-            }
-            Err(WireError::Version { got }) => {
-                if self.other_version.first(from) {
-                    warn!(peer = %from, peer_version = got, our_version = PROTOCOL_VERSION,
-                        "peer speaks another protocol version; its datagrams are dropped \
-                         (logged once per peer)");
-                }
-            }
-            Err(e) => {
-                debug!(peer = %from, len = bytes.len(), error = %e, "malformed datagram dropped")
-            }
-        }
+        self.link.handle_datagram(now(), from, bytes);
+        self.collect_incoming();
     }
 
     async fn recv_error(&mut self, e: io::Error) {
@@ -456,20 +391,8 @@ impl Driver {
         }
     }
 
-    fn collect_events(&mut self) {
-        while let Some(ev) = self.endpoint.poll_event() {
-            let item = match ev {
-                Event::Message {
-                    from, sender, msg, ..
-                } => Incoming::Message {
-                    from,
-                    sender,
-                    msg,
-                    reliable: true,
-                },
-                Event::TimedOut { peer, id } => Incoming::TimedOut { peer, id },
-                Event::Acked { .. } => continue,
-            };
+    fn collect_incoming(&mut self) {
+        while let Some(item) = self.link.poll_incoming() {
             self.deliver(item);
         }
     }
@@ -492,7 +415,7 @@ impl Driver {
     }
 
     async fn flush(&mut self, t: Instant) {
-        while let Some((peer, bytes)) = self.endpoint.poll_transmit() {
+        while let Some((peer, bytes)) = self.link.poll_transmit() {
             self.shim.push(t, peer, bytes);
         }
         while let Some((peer, bytes)) = self.shim.poll_transmit(t) {

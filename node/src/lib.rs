@@ -8,10 +8,11 @@
 //!   new subscriber before the live datagrams: "instant start").
 //! * [`choice`]: the upstream decisions as plain functions (hysteresis, disjoint secondary,
 //!   catastrophic fallback parent).
-//! * [`relay_core`]: every decision of the relay, synchronous and clock-free (the I/O-free
-//!   core being extracted).
-//! * [`relay`]: the tokio engine that drives both over a [`common::transport::Transport`]; the
-//!   `node` binary runs it with no local channel, servers use its [`relay::Relay`] handle.
+//! * [`relay_core`]: [`RelayCore`], every decision of the relay and its datagram layer
+//!   (decoding, reliable channel), synchronous, clock-free and I/O-free: fed
+//!   `handle_datagram(now, from, bytes)` / `handle_timeout(now)`, polled for transmits.
+//! * [`relay`]: the tokio driver that owns the socket and feeds the core; the `node` binary
+//!   runs it with no local channel, servers use its [`relay::Relay`] handle.
 //!
 //! The protocol is described in `report/protocol.md`.
 
@@ -25,6 +26,7 @@ pub mod subscriptions;
 mod testutil;
 
 pub use relay::{Relay, RelayConfig, RelayStats};
+pub use relay_core::{Event as RelayEvent, RelayCore, Transmit};
 
 /// The decision modules read no clock, draw no entropy and use no tokio type: only the driver
 /// (`relay`) does. Checked on their source (comments and tests aside), so a change that breaks

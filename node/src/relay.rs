@@ -1,14 +1,10 @@
-//! The relay engine: one tokio task that owns a host's [`Transport`] (from [`Joined`]), its
-//! [`RoutingTable`](crate::routing::RoutingTable) and [`Subscriptions`](crate::subscriptions::Subscriptions), and every timer (floods, pings, expiry, healing).
-//!
-//! Decisions and I/O are split: the engine's handlers (`command`, `incoming_item`,
-//! `set_neighbours`, `housekeeping`) are synchronous, read no clock (the driver sets the
-//! event's time once, `Engine::t`) and only queue what is to be sent (`Out`); the driver
-//! (`Engine::run`, `Engine::flush`) reads the clock, sends the queue in order after each
-//! event and feeds back the reliable channel's RTT estimates. This is the seam along which the
-//! I/O-free relay core is being extracted.
-//! Nodes run it with no local channel; servers also announce their own channels and feed their
-//! video through the [`Relay`] handle.
+//! The relay's driver: one tokio task that owns a host's UDP socket (from [`Joined`]) and its
+//! [`RelayCore`] (every decision and the reliable channel, I/O-free). It reads the clock once
+//! per event, feeds the core (a received datagram, a due timer, a command of the [`Relay`]
+//! handle, a topology edit), then sends what the core polled through the send path (the
+//! `--impair` shim or straight to the socket), and sleeps until the core's or the shim's next
+//! deadline. Nodes run it with no local channel; servers also announce their own channels and
+//! feed their video through the [`Relay`] handle.
 //!
 //! # Log lines (info unless said otherwise; fields in parentheses)
 //!
@@ -59,17 +55,19 @@
 //! upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
-use crate::relay_core::{Event, Out, RelayCore};
+use crate::relay_core::{Event, RelayCore};
 pub use crate::relay_core::{RelayConfig, RelayStats};
 use bytes::Bytes;
 use common::host::Joined;
-use common::transport::{Incoming, Transport};
-use common::wire::{ChannelId, ChannelInfo, PathHop};
-use std::time::Instant;
+use common::transport::SendShim;
+use common::wire::{ChannelId, ChannelInfo, PathHop, MAX_DATAGRAM_LEN};
+use std::io;
+use std::time::{Duration, Instant};
+use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, Instrument};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 /// What the handle asks of the engine.
 enum Command {
@@ -106,8 +104,7 @@ pub struct Relay {
 const DEMAND_QUEUE: usize = 1024;
 
 impl Relay {
-    /// Starts the engine on the current tokio runtime. It runs until `shutdown` is cancelled
-    /// (the transport of `joined` stops on its own token), then waits for the transport task.
+    /// Starts the engine on the current tokio runtime. It runs until `shutdown` is cancelled.
     pub fn spawn(
         joined: Joined,
         cfg: RelayConfig,
@@ -192,13 +189,12 @@ impl Relay {
     }
 }
 
-/// The driver: owns the transport (and through it the socket), reads the clock once per event,
-/// feeds the [`RelayCore`] and sends what it queued.
+/// The driver: owns the socket and the send path, reads the clock once per event, feeds the
+/// [`RelayCore`] and sends what it polled.
 struct Engine {
     core: RelayCore,
-    transport: Transport,
-    incoming: mpsc::Receiver<Incoming>,
-    transport_task: JoinHandle<()>,
+    socket: UdpSocket,
+    shim: Box<dyn SendShim>,
     cmd_rx: mpsc::Receiver<Command>,
     /// Neighbour lists pushed by the bootstrapper (topology edits).
     neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
@@ -224,9 +220,8 @@ impl Engine {
                 now(),
                 common::rng::Rng::from_entropy().next_u64(),
             ),
-            transport: joined.transport,
-            incoming: joined.incoming,
-            transport_task: joined.task,
+            socket: joined.socket,
+            shim: joined.shim,
             cmd_rx,
             neighbour_updates: joined.neighbour_updates,
             demand: Vec::new(),
@@ -239,66 +234,54 @@ impl Engine {
             neighbours = ?self.core.routing.neighbours().iter().map(|n| n.addr).collect::<Vec<_>>(),
             "relay started"
         );
-        // Sleeps until the core's next deadline (periodic checks, or a NACK due sooner).
-        let timer = tokio::time::sleep_until(self.core.poll_timeout().into());
+        // One byte more than the largest valid datagram, so an oversize one is detected as such.
+        let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
+        let timer = tokio::time::sleep_until(self.deadline().into());
         tokio::pin!(timer);
         let mut commands_open = true;
         let mut updates_open = true;
         loop {
-            timer.as_mut().reset(self.core.poll_timeout().into());
+            timer.as_mut().reset(self.deadline().into());
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
-                    Some(c) => {
-                        self.core.t = now();
-                        self.command(c);
-                        self.flush().await;
-                    }
+                    Some(c) => self.command(now(), c),
                     None => commands_open = false,
                 },
                 n = self.neighbour_updates.recv(), if updates_open => match n {
-                    Some(n) => {
-                        self.core.t = now();
-                        self.core.set_neighbours(n);
-                        self.flush().await;
-                    }
+                    Some(n) => self.core.set_neighbours(now(), n),
                     None => updates_open = false,
                 },
-                item = self.incoming.recv() => match item {
-                    Some(item) => {
-                        self.core.t = now();
-                        self.core.incoming_item(item);
-                        self.flush().await;
-                    }
-                    None => break,
+                r = self.socket.recv_from(&mut buf) => match r {
+                    Ok((n, from)) => self.core.handle_datagram(now(), from, &buf[..n]),
+                    Err(e) => recv_error(e).await,
                 },
-                _ = &mut timer => {
-                    self.core.t = now();
-                    self.core.handle_timeout();
-                    self.flush().await;
-                }
+                _ = &mut timer => self.core.handle_timeout(now()),
             }
+            self.flush().await;
         }
         info!("relay stopped");
-        shutdown.cancel();
-        let _ = (&mut self.transport_task).await;
     }
 
-    /// The driver's half of an event: sends what the decisions queued, in order, then feeds
-    /// the RTT estimates asked for back in.
+    /// The earlier of the core's and the send path's next deadlines.
+    fn deadline(&self) -> Instant {
+        let core = self.core.poll_timeout();
+        self.shim.poll_timeout().map_or(core, |s| s.min(core))
+    }
+
     /// A request of the handle: the core's part, then the reply.
-    fn command(&mut self, c: Command) {
+    fn command(&mut self, t: Instant, c: Command) {
         match c {
             Command::SetLocal(channels, reply) => {
-                self.core.set_local(channels);
+                self.core.set_local(t, channels);
                 let _ = reply.send(());
             }
             Command::Video {
                 channel,
                 payload,
                 keyframe,
-            } => self.core.local_video(channel, payload, keyframe),
+            } => self.core.local_video(t, channel, payload, keyframe),
             Command::Stats(reply) => {
                 let _ = reply.send(self.core.stats());
             }
@@ -311,16 +294,18 @@ impl Engine {
         }
     }
 
+    /// The driver's half of an event: sends what the core decided, in order, through the send
+    /// path, and delivers its events (local demand).
     async fn flush(&mut self) {
-        while let Some(o) = self.core.poll_transmit() {
-            let r = match o {
-                Out::Bytes(to, b) => self.transport.send_bytes(to, b).await,
-                Out::Reliable(to, m) => self.transport.send_reliable(to, m).await.map(drop),
-                Out::Unreliable(to, m) => self.transport.send_unreliable(to, m).await,
-                Out::Forget(p) => self.transport.forget_peer(p).await,
-            };
-            if let Err(e) = r {
-                debug!(error = %e, "not sent");
+        let t = now();
+        while let Some(tx) = self.core.poll_transmit() {
+            for to in tx.to {
+                self.shim.push(t, to, tx.bytes.clone());
+            }
+        }
+        while let Some((peer, bytes)) = self.shim.poll_transmit(t) {
+            if let Err(e) = self.socket.send_to(&bytes, peer).await {
+                debug!(%peer, error = %e, "send_to failed, datagram dropped");
             }
         }
         while let Some(ev) = self.core.poll_event() {
@@ -329,7 +314,7 @@ impl Engine {
                     self.demand.retain(|tx| match tx.try_send((channel, watched)) {
                         Ok(()) => true,
                         Err(mpsc::error::TrySendError::Full(_)) => {
-                            tracing::warn!(%channel, watched, "local demand receiver lags; event dropped");
+                            warn!(%channel, watched, "local demand receiver lags; event dropped");
                             true
                         }
                         Err(mpsc::error::TrySendError::Closed(_)) => false,
@@ -337,10 +322,20 @@ impl Engine {
                 }
             }
         }
-        for p in self.core.take_rtt_due() {
-            if let Ok(Some(rtt)) = self.transport.rtt(p).await {
-                self.core.rtt_sample(p, rtt.srtt, rtt.rttvar);
-            }
+    }
+}
+
+/// A failed `recv_from`: ICMP errors of earlier sends to dead peers (Linux reports them on a
+/// later receive) are ignored; anything else is logged, with a pause so a persistent error
+/// does not spin.
+async fn recv_error(e: io::Error) {
+    match e.kind() {
+        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
+            debug!(error = %e, "recv_from: ICMP error of an earlier send, ignored");
+        }
+        _ => {
+            warn!(error = %e, "recv_from failed");
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

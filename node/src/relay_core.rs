@@ -1,13 +1,17 @@
 //! The relay's core: every decision of a relay (routing from floods, subscriptions, upstream
 //! choice and healing, secondary upstreams, the GOP cache, per-hop loss recovery, heartbeats and
-//! timers) in one synchronous struct that reads no clock, does no I/O and knows nothing of
-//! tokio (no channels, no tasks). The driver ([`crate::relay`]) sets the event's time (`t`),
-//! calls a handler (`set_local`, `local_video`, `incoming_item`, `set_neighbours`,
-//! `handle_timeout`), then sends what `RelayCore::poll_transmit` yields, in order, delivers
-//! what `RelayCore::poll_event` yields (local demand), and feeds back the RTT estimates asked
-//! for (`RelayCore::take_rtt_due`, `RelayCore::rtt_sample`); it sleeps until
-//! `RelayCore::poll_timeout`. The log lines and the video path
-//! are described in [`crate::relay`].
+//! timers) and its datagram layer (decoding, the reliable channel: a [`Link`]) in one
+//! synchronous struct that reads no clock, does no I/O and knows nothing of tokio (no
+//! channels, no tasks).
+//!
+//! A driver (the tokio one in [`crate::relay`], or a simulation) feeds it events with their
+//! time: [`RelayCore::handle_datagram`] for every received datagram,
+//! [`RelayCore::handle_timeout`] when [`RelayCore::poll_timeout`] has come, and the server's
+//! commands ([`RelayCore::set_local`], [`RelayCore::local_video`]) and topology edits
+//! ([`RelayCore::set_neighbours`]); after each, it sends what [`RelayCore::poll_transmit`]
+//! yields, in order (one encoded `Bytes` and its destinations), and handles what
+//! [`RelayCore::poll_event`] yields (local demand). The log lines and the video path are
+//! described in [`crate::relay`].
 
 use crate::choice;
 use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
@@ -15,8 +19,10 @@ use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAU
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
 use common::failure::FailureConfig;
+use common::link::Incoming;
+use common::link::Link;
 use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
-use common::transport::Incoming;
+use common::reliable::ReliableConfig;
 use common::wire::{
     limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
     VideoPacket,
@@ -195,7 +201,7 @@ pub struct RelayStats {
 
 /// What the core tells its driver besides transmits.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Event {
+pub enum Event {
     /// A server's own channel got its first subscriber (`watched`) or lost its last one.
     LocalDemand {
         /// The channel.
@@ -214,19 +220,6 @@ struct Fallback {
     parent: SocketAddr,
 }
 
-/// What the core's decisions want sent; the driver sends it in order after each event.
-#[derive(Debug)]
-pub(crate) enum Out {
-    /// An encoded datagram (video, floods): the same `Bytes` for every destination.
-    Bytes(SocketAddr, Bytes),
-    /// A control message, retransmitted until acknowledged.
-    Reliable(SocketAddr, Message),
-    /// A message sent once.
-    Unreliable(SocketAddr, Message),
-    /// Drop the reliable channel's state of a dead peer.
-    Forget(SocketAddr),
-}
-
 /// The second upstream of a channel (`redundancy` 2).
 #[derive(Debug, Clone, Copy)]
 struct Secondary {
@@ -243,19 +236,26 @@ struct Tracked {
     tracker: NackTracker,
 }
 
+/// One datagram to send: the same encoded `Bytes` to each of `to` (a video datagram to every
+/// subscriber of its channel, or a control datagram to one peer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transmit {
+    /// The destinations, in the order decided.
+    pub to: Vec<SocketAddr>,
+    /// The datagram.
+    pub bytes: Bytes,
+}
+
 /// The relay's decisions: routing, subscriptions, upstream choice and healing, GOP caches,
-/// loss recovery, timers. Synchronous and clock-free: fed the event's time (`t`) by the driver,
-/// it queues what to send (`RelayCore::poll_transmit`).
-pub(crate) struct RelayCore {
+/// loss recovery, timers, and its [`Link`]. Synchronous and clock-free: fed each event's time
+/// by the driver, it queues what to send ([`RelayCore::poll_transmit`]).
+pub struct RelayCore {
     pub(crate) me: PathHop,
     pub(crate) cfg: RelayConfig,
-    /// The time of the event being handled: read once by the driver, so decisions read no
-    /// clock.
+    /// The time of the event being handled (given by the driver), so decisions read no clock.
     pub(crate) t: Instant,
-    /// What to send, in order (see [`Out`]).
-    out: VecDeque<Out>,
-    /// Peers whose RTT estimate the driver is to fetch after sending (reliable ping rounds).
-    rtt_due: Vec<SocketAddr>,
+    /// Decoding, the reliable channel, and the datagrams to send in order.
+    link: Link,
     pub(crate) routing: RoutingTable,
     subs: Subscriptions,
     origin: FloodOrigin,
@@ -302,7 +302,7 @@ pub(crate) struct RelayCore {
 impl RelayCore {
     /// A core for host `me` with its topology `neighbours`, started at `t`. `seed` is the
     /// driver's randomness (the core draws none of its own, so a simulation can replay it).
-    pub(crate) fn new(
+    pub fn new(
         me: PathHop,
         neighbours: &[PathHop],
         cfg: RelayConfig,
@@ -321,12 +321,14 @@ impl RelayCore {
         );
         // A random start, so a restarted server is not taken for a duplicate of its old self;
         // 2^32 rounds of headroom before wrapping.
-        let first_seq = common::rng::Rng::seeded(seed).next_u64() >> 32;
+        let mut rng = common::rng::Rng::seeded(seed);
+        let first_seq = rng.next_u64() >> 32;
+        // The reliable channel's session: a restarted host is told apart from its old self.
+        let session = rng.next_u64();
         RelayCore {
             me,
             t,
-            out: VecDeque::new(),
-            rtt_due: Vec::new(),
+            link: Link::new(me.id, session, ReliableConfig::default()),
             routing,
             subs: Subscriptions::new(cfg.subscriber_timeout),
             origin: FloodOrigin::new(me, first_seq),
@@ -359,15 +361,44 @@ impl RelayCore {
         }
     }
 
-    /// The next datagram or message to send, in the order decided.
-    pub(crate) fn poll_transmit(&mut self) -> Option<Out> {
-        self.out.pop_front()
+    /// The next datagram to send (with all its destinations), in the order decided.
+    /// Consecutive sends of the same encoded `Bytes` (a video datagram's fan-out) come as one
+    /// [`Transmit`].
+    pub fn poll_transmit(&mut self) -> Option<Transmit> {
+        let (first, bytes) = self.link.poll_transmit()?;
+        let mut to = vec![first];
+        while let Some((next, b)) = self.link.peek_transmit() {
+            if b.as_ptr() != bytes.as_ptr() || b.len() != bytes.len() {
+                break;
+            }
+            to.push(next);
+            self.link.poll_transmit();
+        }
+        Some(Transmit { to, bytes })
     }
 
-    /// Peers whose RTT estimate is wanted (reliable ping rounds): the driver fetches each
-    /// from the reliable channel and feeds it to [`rtt_sample`](Self::rtt_sample).
-    pub(crate) fn take_rtt_due(&mut self) -> Vec<SocketAddr> {
-        std::mem::take(&mut self.rtt_due)
+    /// Feeds one datagram received from `from` at `now`.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.t = now;
+        self.link.handle_datagram(now, from, bytes);
+        self.drain_link();
+    }
+
+    /// Hands what the link decoded (and reliable timeouts) to the decisions.
+    fn drain_link(&mut self) {
+        while let Some(item) = self.link.poll_incoming() {
+            self.incoming_item(item);
+        }
+    }
+
+    /// The counters of the datagram layer (decoding, reliable channel).
+    pub fn link_stats(&self) -> common::link::LinkStats {
+        self.link.stats()
+    }
+
+    /// This host's id and address.
+    pub fn me(&self) -> PathHop {
+        self.me
     }
 
     /// The bootstrapper pushed a new neighbour list (the topology was edited): a new
@@ -375,7 +406,8 @@ impl RelayCore {
     /// removed one is treated as dead for us: its subscriptions go, the channels it fed move
     /// to another route, and it is watched no more. Channels that do not use a changed link
     /// are not touched.
-    pub(crate) fn set_neighbours(&mut self, neighbours: Vec<PathHop>) {
+    pub fn set_neighbours(&mut self, now: Instant, neighbours: Vec<PathHop>) {
+        self.t = now;
         let t = self.t;
         let (added, removed) = self.routing.set_neighbours(t, &neighbours);
         if added.is_empty() && removed.is_empty() {
@@ -404,7 +436,8 @@ impl RelayCore {
 
     /// Server only: the channels this host originates (see
     /// [`Relay::set_local_channels`](crate::relay::Relay::set_local_channels)).
-    pub(crate) fn set_local(&mut self, mut channels: Vec<ChannelInfo>) {
+    pub fn set_local(&mut self, now: Instant, mut channels: Vec<ChannelInfo>) {
+        self.t = now;
         channels.sort_by_key(|c| c.id);
         channels.dedup_by_key(|c| c.id);
         if channels.len() > limits::CHANNELS {
@@ -439,7 +472,7 @@ impl RelayCore {
     }
 
     /// The counters and subscription state.
-    pub(crate) fn stats(&self) -> RelayStats {
+    pub fn stats(&self) -> RelayStats {
         let mut s = self.stats.clone();
         s.floods = self.routing.stats();
         s.routes = self.routing.routes().count();
@@ -463,18 +496,25 @@ impl RelayCore {
     }
 
     /// The local channels watched now (a new demand receiver starts from them).
-    pub(crate) fn demanded_local(&self) -> Vec<ChannelId> {
+    pub fn demanded_local(&self) -> Vec<ChannelId> {
         self.subs.demanded_local()
     }
 
     /// The next event for the driver (local demand changes), in order.
-    pub(crate) fn poll_event(&mut self) -> Option<Event> {
+    pub fn poll_event(&mut self) -> Option<Event> {
         self.events.pop_front()
     }
 
     /// Server only: one chunk of a local channel's MPEG-TS (see
     /// [`Relay::send_local_video`](crate::relay::Relay::send_local_video)).
-    pub(crate) fn local_video(&mut self, channel: ChannelId, payload: Bytes, keyframe: bool) {
+    pub fn local_video(
+        &mut self,
+        now: Instant,
+        channel: ChannelId,
+        payload: Bytes,
+        keyframe: bool,
+    ) {
+        self.t = now;
         self.stats.local_video_in += 1;
         if !self.subs.is_local(channel) {
             self.stats.malformed += 1;
@@ -1282,15 +1322,20 @@ impl RelayCore {
     /// When the driver must call [`handle_timeout`](Self::handle_timeout) next: the periodic
     /// checks (every [`RelayConfig::tick`]) or, sooner, a NACK due from a channel's
     /// [`NackTracker`] (so a gap is NACKed when its reorder delay ends, not on the next tick).
-    pub(crate) fn poll_timeout(&self) -> Instant {
+    pub fn poll_timeout(&self) -> Instant {
         self.trackers
             .values()
             .filter_map(|tr| tr.tracker.poll_timeout())
+            .chain(self.link.poll_timeout())
             .fold(self.next_tick, Instant::min)
     }
 
-    /// Timers due at `self.t`: the periodic checks if their time has come, NACKs in any case.
-    pub(crate) fn handle_timeout(&mut self) {
+    /// Timers due at `now`: the reliable channel's retransmissions, the periodic checks if
+    /// their time has come, NACKs in any case.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.t = now;
+        self.link.handle_timeout(now);
+        self.drain_link();
         if self.t >= self.next_tick {
             self.housekeeping();
         } else {
@@ -1398,14 +1443,15 @@ impl RelayCore {
             } else {
                 self.out_unreliable(p, msg);
             }
-            // The driver asks the reliable channel for its estimate once this round is sent.
-            self.rtt_due.push(p);
+            if let Some(r) = self.link.rtt(p) {
+                self.rtt_sample(p, r.srtt, r.rttvar);
+            }
         }
     }
 
     /// A new RTT estimate of the link to `p` (from the reliable channel): link cost, liveness
     /// timeout, and the NACK timing of the channels it feeds.
-    pub(crate) fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
+    fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
         self.link_cost.insert(p, srtt.max(Duration::from_micros(1)));
         self.routing.rtt_sample(p, srtt, rttvar);
         for tr in self.trackers.values_mut() {
@@ -1419,19 +1465,25 @@ impl RelayCore {
     // ----- what goes out (sent by the driver, in order, after each event) ------------------
 
     fn out_bytes(&mut self, to: SocketAddr, bytes: Bytes) {
-        self.out.push_back(Out::Bytes(to, bytes));
+        self.link.send_bytes(to, bytes);
     }
 
     fn out_reliable(&mut self, to: SocketAddr, msg: Message) {
-        self.out.push_back(Out::Reliable(to, msg));
+        if let Err(e) = self.link.send_reliable(self.t, to, msg) {
+            self.stats.malformed += 1;
+            debug!(peer = %to, error = %e, "message cannot be encoded; not sent");
+        }
     }
 
     fn out_unreliable(&mut self, to: SocketAddr, msg: Message) {
-        self.out.push_back(Out::Unreliable(to, msg));
+        if let Err(e) = self.link.send_unreliable(to, msg) {
+            self.stats.malformed += 1;
+            debug!(peer = %to, error = %e, "message cannot be encoded; not sent");
+        }
     }
 
     fn out_forget(&mut self, peer: SocketAddr) {
-        self.out.push_back(Out::Forget(peer));
+        self.link.forget_peer(peer);
     }
 
     /// The heartbeats of fast peers (every upstream in use) between two ordinary rounds:
@@ -1498,34 +1550,92 @@ mod tests {
         }
     }
 
-    /// A relay `me` = 4 between a server 1 (through neighbours 2 and 3) and a client.
+    /// A relay `me` = 4 between a server 1 (through neighbours 2 and 3) and a client. The
+    /// neighbours and the client are played by [`Link`]s: what the core sends them is
+    /// delivered (acks come back at once) while they are `answering`.
     struct Bench {
         core: RelayCore,
         t: Instant,
         origin: FloodOrigin,
         client: SocketAddr,
+        peers: HashMap<SocketAddr, Link>,
+        /// Neighbours (2, 3) that receive and answer; the client always does.
+        answering: Vec<u8>,
+        /// Everything the core sent since the last [`sent`](Self::sent), decoded.
+        log: Vec<(SocketAddr, Datagram)>,
     }
 
     impl Bench {
         fn new() -> Bench {
             let t = Instant::now();
             let core = RelayCore::new(hop(4), &[hop(2), hop(3)], RelayConfig::default(), t, 7);
+            let client = SocketAddr::from(([127, 0, 0, 20], 5000));
+            let mut peers = HashMap::new();
+            for (id, addr) in [(2, hop(2).addr), (3, hop(3).addr), (99, client)] {
+                peers.insert(addr, Link::new(NodeId(id), id, ReliableConfig::default()));
+            }
             Bench {
                 core,
                 t,
                 origin: FloodOrigin::new(hop(1), 1),
-                client: SocketAddr::from(([127, 0, 0, 20], 5000)),
+                client,
+                peers,
+                answering: vec![2, 3],
+                log: Vec::new(),
             }
         }
 
+        /// Moves what the core sent to the answering peers and their acks back, at `self.t`;
+        /// a datagram to a peer is lost with probability `loss`.
+        fn pump(&mut self, loss: f64, rng: &mut common::rng::Rng) {
+            let t = self.t;
+            while let Some(tx) = self.core.poll_transmit() {
+                let d = Datagram::decode(&tx.bytes).expect("the core sends valid datagrams");
+                for to in tx.to {
+                    self.log.push((to, d.clone()));
+                    let answers =
+                        to == self.client || self.answering.iter().any(|n| hop(*n).addr == to);
+                    if !answers || rng.chance(loss) {
+                        continue;
+                    }
+                    let Some(peer) = self.peers.get_mut(&to) else {
+                        continue;
+                    };
+                    peer.handle_datagram(t, hop(4).addr, &tx.bytes);
+                    while peer.poll_incoming().is_some() {}
+                    let back: Vec<Bytes> =
+                        std::iter::from_fn(|| peer.poll_transmit().map(|(_, b)| b)).collect();
+                    for b in back {
+                        self.core.handle_datagram(t, to, &b);
+                    }
+                }
+            }
+        }
+
+        /// `from` sends `msg` to the core, reliably or not.
+        fn deliver_as(&mut self, from: SocketAddr, msg: Message, reliable: bool) {
+            let t = self.t;
+            let peer = self.peers.get_mut(&from).expect("a known peer");
+            if reliable {
+                peer.send_reliable(t, hop(4).addr, msg).unwrap();
+            } else {
+                peer.send_unreliable(hop(4).addr, msg).unwrap();
+            }
+            let out: Vec<Bytes> =
+                std::iter::from_fn(|| peer.poll_transmit().map(|(_, b)| b)).collect();
+            for b in out {
+                self.core.handle_datagram(t, from, &b);
+            }
+            self.pump(0.0, &mut common::rng::Rng::seeded(0));
+        }
+
         fn deliver(&mut self, from: PathHop, msg: Message) {
-            self.core.t = self.t;
-            self.core.incoming_item(Incoming::Message {
-                from: from.addr,
-                sender: from.id,
-                msg,
-                reliable: false,
-            });
+            self.deliver_as(from.addr, msg, false);
+        }
+
+        /// The client subscribes to `channel`.
+        fn subscribe(&mut self, channel: ChannelId) {
+            self.deliver_as(self.client, Message::Subscribe { channel }, true);
         }
 
         /// One flood round of the server, arriving through `via` (2 or 3).
@@ -1538,12 +1648,14 @@ mod tests {
             }
         }
 
-        /// Advances the fake clock by `d` in 25 ms steps, answering nothing, running timers.
+        /// Advances the fake clock by `d` in 25 ms steps with only `alive` answering, running
+        /// the core's timers.
         fn advance(&mut self, d: Duration, alive: &[u8]) {
             self.advance_lossy(d, alive, 0.0, &mut common::rng::Rng::seeded(0));
         }
 
-        /// [`advance`](Self::advance), losing each pong with probability `loss`.
+        /// [`advance`](Self::advance), losing each datagram to a neighbour (and each pong)
+        /// with probability `loss`.
         fn advance_lossy(
             &mut self,
             d: Duration,
@@ -1551,6 +1663,7 @@ mod tests {
             loss: f64,
             rng: &mut common::rng::Rng,
         ) {
+            self.answering = alive.to_vec();
             let end = self.t + d;
             while self.t < end {
                 self.t += Duration::from_millis(25);
@@ -1559,21 +1672,25 @@ mod tests {
                         self.deliver(hop(*n), Message::Pong { nonce: 0 });
                     }
                 }
-                self.core.t = self.t;
-                self.core.handle_timeout();
+                self.core.handle_timeout(self.t);
+                self.pump(loss, rng);
             }
         }
 
-        /// Everything queued since the last call.
-        fn sent(&mut self) -> Vec<Out> {
-            std::iter::from_fn(|| self.core.poll_transmit()).collect()
+        /// Every datagram sent since the last call, decoded, with its destination.
+        fn sent(&mut self) -> Vec<(SocketAddr, Datagram)> {
+            self.pump(0.0, &mut common::rng::Rng::seeded(0));
+            std::mem::take(&mut self.log)
         }
     }
 
-    fn subscribes(out: &[Out]) -> Vec<SocketAddr> {
+    fn subscribes(out: &[(SocketAddr, Datagram)]) -> Vec<SocketAddr> {
         out.iter()
-            .filter_map(|o| match o {
-                Out::Reliable(to, Message::Subscribe { .. }) => Some(*to),
+            .filter_map(|(to, d)| match &d.body {
+                Body::Reliable {
+                    msg: Message::Subscribe { .. },
+                    ..
+                } => Some(*to),
                 _ => None,
             })
             .collect()
@@ -1587,14 +1704,7 @@ mod tests {
         let mut b = Bench::new();
         b.flood_via(&[2, 3]);
         b.sent();
-        b.core.t = b.t;
-        let ch = chan().id;
-        b.core.incoming_item(Incoming::Message {
-            from: b.client,
-            sender: NodeId(99),
-            msg: Message::Subscribe { channel: ch },
-            reliable: true,
-        });
+        b.subscribe(chan().id);
         let first = subscribes(&b.sent());
         assert_eq!(first.len(), 1, "one upstream subscription");
         let up = first[0];
@@ -1630,13 +1740,7 @@ mod tests {
     fn ten_percent_loss_is_no_reason_to_fail_over() {
         let mut b = Bench::new();
         b.flood_via(&[2, 3]);
-        b.core.t = b.t;
-        b.core.incoming_item(Incoming::Message {
-            from: b.client,
-            sender: NodeId(99),
-            msg: Message::Subscribe { channel: chan().id },
-            reliable: true,
-        });
+        b.subscribe(chan().id);
         assert_eq!(subscribes(&b.sent()).len(), 1);
         let mut rng = common::rng::Rng::seeded(10);
         for _ in 0..600 {

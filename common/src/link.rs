@@ -1,0 +1,341 @@
+//! The sans-IO half of a host's UDP transport: every datagram a host receives is fed to
+//! [`Link::handle_datagram`] and decoded once; reliable messages and acks go through the
+//! [`ReliableEndpoint`] (acks, duplicates, retransmission, RTT); what the application must
+//! handle comes out of [`Link::poll_incoming`] as [`Incoming`] items, in order; what must be
+//! sent comes out of [`Link::poll_transmit`], in the order it was decided.
+//!
+//! A `Link` reads no clock (every call that needs the time takes `now`) and owns no socket: a
+//! driver (the tokio [`Transport`](crate::transport::Transport), the relay's driver, or a
+//! simulation) moves datagrams between it and the network. Datagrams of another protocol
+//! version are dropped with one warning per peer; malformed ones are dropped and counted.
+
+use crate::id::NodeId;
+use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
+use crate::wire::{Body, Datagram, Message, OncePerPeer, WireError, PROTOCOL_VERSION};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// What a [`Link`] hands to the application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// A control message: reliable ones exactly once (in arrival order), unreliable ones as
+    /// they come.
+    Message {
+        /// Source address.
+        from: SocketAddr,
+        /// Sender id from the datagram header.
+        sender: NodeId,
+        /// The message.
+        msg: Message,
+        /// Whether it came through the reliable channel.
+        reliable: bool,
+    },
+    /// A video datagram.
+    Video {
+        /// Source address.
+        from: SocketAddr,
+        /// Sender id from the datagram header.
+        sender: NodeId,
+        /// The packet.
+        packet: crate::wire::VideoPacket,
+    },
+    /// A reliable message to `peer` was never acknowledged (see [`Event::TimedOut`]).
+    TimedOut {
+        /// The peer.
+        peer: SocketAddr,
+        /// The id [`Link::send_reliable`] returned.
+        id: u64,
+    },
+}
+
+/// Counters of a [`Link`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LinkStats {
+    /// The reliable channel's counters (including malformed and other-version datagrams).
+    pub reliable: ReliableStats,
+    /// Datagrams fed to [`Link::handle_datagram`].
+    pub datagrams_in: u64,
+    /// Datagrams handed out by [`Link::poll_transmit`].
+    pub datagrams_out: u64,
+}
+
+/// The decoding and reliable-delivery state of one host (all peers). See the module docs.
+#[derive(Debug)]
+pub struct Link {
+    endpoint: ReliableEndpoint,
+    other_version: OncePerPeer,
+    incoming: VecDeque<Incoming>,
+    transmit: VecDeque<(SocketAddr, Bytes)>,
+    stats: LinkStats,
+}
+
+impl Link {
+    /// A link for the process `local`, whose reliable messages carry `session` (random per
+    /// process start).
+    pub fn new(local: NodeId, session: u64, cfg: ReliableConfig) -> Link {
+        Link {
+            endpoint: ReliableEndpoint::new(local, session, cfg),
+            other_version: OncePerPeer::default(),
+            incoming: VecDeque::new(),
+            transmit: VecDeque::new(),
+            stats: LinkStats::default(),
+        }
+    }
+
+    /// Our node id (the sender of every datagram).
+    pub fn local(&self) -> NodeId {
+        self.endpoint.local()
+    }
+
+    /// The reliable session of this process.
+    pub fn session(&self) -> u64 {
+        self.endpoint.session()
+    }
+
+    /// Feeds one received datagram. What the application must handle is queued for
+    /// [`poll_incoming`](Self::poll_incoming); acks it calls for, for
+    /// [`poll_transmit`](Self::poll_transmit).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        self.stats.datagrams_in += 1;
+        match self.endpoint.handle_datagram(now, from, bytes) {
+            Ok(None) => {}
+            Ok(Some(d)) => {
+                let sender = d.header.sender;
+                match d.body {
+                    Body::Unreliable(msg) => self.incoming.push_back(Incoming::Message {
+                        from,
+                        sender,
+                        msg,
+                        reliable: false,
+                    }),
+                    Body::Video(packet) => self.incoming.push_back(Incoming::Video {
+                        from,
+                        sender,
+                        packet,
+                    }),
+                    // Consumed by the endpoint; never returned.
+                    Body::Reliable { .. } | Body::Ack { .. } => {}
+                }
+            }
+            Err(WireError::Version { got }) => {
+                if self.other_version.first(from) {
+                    warn!(peer = %from, peer_version = got, our_version = PROTOCOL_VERSION,
+                        "peer speaks another protocol version; its datagrams are dropped \
+                         (logged once per peer)");
+                }
+            }
+            Err(e) => {
+                debug!(peer = %from, len = bytes.len(), error = %e, "malformed datagram dropped")
+            }
+        }
+        self.collect();
+    }
+
+    /// Fires the reliable channel's due retransmissions and timeouts.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.endpoint.handle_timeout(now);
+        self.collect();
+    }
+
+    /// The reliable channel's next deadline (`None`: nothing in flight).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        self.endpoint.poll_timeout()
+    }
+
+    /// Sends `msg` reliably to `peer`; returns its message id (named again by
+    /// [`Incoming::TimedOut`] if it is never acknowledged).
+    pub fn send_reliable(
+        &mut self,
+        now: Instant,
+        peer: SocketAddr,
+        msg: Message,
+    ) -> Result<u64, WireError> {
+        let id = self.endpoint.send(now, peer, msg)?;
+        self.collect();
+        Ok(id)
+    }
+
+    /// Sends `msg` once, without acknowledgement.
+    pub fn send_unreliable(&mut self, peer: SocketAddr, msg: Message) -> Result<(), WireError> {
+        let bytes = Datagram::new(self.local(), Body::Unreliable(msg)).encode()?;
+        self.send_bytes(peer, bytes);
+        Ok(())
+    }
+
+    /// Sends an already encoded datagram (video is encoded once for every subscriber).
+    pub fn send_bytes(&mut self, peer: SocketAddr, bytes: Bytes) {
+        self.collect();
+        self.transmit.push_back((peer, bytes));
+    }
+
+    /// The RTT estimate of `peer` (`None` before the first sample).
+    pub fn rtt(&self, peer: SocketAddr) -> Option<RttEstimate> {
+        self.endpoint.rtt(peer)
+    }
+
+    /// Drops all reliable state about `peer` (declared dead); see
+    /// [`ReliableEndpoint::forget_peer`].
+    pub fn forget_peer(&mut self, peer: SocketAddr) {
+        self.endpoint.forget_peer(peer);
+    }
+
+    /// The next item for the application, in order.
+    pub fn poll_incoming(&mut self) -> Option<Incoming> {
+        self.incoming.pop_front()
+    }
+
+    /// Whether items wait in [`poll_incoming`](Self::poll_incoming).
+    pub fn has_incoming(&self) -> bool {
+        !self.incoming.is_empty()
+    }
+
+    /// The next datagram to send, in the order decided.
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
+        self.collect();
+        let t = self.transmit.pop_front()?;
+        self.stats.datagrams_out += 1;
+        Some(t)
+    }
+
+    /// The datagram [`poll_transmit`](Self::poll_transmit) would return next, left queued.
+    pub fn peek_transmit(&mut self) -> Option<(SocketAddr, &Bytes)> {
+        self.collect();
+        self.transmit.front().map(|(a, b)| (*a, b))
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> LinkStats {
+        let mut s = self.stats;
+        s.reliable = self.endpoint.stats();
+        s
+    }
+
+    /// Moves the endpoint's transmits (data, retransmissions, acks) and events into our
+    /// queues, keeping the order in which they were decided.
+    fn collect(&mut self) {
+        while let Some(t) = self.endpoint.poll_transmit() {
+            self.transmit.push_back(t);
+        }
+        while let Some(ev) = self.endpoint.poll_event() {
+            let item = match ev {
+                Event::Message {
+                    from, sender, msg, ..
+                } => Incoming::Message {
+                    from,
+                    sender,
+                    msg,
+                    reliable: true,
+                },
+                Event::TimedOut { peer, id } => Incoming::TimedOut { peer, id },
+                Event::Acked { .. } => continue,
+            };
+            self.incoming.push_back(item);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn addr(n: u8) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, n], 8010))
+    }
+
+    /// Two links exchanging everything they transmit, on a fake clock.
+    fn exchange(a: &mut Link, b: &mut Link, now: Instant) {
+        loop {
+            let mut moved = false;
+            while let Some((to, bytes)) = a.poll_transmit() {
+                assert_eq!(to, addr(2));
+                b.handle_datagram(now, addr(1), &bytes);
+                moved = true;
+            }
+            while let Some((to, bytes)) = b.poll_transmit() {
+                assert_eq!(to, addr(1));
+                a.handle_datagram(now, addr(2), &bytes);
+                moved = true;
+            }
+            if !moved {
+                break;
+            }
+        }
+    }
+
+    #[test]
+    fn reliable_and_unreliable_messages_arrive_once_and_acks_sample_the_rtt() {
+        let t0 = Instant::now();
+        let mut a = Link::new(NodeId(1), 11, ReliableConfig::default());
+        let mut b = Link::new(NodeId(2), 22, ReliableConfig::default());
+        let id = a.send_reliable(t0, addr(2), Message::ListChannels).unwrap();
+        a.send_unreliable(addr(2), Message::Ping { nonce: 5 })
+            .unwrap();
+        // Delivered 10 ms later, answered at once.
+        let t1 = t0 + Duration::from_millis(10);
+        exchange(&mut a, &mut b, t1);
+        let got: Vec<Incoming> = std::iter::from_fn(|| b.poll_incoming()).collect();
+        assert_eq!(
+            got,
+            vec![
+                Incoming::Message {
+                    from: addr(1),
+                    sender: NodeId(1),
+                    msg: Message::ListChannels,
+                    reliable: true
+                },
+                Incoming::Message {
+                    from: addr(1),
+                    sender: NodeId(1),
+                    msg: Message::Ping { nonce: 5 },
+                    reliable: false
+                },
+            ]
+        );
+        assert_eq!(id, 0);
+        assert!(a.rtt(addr(2)).is_some(), "the ack sampled the RTT");
+        assert!(a.poll_incoming().is_none());
+        assert_eq!(a.poll_timeout(), None, "nothing left in flight");
+    }
+
+    #[test]
+    fn garbage_and_other_versions_are_dropped_and_counted() {
+        let t0 = Instant::now();
+        let mut b = Link::new(NodeId(2), 22, ReliableConfig::default());
+        b.handle_datagram(t0, addr(1), &[0xff; 3]);
+        let mut other = Datagram::new(NodeId(1), Body::Unreliable(Message::ListChannels))
+            .encode()
+            .unwrap()
+            .to_vec();
+        other[2] = PROTOCOL_VERSION.wrapping_add(1);
+        b.handle_datagram(t0, addr(1), &other);
+        assert!(b.poll_incoming().is_none());
+        let s = b.stats();
+        assert_eq!(s.datagrams_in, 2);
+        assert_eq!(s.reliable.malformed + s.reliable.wrong_version, 2);
+    }
+
+    #[test]
+    fn an_unacknowledged_message_times_out() {
+        let t0 = Instant::now();
+        let mut a = Link::new(NodeId(1), 11, ReliableConfig::default());
+        let id = a.send_reliable(t0, addr(2), Message::ListChannels).unwrap();
+        let mut t = t0;
+        let mut timed_out = false;
+        for _ in 0..10_000 {
+            while a.poll_transmit().is_some() {}
+            let Some(d) = a.poll_timeout() else { break };
+            t = t.max(d);
+            a.handle_timeout(t);
+            if let Some(Incoming::TimedOut { peer, id: i }) = a.poll_incoming() {
+                assert_eq!((peer, i), (addr(2), id));
+                timed_out = true;
+                break;
+            }
+        }
+        assert!(timed_out);
+    }
+}
