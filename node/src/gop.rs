@@ -21,8 +21,8 @@
 //! Every decision about time uses the `Instant` passed in.
 
 use bytes::Bytes;
-use common::wire::{video_flags, Body, ChannelId, Datagram};
-use std::collections::{HashMap, VecDeque};
+use common::wire::{video_flags, Body, Datagram};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// Bounds of a [`GopCache`].
@@ -163,77 +163,6 @@ impl GopCache {
     }
 }
 
-/// The GOP caches of every channel a relay carries.
-#[derive(Debug, Clone, Default)]
-pub struct GopCaches {
-    cfg: GopConfig,
-    channels: HashMap<ChannelId, GopCache>,
-    /// Overflows of caches since removed.
-    overflows_removed: u64,
-}
-
-impl GopCaches {
-    /// No channel cached yet; each channel gets a [`GopCache`] with `cfg`.
-    pub fn new(cfg: GopConfig) -> GopCaches {
-        GopCaches {
-            cfg,
-            channels: HashMap::new(),
-            overflows_removed: 0,
-        }
-    }
-
-    /// See [`GopCache::push`].
-    pub fn push(
-        &mut self,
-        now: Instant,
-        channel: ChannelId,
-        seq: u64,
-        keyframe: bool,
-        datagram: Bytes,
-    ) -> Pushed {
-        let cfg = self.cfg;
-        self.channels
-            .entry(channel)
-            .or_insert_with(|| GopCache::new(cfg))
-            .push(now, seq, keyframe, datagram)
-    }
-
-    /// The cache of `channel`, if any.
-    pub fn get(&self, channel: ChannelId) -> Option<&GopCache> {
-        self.channels.get(&channel)
-    }
-
-    /// See [`GopCache::is_behind`] (false for a channel without cache).
-    pub fn is_behind(&self, channel: ChannelId, seq: u64) -> bool {
-        self.channels
-            .get(&channel)
-            .is_some_and(|c| c.is_behind(seq))
-    }
-
-    /// Forgets `channel` (it stopped flowing: its cache would be stale, and its sequence
-    /// numbers may restart).
-    pub fn remove(&mut self, channel: ChannelId) {
-        if let Some(c) = self.channels.remove(&channel) {
-            self.overflows_removed += c.overflows;
-        }
-    }
-
-    /// Bytes held over all channels.
-    pub fn bytes(&self) -> usize {
-        self.channels.values().map(GopCache::bytes).sum()
-    }
-
-    /// Datagrams held over all channels.
-    pub fn datagrams(&self) -> usize {
-        self.channels.values().map(GopCache::len).sum()
-    }
-
-    /// Overflows over all channels, ever.
-    pub fn overflows(&self) -> u64 {
-        self.overflows_removed + self.channels.values().map(GopCache::overflows).sum::<u64>()
-    }
-}
-
 /// A copy of an encoded video datagram with [`video_flags::FROM_CACHE`] set (header and every
 /// other field unchanged). `None` if `datagram` is not a video datagram.
 pub fn flag_from_cache(datagram: &[u8]) -> Option<Bytes> {
@@ -255,7 +184,7 @@ mod tests {
         Datagram::new(
             NodeId(7),
             Body::Video(VideoPacket {
-                channel: ChannelId::of_name("c"),
+                channel: common::wire::ChannelId::of_name("c"),
                 seq,
                 flags: if keyframe { video_flags::KEYFRAME } else { 0 },
                 payload: Bytes::from(vec![0x47; len]),
@@ -358,29 +287,6 @@ mod tests {
             c.push(t, s, false, dg(s, false, 10));
         }
         assert!(c.is_behind(59) && !c.is_behind(60));
-    }
-
-    #[test]
-    fn caches_per_channel_and_counts() {
-        let t = Instant::now();
-        let (a, b) = (ChannelId::of_name("a"), ChannelId::of_name("b"));
-        let mut all = GopCaches::new(cfg());
-        all.push(t, a, 0, true, dg(0, true, 10));
-        all.push(t, b, 0, true, dg(0, true, 20));
-        for s in 1..12 {
-            all.push(t, a, s, false, dg(s, false, 10));
-        }
-        assert_eq!(all.overflows(), 1);
-        assert_eq!(all.datagrams(), 1);
-        assert_eq!(all.bytes(), dg(0, true, 20).len());
-        all.remove(a);
-        assert_eq!(
-            all.overflows(),
-            1,
-            "overflows of removed caches still count"
-        );
-        assert!(all.get(a).is_none() && !all.is_behind(a, 0));
-        assert!(all.is_behind(b, 0));
     }
 
     #[test]

@@ -29,7 +29,7 @@
 //! # Video path and GOP cache
 //!
 //! Every video datagram a relay sends (its own channels' on a server, the forwarded ones on a
-//! node) is encoded once, pushed into the channel's [`GopCaches`](crate::gop::GopCaches) and sent to every subscriber.
+//! node) is encoded once, pushed into the channel's [`GopCache`](crate::gop::GopCache) and sent to every subscriber.
 //! A *new* subscriber of a channel first gets the cached GOP (from the last keyframe on, each
 //! datagram flagged [`video_flags::FROM_CACHE`](common::wire::video_flags::FROM_CACHE)) in the same task turn as its `Subscribe` is
 //! handled, so the next live datagram follows the burst with no gap and no duplicate. A node

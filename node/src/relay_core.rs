@@ -14,7 +14,7 @@
 //! described in [`crate::relay`].
 
 use crate::choice;
-use crate::gop::{flag_from_cache, GopCaches, GopConfig, Pushed};
+use crate::gop::{flag_from_cache, GopCache, GopConfig, Pushed};
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
@@ -236,6 +236,36 @@ struct Tracked {
     tracker: NackTracker,
 }
 
+/// Everything the core keeps about one channel (its subscribers and primary upstream are in
+/// [`Subscriptions`]). Created when the channel is first heard of; the fields of a received
+/// channel are emptied when it stops being received.
+#[derive(Default)]
+struct Channel {
+    /// Its name (for listing while routes are gone but video still flows).
+    name: Option<String>,
+    /// The neighbour of its best route, as last logged.
+    best_via: Option<SocketAddr>,
+    /// Next seq of a local channel (servers).
+    local_seq: u64,
+    /// The catastrophic fallback in force, if any.
+    fallback: Option<Fallback>,
+    /// Former upstream, accepted until the new one's first datagram.
+    previous: Option<SocketAddr>,
+    /// The secondary upstream (`redundancy` 2).
+    secondary: Option<Secondary>,
+    /// The primary upstream's last datagram (stall detection).
+    last_video: Option<Instant>,
+    /// Our last `Subscribe` to the primary upstream.
+    last_subscribe: Option<Instant>,
+    /// Gap tracking of the current upstream (the address it tracks, the RTT last fed to it).
+    /// With `recovery`, or `redundancy` 2 (for the merge).
+    tracker: Option<Tracked>,
+    /// What we sent recently, to answer NACKs. Only with `recovery`.
+    retx: Option<RetransmitBuffer>,
+    /// The current GOP, for a new subscriber's instant start.
+    gop: Option<GopCache>,
+}
+
 /// One datagram to send: the same encoded `Bytes` to each of `to` (a video datagram to every
 /// subscriber of its channel, or a control datagram to one peer).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,35 +290,22 @@ pub struct RelayCore {
     subs: Subscriptions,
     origin: FloodOrigin,
     local: Vec<ChannelInfo>,
-    local_seq: HashMap<ChannelId, u64>,
-    /// Names of channels we carry (for listing while routes are gone but video still flows).
-    names: HashMap<ChannelId, String>,
+    /// Per channel heard of, everything we keep about it (see [`Channel`]); its subscribers
+    /// and primary upstream are in `subs`.
+    channels: HashMap<ChannelId, Channel>,
+    /// Overflows of GOP caches since removed (for the stats).
+    gop_overflows_removed: u64,
     link_cost: HashMap<SocketAddr, Duration>,
     /// Events for the driver ([`Event`]).
     events: VecDeque<Event>,
-    fallback: HashMap<ChannelId, Fallback>,
-    /// Former upstream per channel, accepted until the new one's first datagram.
-    previous: HashMap<ChannelId, SocketAddr>,
-    last_video: HashMap<ChannelId, Instant>,
-    last_subscribe: HashMap<ChannelId, Instant>,
     /// Rate limit of `Unsubscribe`s to peers that send unwanted video.
     unwanted: HashMap<(ChannelId, SocketAddr), Instant>,
-    best_via: HashMap<ChannelId, SocketAddr>,
     next_flood: Instant,
     next_ping: Instant,
     next_heartbeat: Instant,
     next_stats: Instant,
     nonce: u64,
     stats: RelayStats,
-    /// The current GOP of every channel we send.
-    gop: GopCaches,
-    /// Per channel we send, what we sent recently (to answer NACKs). Only with `recovery`.
-    retx: HashMap<ChannelId, RetransmitBuffer>,
-    /// Per channel we receive, gap tracking of its current upstream (the address it tracks,
-    /// the RTT last fed to it). With `recovery`, or `redundancy` 2 (for the merge).
-    trackers: HashMap<ChannelId, Tracked>,
-    /// Per channel, its secondary upstream (`redundancy` 2).
-    secondary: HashMap<ChannelId, Secondary>,
     /// A switch of `channel` to `to` that is the promotion of its secondary, with the time of
     /// the secondary's last datagram (read by `apply`).
     promoting: Option<(ChannelId, SocketAddr, Option<Instant>)>,
@@ -333,26 +350,17 @@ impl RelayCore {
             subs: Subscriptions::new(cfg.subscriber_timeout),
             origin: FloodOrigin::new(me, first_seq),
             local: Vec::new(),
-            local_seq: HashMap::new(),
-            names: HashMap::new(),
+            channels: HashMap::new(),
+            gop_overflows_removed: 0,
             link_cost: HashMap::new(),
             events: VecDeque::new(),
-            fallback: HashMap::new(),
-            previous: HashMap::new(),
-            last_video: HashMap::new(),
-            last_subscribe: HashMap::new(),
             unwanted: HashMap::new(),
-            best_via: HashMap::new(),
             next_flood: t,
             next_ping: t,
             next_heartbeat: t,
             next_stats: t + cfg.flood_interval,
             nonce: 0,
             stats: RelayStats::default(),
-            gop: GopCaches::new(cfg.gop),
-            retx: HashMap::new(),
-            trackers: HashMap::new(),
-            secondary: HashMap::new(),
             promoting: None,
             fast: Vec::new(),
             next_fast_heartbeat: t,
@@ -399,6 +407,27 @@ impl RelayCore {
     /// This host's id and address.
     pub fn me(&self) -> PathHop {
         self.me
+    }
+
+    /// The state of `channel`, created on first use.
+    fn ch(&mut self, channel: ChannelId) -> &mut Channel {
+        self.channels.entry(channel).or_default()
+    }
+
+    /// The state of `channel`, if it was ever heard of.
+    fn chan(&self, channel: ChannelId) -> Option<&Channel> {
+        self.channels.get(&channel)
+    }
+
+    /// Forgets what was sent of `channel` (GOP cache, retransmission buffer): it stopped
+    /// flowing, and its sequence numbers may restart.
+    fn forget_sent(&mut self, channel: ChannelId) {
+        let c = self.ch(channel);
+        let gop = c.gop.take();
+        c.retx = None;
+        if let Some(g) = gop {
+            self.gop_overflows_removed += g.overflows();
+        }
     }
 
     /// The bootstrapper pushed a new neighbour list (the topology was edited): a new
@@ -449,21 +478,24 @@ impl RelayCore {
             channels.truncate(limits::CHANNELS);
         }
         for c in &channels {
-            self.names.insert(c.id, c.name.clone());
+            self.ch(c.id).name = Some(c.name.clone());
         }
         let ids: Vec<ChannelId> = channels.iter().map(|c| c.id).collect();
         info!(channels = ?channels.iter().map(|c| &c.name).collect::<Vec<_>>(), "local channels");
-        for old in &self.local {
-            if !ids.contains(&old.id) {
-                self.gop.remove(old.id);
-                self.retx.remove(&old.id);
-            }
+        let gone: Vec<ChannelId> = self
+            .local
+            .iter()
+            .map(|c| c.id)
+            .filter(|id| !ids.contains(id))
+            .collect();
+        for id in gone {
+            self.forget_sent(id);
         }
         self.local = channels;
         let actions = self.subs.set_local(&ids);
         for id in &ids {
-            self.fallback.remove(id);
-            self.previous.remove(id);
+            self.ch(*id).fallback = None;
+            self.ch(*id).previous = None;
             self.drop_tracker(*id);
         }
         self.apply(actions);
@@ -476,16 +508,28 @@ impl RelayCore {
         let mut s = self.stats.clone();
         s.floods = self.routing.stats();
         s.routes = self.routing.routes().count();
-        s.gop_overflows = self.gop.overflows();
-        s.gop_bytes_cached = self.gop.bytes();
-        s.gop_datagrams_cached = self.gop.datagrams();
+        let gops = || self.channels.values().filter_map(|c| c.gop.as_ref());
+        s.gop_overflows = self.gop_overflows_removed + gops().map(GopCache::overflows).sum::<u64>();
+        s.gop_bytes_cached = gops().map(GopCache::bytes).sum();
+        s.gop_datagrams_cached = gops().map(GopCache::len).sum();
         s.given_up += self
-            .trackers
+            .channels
             .values()
+            .filter_map(|c| c.tracker.as_ref())
             .map(|t| t.tracker.stats().given_up)
             .sum::<u64>();
-        s.retransmit_datagrams = self.retx.values().map(RetransmitBuffer::len).sum();
-        s.secondaries = self.secondary.iter().map(|(c, s)| (*c, s.addr)).collect();
+        s.retransmit_datagrams = self
+            .channels
+            .values()
+            .filter_map(|c| c.retx.as_ref())
+            .map(RetransmitBuffer::len)
+            .sum();
+        s.secondaries = self
+            .channels
+            .iter()
+            .filter_map(|(k, c)| c.secondary.as_ref().map(|v| (k, v)))
+            .map(|(c, s)| (*c, s.addr))
+            .collect();
         for (ch, (subs, up)) in self.subs.snapshot() {
             s.subscribers.insert(ch, subs);
             if let Some(up) = up {
@@ -520,7 +564,7 @@ impl RelayCore {
             self.stats.malformed += 1;
             return;
         }
-        let seq = self.local_seq.entry(channel).or_insert(0);
+        let seq = &mut self.ch(channel).local_seq;
         let packet = VideoPacket {
             channel,
             seq: *seq,
@@ -547,7 +591,12 @@ impl RelayCore {
 
     /// Records a datagram about to be sent in the channel's GOP cache.
     fn cache(&mut self, t: Instant, channel: ChannelId, seq: u64, keyframe: bool, bytes: Bytes) {
-        if self.gop.push(t, channel, seq, keyframe, bytes) == Pushed::Overflow {
+        let cfg = self.cfg.gop;
+        let cache = self
+            .ch(channel)
+            .gop
+            .get_or_insert_with(|| GopCache::new(cfg));
+        if cache.push(t, seq, keyframe, bytes) == Pushed::Overflow {
             debug!(%channel, seq, "GOP larger than the cache; not cached until the next keyframe");
         }
     }
@@ -558,17 +607,17 @@ impl RelayCore {
         if !self.cfg.recovery {
             return;
         }
-        let cfg = &self.cfg.retransmit;
-        self.retx
-            .entry(channel)
-            .or_insert_with(|| RetransmitBuffer::new(cfg.clone()))
+        let cfg = self.cfg.retransmit.clone();
+        self.ch(channel)
+            .retx
+            .get_or_insert_with(|| RetransmitBuffer::new(cfg))
             .insert(t, seq, bytes.clone());
     }
 
     /// Forgets the gap tracking of `channel` (its upstream changed or went away); what it was
     /// still missing counts as given up.
     fn drop_tracker(&mut self, channel: ChannelId) {
-        if let Some(mut t) = self.trackers.remove(&channel) {
+        if let Some(mut t) = self.ch(channel).tracker.take() {
             t.tracker.reset();
             self.stats.given_up += t.tracker.stats().given_up;
         }
@@ -580,18 +629,21 @@ impl RelayCore {
         if !self.tracking() {
             return true;
         }
-        let from_secondary = self.secondary.get(&channel).is_some_and(|s| s.addr == from);
+        let from_secondary = self
+            .chan(channel)
+            .and_then(|c| c.secondary.as_ref())
+            .is_some_and(|s| s.addr == from);
         if !from_secondary
             && self
-                .trackers
-                .get(&channel)
+                .chan(channel)
+                .and_then(|c| c.tracker.as_ref())
                 .is_some_and(|tr| tr.upstream != from)
         {
             self.drop_tracker(channel);
         }
         let srtt = self.link_cost.get(&from).copied();
         let deadline = self.cfg.recovery_deadline;
-        let tr = self.trackers.entry(channel).or_insert_with(|| {
+        let tr = self.ch(channel).tracker.get_or_insert_with(|| {
             let mut tracker = NackTracker::new(NackConfig {
                 deadline,
                 ..NackConfig::default()
@@ -626,7 +678,7 @@ impl RelayCore {
             }
             Arrival::Reset => {
                 self.stats.recovery_resets += 1;
-                if let Some(b) = self.retx.get_mut(&channel) {
+                if let Some(b) = self.ch(channel).retx.as_mut() {
                     b.clear();
                 }
                 true
@@ -650,7 +702,7 @@ impl RelayCore {
         }
         self.stats.nacks_in += 1;
         self.stats.nack_seqs_in += seqs.len().min(limits::NACK_SEQS) as u64;
-        let Some(buf) = self.retx.get_mut(&channel) else {
+        let Some(buf) = self.ch(channel).retx.as_mut() else {
             return;
         };
         for (_, bytes) in buf.handle_nack(t, sender, seqs) {
@@ -675,12 +727,16 @@ impl RelayCore {
         if !self.tracking() {
             return;
         }
-        for b in self.retx.values_mut() {
+        for b in self.channels.values_mut().filter_map(|c| c.retx.as_mut()) {
             b.expire(t);
         }
         let mut out: Vec<(SocketAddr, ChannelId, Vec<u64>)> = Vec::new();
         let mut stale = Vec::new();
-        for (&ch, tr) in self.trackers.iter_mut() {
+        for (&ch, tr) in self
+            .channels
+            .iter_mut()
+            .filter_map(|(k, c)| c.tracker.as_mut().map(|v| (k, v)))
+        {
             if self.subs.upstream(ch) != Some(Upstream::Node(tr.upstream)) {
                 stale.push(ch);
                 continue;
@@ -706,7 +762,7 @@ impl RelayCore {
     /// be called in the same task turn as the subscription is recorded, before the next live
     /// datagram, so that burst and live are contiguous.
     fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
-        let Some(cache) = self.gop.get(channel) else {
+        let Some(cache) = self.chan(channel).and_then(|c| c.gop.as_ref()) else {
             return;
         };
         let burst: Vec<Bytes> = cache.burst(t).filter_map(|b| flag_from_cache(b)).collect();
@@ -857,11 +913,12 @@ impl RelayCore {
         }
         let mut changed = false;
         for info in &flood.channels {
-            self.names
-                .entry(info.id)
-                .or_insert_with(|| info.name.clone());
+            let c = self.ch(info.id);
+            if c.name.is_none() {
+                c.name = Some(info.name.clone());
+            }
             if let Some(best) = self.routing.best_route(info.id, &[]) {
-                match self.best_via.insert(info.id, best.via) {
+                match self.ch(info.id).best_via.replace(best.via) {
                     None => info!(channel = %info.id, name = %info.name, via = %best.via,
                         cost_us = best.cost_us, hops = best.hops, "channel available"),
                     // Equal-cost paths trade places as RTTs wobble: that changes nothing we do
@@ -895,7 +952,7 @@ impl RelayCore {
         }
         // Channels still flowing to us (e.g. through a fallback) while their routes are gone.
         for (ch, _) in self.subs.snapshot() {
-            if let Some(name) = self.names.get(&ch) {
+            if let Some(name) = self.chan(ch).and_then(|c| c.name.as_ref()) {
                 all.entry(ch).or_insert_with(|| name.clone());
             }
         }
@@ -924,12 +981,15 @@ impl RelayCore {
         let ch = packet.channel;
         let accepted = match self.subs.upstream(ch) {
             Some(Upstream::Node(u)) if u == from => {
-                self.previous.remove(&ch);
+                self.ch(ch).previous = None;
                 true
             }
             Some(Upstream::Node(_)) => {
-                self.previous.get(&ch) == Some(&from)
-                    || self.secondary.get(&ch).is_some_and(|s| s.addr == from)
+                self.chan(ch).and_then(|c| c.previous.as_ref()) == Some(&from)
+                    || self
+                        .chan(ch)
+                        .and_then(|c| c.secondary.as_ref())
+                        .is_some_and(|s| s.addr == from)
             }
             _ => false,
         };
@@ -952,17 +1012,22 @@ impl RelayCore {
             }
             return;
         }
-        let from_secondary = match self.secondary.get_mut(&ch) {
+        let from_secondary = match self.ch(ch).secondary.as_mut() {
             Some(s) if s.addr == from => {
                 s.last_video = Some(t);
                 true
             }
             _ => {
-                self.last_video.insert(ch, t);
+                self.ch(ch).last_video = Some(t);
                 false
             }
         };
-        if packet.flags & video_flags::FROM_CACHE != 0 && self.gop.is_behind(ch, packet.seq) {
+        if packet.flags & video_flags::FROM_CACHE != 0
+            && self
+                .chan(ch)
+                .and_then(|c| c.gop.as_ref())
+                .is_some_and(|g| g.is_behind(packet.seq))
+        {
             // A new upstream's burst overlapping what we already forwarded.
             self.stats.gop_behind += 1;
             return;
@@ -998,13 +1063,10 @@ impl RelayCore {
                     // the merge goes on (no new Subscribe, the tracker keeps its state).
                     let last = self.promoting.take().and_then(|(_, _, l)| l);
                     info!(%channel, upstream = %up, "subscribe upstream");
-                    self.last_subscribe.insert(channel, t);
-                    match last {
-                        Some(l) => self.last_video.insert(channel, l),
-                        None => self.last_video.remove(&channel),
-                    };
+                    self.ch(channel).last_subscribe = Some(t);
+                    self.ch(channel).last_video = last;
                     let srtt = self.link_cost.get(&up).copied();
-                    if let Some(tr) = self.trackers.get_mut(&channel) {
+                    if let Some(tr) = self.ch(channel).tracker.as_mut() {
                         tr.upstream = up;
                         if let Some(r) = srtt {
                             tr.srtt = Some(r);
@@ -1016,8 +1078,8 @@ impl RelayCore {
                     info!(%channel, upstream = %up, "subscribe upstream");
                     // A new upstream (maybe another replica, another seq space).
                     self.drop_tracker(channel);
-                    self.last_subscribe.insert(channel, t);
-                    self.last_video.remove(&channel);
+                    self.ch(channel).last_subscribe = Some(t);
+                    self.ch(channel).last_video = None;
                     if !self.routing.is_neighbour(up) {
                         self.routing.watch(t, up);
                     }
@@ -1026,16 +1088,15 @@ impl RelayCore {
                 SubAction::Unsubscribe(channel, up) => {
                     info!(%channel, upstream = %up, "unsubscribe upstream");
                     if !self.subs.is_watched(channel) {
-                        self.gop.remove(channel);
-                        self.retx.remove(&channel);
+                        self.forget_sent(channel);
                     }
                     if self.subs.upstream(channel).is_none() {
                         self.drop_tracker(channel);
                         self.drop_secondary(channel, "channel not received");
-                        self.fallback.remove(&channel);
-                        self.previous.remove(&channel);
-                        self.last_subscribe.remove(&channel);
-                        self.last_video.remove(&channel);
+                        self.ch(channel).fallback = None;
+                        self.ch(channel).previous = None;
+                        self.ch(channel).last_subscribe = None;
+                        self.ch(channel).last_video = None;
                     }
                     if self.routing.is_alive(up) {
                         self.out_reliable(up, Message::Unsubscribe { channel });
@@ -1044,8 +1105,7 @@ impl RelayCore {
                 SubAction::LocalDemand(channel, watched) => {
                     info!(%channel, watched, "local demand");
                     if !watched {
-                        self.gop.remove(channel);
-                        self.retx.remove(&channel);
+                        self.forget_sent(channel);
                     }
                     self.events
                         .push_back(Event::LocalDemand { channel, watched });
@@ -1058,7 +1118,12 @@ impl RelayCore {
     /// Every host that feeds us a channel: primary and secondary upstreams.
     fn feeding_hosts(&self) -> BTreeSet<SocketAddr> {
         let mut ups = self.subs.upstream_hosts();
-        ups.extend(self.secondary.values().map(|s| s.addr));
+        ups.extend(
+            self.channels
+                .values()
+                .filter_map(|c| c.secondary.as_ref())
+                .map(|s| s.addr),
+        );
         ups
     }
 
@@ -1076,7 +1141,7 @@ impl RelayCore {
 
     /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
     fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
-        let Some(s) = self.secondary.remove(&channel) else {
+        let Some(s) = self.ch(channel).secondary.take() else {
             return;
         };
         info!(%channel, upstream = %s.addr, reason, "unsubscribe secondary");
@@ -1107,20 +1172,28 @@ impl RelayCore {
         if self.cfg.redundancy < 2 {
             return;
         }
-        let mut chans: Vec<ChannelId> = self.secondary.keys().copied().collect();
+        let mut chans: Vec<ChannelId> = self
+            .channels
+            .iter()
+            .filter(|(_, c)| c.secondary.is_some())
+            .map(|(k, _)| k)
+            .copied()
+            .collect();
         chans.extend(self.subs.wanted());
         chans.sort();
         chans.dedup();
         for ch in chans {
             let primary = match self.subs.upstream(ch) {
-                Some(Upstream::Node(p)) if !self.fallback.contains_key(&ch) => Some(p),
+                Some(Upstream::Node(p)) if self.chan(ch).is_none_or(|c| c.fallback.is_none()) => {
+                    Some(p)
+                }
                 _ => None,
             };
             let Some(primary) = primary.filter(|_| self.subs.is_watched(ch)) else {
                 self.drop_secondary(ch, "no primary");
                 continue;
             };
-            if let Some(s) = self.secondary.get(&ch).copied() {
+            if let Some(s) = self.chan(ch).and_then(|c| c.secondary.as_ref()).copied() {
                 let keep = s.addr != primary
                     && self.routing.is_alive(s.addr)
                     && !self.subs.is_subscriber(s.addr, ch)
@@ -1136,14 +1209,11 @@ impl RelayCore {
             info!(channel = %ch, upstream = %route.via, disjoint, cost_us = route.cost_us,
                 "subscribe secondary");
             self.stats.secondary_subscribes += 1;
-            self.secondary.insert(
-                ch,
-                Secondary {
-                    addr: route.via,
-                    subscribed: t,
-                    last_video: None,
-                },
-            );
+            self.ch(ch).secondary.replace(Secondary {
+                addr: route.via,
+                subscribed: t,
+                last_video: None,
+            });
             self.unwatch_unused(t);
             self.out_reliable(route.via, Message::Subscribe { channel: ch });
         }
@@ -1168,22 +1238,24 @@ impl RelayCore {
         }
         let mut actions = self.subs.set_upstream(channel, Some(to));
         let mut swapped = false;
-        if self.secondary.get(&channel).is_some_and(|s| s.addr == to) {
+        if self
+            .chan(channel)
+            .and_then(|c| c.secondary.as_ref())
+            .is_some_and(|s| s.addr == to)
+        {
             self.stats.promotions += 1;
-            let sec = self.secondary.remove(&channel);
+            let sec = self.ch(channel).secondary.take();
             self.promoting = Some((channel, to, sec.and_then(|s| s.last_video)));
             // A live former primary stays on as the secondary (the two swap roles).
             if let Some(f) = from.filter(|f| self.routing.is_alive(*f)) {
                 actions.retain(|a| *a != SubAction::Unsubscribe(channel, f));
-                let last_video = self.last_video.get(&channel).copied();
-                self.secondary.insert(
-                    channel,
-                    Secondary {
-                        addr: f,
-                        subscribed: self.t,
-                        last_video,
-                    },
-                );
+                let subscribed = self.t;
+                let c = self.ch(channel);
+                c.secondary = Some(Secondary {
+                    addr: f,
+                    subscribed,
+                    last_video: c.last_video,
+                });
                 swapped = true;
             }
         }
@@ -1191,10 +1263,10 @@ impl RelayCore {
             info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
             self.stats.resubscriptions += 1;
             if !swapped && self.routing.is_alive(f) {
-                self.previous.insert(channel, f);
+                self.ch(channel).previous = Some(f);
             }
         }
-        self.fallback.remove(&channel);
+        self.ch(channel).fallback = None;
         self.apply(actions);
     }
 
@@ -1205,27 +1277,31 @@ impl RelayCore {
         let actions = self.subs.drop_peer(peer);
         self.apply(actions);
         let lost_secondaries: Vec<ChannelId> = self
-            .secondary
+            .channels
             .iter()
-            .filter(|(_, s)| s.addr == peer)
-            .map(|(c, _)| *c)
+            .filter(|(_, c)| c.secondary.is_some_and(|s| s.addr == peer))
+            .map(|(id, _)| *id)
             .collect();
         for ch in lost_secondaries {
             warn!(channel = %ch, upstream = %peer, reason, "secondary lost");
-            self.secondary.remove(&ch);
+            self.ch(ch).secondary = None;
         }
         self.unwatch_unused(t);
         for ch in self.subs.fed_by(peer) {
             self.stats.upstream_losses += 1;
             warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
-            self.previous.remove(&ch);
+            self.ch(ch).previous = None;
             self.heal(t, ch, peer);
         }
     }
 
     /// Finds a new upstream for `channel`, whose upstream `dead` died.
     fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
-        if let Some(s) = self.secondary.get(&channel).copied() {
+        if let Some(s) = self
+            .chan(channel)
+            .and_then(|c| c.secondary.as_ref())
+            .copied()
+        {
             if s.addr != dead && self.routing.is_alive(s.addr) {
                 let cost = self
                     .routing
@@ -1242,7 +1318,7 @@ impl RelayCore {
         // Catastrophic: no neighbour has a route. Go to the dead node's own upstream, taken
         // from the last flood path seen through it (or, if the dead one was itself a fallback
         // parent, from the path that fallback came from).
-        let path = match self.fallback.get(&channel) {
+        let path = match self.chan(channel).and_then(|c| c.fallback.as_ref()) {
             Some(fb) if fb.parent == dead => Some(fb.path.clone()),
             _ => self.routing.upstream_of(dead, channel),
         };
@@ -1255,19 +1331,16 @@ impl RelayCore {
                 self.stats.fallbacks += 1;
                 self.routing.watch(t, p.addr);
                 let actions = self.subs.set_upstream(channel, Some(p.addr));
-                self.fallback.insert(
-                    channel,
-                    Fallback {
-                        path,
-                        parent: p.addr,
-                    },
-                );
+                self.ch(channel).fallback.replace(Fallback {
+                    path,
+                    parent: p.addr,
+                });
                 self.apply(actions);
             }
             _ => {
                 warn!(%channel, dead = %dead, "no route");
                 let actions = self.subs.set_upstream(channel, None);
-                self.fallback.remove(&channel);
+                self.ch(channel).fallback = None;
                 self.apply(actions);
             }
         }
@@ -1296,7 +1369,7 @@ impl RelayCore {
                     if b.via == u {
                         continue;
                     }
-                    if self.fallback.contains_key(&ch) {
+                    if self.chan(ch).is_some_and(|c| c.fallback.is_some()) {
                         self.switch(ch, b.via, b.cost_us, "normal route back");
                         continue;
                     }
@@ -1323,9 +1396,9 @@ impl RelayCore {
     /// checks (every [`RelayConfig::tick`]) or, sooner, a NACK due from a channel's
     /// [`NackTracker`] (so a gap is NACKed when its reorder delay ends, not on the next tick).
     pub fn poll_timeout(&self) -> Instant {
-        self.trackers
+        self.channels
             .values()
-            .filter_map(|tr| tr.tracker.poll_timeout())
+            .filter_map(|c| c.tracker.as_ref()?.tracker.poll_timeout())
             .chain(self.link.poll_timeout())
             .fold(self.next_tick, Instant::min)
     }
@@ -1454,7 +1527,11 @@ impl RelayCore {
     fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
         self.link_cost.insert(p, srtt.max(Duration::from_micros(1)));
         self.routing.rtt_sample(p, srtt, rttvar);
-        for tr in self.trackers.values_mut() {
+        for tr in self
+            .channels
+            .values_mut()
+            .filter_map(|c| c.tracker.as_mut())
+        {
             if tr.upstream == p && tr.srtt != Some(srtt) {
                 tr.srtt = Some(srtt);
                 tr.tracker.set_rtt(srtt);
@@ -1505,20 +1582,23 @@ impl RelayCore {
         let mut stalled = Vec::new();
         for ch in self.subs.wanted() {
             if let Some(Upstream::Node(u)) = self.subs.upstream(ch) {
-                let quiet = self
-                    .last_video
-                    .get(&ch)
-                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
-                let not_recent = self
-                    .last_subscribe
-                    .get(&ch)
-                    .is_none_or(|l| t.saturating_duration_since(*l) >= after);
+                let c = self.chan(ch);
+                let quiet = c
+                    .and_then(|c| c.last_video)
+                    .is_none_or(|l| t.saturating_duration_since(l) >= after);
+                let not_recent = c
+                    .and_then(|c| c.last_subscribe)
+                    .is_none_or(|l| t.saturating_duration_since(l) >= after);
                 if quiet && not_recent && self.routing.is_alive(u) {
                     stalled.push((ch, u));
                 }
             }
         }
-        for (ch, s) in self.secondary.iter_mut() {
+        for (ch, s) in self
+            .channels
+            .iter_mut()
+            .filter_map(|(k, c)| c.secondary.as_mut().map(|v| (k, v)))
+        {
             let quiet = s
                 .last_video
                 .is_none_or(|l| t.saturating_duration_since(l) >= after);
@@ -1529,7 +1609,7 @@ impl RelayCore {
         }
         for (channel, u) in stalled {
             debug!(%channel, upstream = %u, "no video lately; subscribe again");
-            self.last_subscribe.insert(channel, t);
+            self.ch(channel).last_subscribe = Some(t);
             self.out_reliable(u, Message::Subscribe { channel });
         }
     }
