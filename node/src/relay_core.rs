@@ -51,8 +51,6 @@ pub struct RelayConfig {
     /// How often one of the heartbeats to a live peer is sent reliably instead, so that its
     /// acknowledgement feeds the RTT estimate (link cost, liveness timeout). Default 500 ms.
     pub ping_interval: Duration,
-    /// Granularity of the timers (expiry, death detection, reconciliation). Default 25 ms.
-    pub tick: Duration,
     /// An upstream that sent nothing of a channel for this long is sent `Subscribe` again (it
     /// may have lost our subscription). Default 2 s.
     pub resubscribe_after: Duration,
@@ -91,7 +89,6 @@ impl Default for RelayConfig {
             failure: RoutingConfig::default().failure,
             subscriber_timeout: Duration::from_secs(5),
             ping_interval: Duration::from_millis(500),
-            tick: Duration::from_millis(25),
             resubscribe_after: Duration::from_secs(2),
             switch_percent: 80,
             switch_min_gain: Duration::from_millis(2),
@@ -312,8 +309,9 @@ pub struct RelayCore {
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
     fast: Vec<SocketAddr>,
     next_fast_heartbeat: Instant,
-    /// When the periodic checks (`housekeeping`) are next due.
-    next_tick: Instant,
+    /// When the periodic checks (`housekeeping`) are next due: the earliest of their
+    /// deadlines ([`RelayCore::housekeeping_deadline`]).
+    next_housekeeping: Instant,
 }
 
 impl RelayCore {
@@ -364,7 +362,7 @@ impl RelayCore {
             promoting: None,
             fast: Vec::new(),
             next_fast_heartbeat: t,
-            next_tick: t,
+            next_housekeeping: t,
             cfg,
         }
     }
@@ -392,10 +390,16 @@ impl RelayCore {
         self.drain_link();
     }
 
-    /// Hands what the link decoded (and reliable timeouts) to the decisions.
+    /// Hands what the link decoded (and reliable timeouts) to the decisions; after anything
+    /// but video, the periodic checks' deadline is recomputed.
     fn drain_link(&mut self) {
+        let mut control = false;
         while let Some(item) = self.link.poll_incoming() {
+            control |= !matches!(item, Incoming::Video { .. });
             self.incoming_item(item);
+        }
+        if control {
+            self.refresh_deadline();
         }
     }
 
@@ -459,6 +463,7 @@ impl RelayCore {
             self.flood_if_due(t);
         }
         self.reconcile(t);
+        self.refresh_deadline();
     }
 
     // ----- commands from the handle -------------------------------------------------------
@@ -501,6 +506,7 @@ impl RelayCore {
         self.apply(actions);
         self.next_flood = self.t;
         self.flood_if_due(self.t);
+        self.refresh_deadline();
     }
 
     /// The counters and subscription state.
@@ -1392,15 +1398,45 @@ impl RelayCore {
 
     // ----- timers -------------------------------------------------------------------------
 
-    /// When the driver must call [`handle_timeout`](Self::handle_timeout) next: the periodic
-    /// checks (every [`RelayConfig::tick`]) or, sooner, a NACK due from a channel's
-    /// [`NackTracker`] (so a gap is NACKed when its reorder delay ends, not on the next tick).
+    /// When the driver must call [`handle_timeout`](Self::handle_timeout) next: the earliest
+    /// real deadline, the periodic checks' ([`housekeeping_deadline`](Self::housekeeping_deadline))
+    /// or, sooner, a NACK due from a channel's [`NackTracker`] or a retransmission of the
+    /// reliable channel. There is no fixed tick.
     pub fn poll_timeout(&self) -> Instant {
         self.channels
             .values()
             .filter_map(|c| c.tracker.as_ref()?.tracker.poll_timeout())
             .chain(self.link.poll_timeout())
-            .fold(self.next_tick, Instant::min)
+            .fold(self.next_housekeeping, Instant::min)
+    }
+
+    /// The earliest deadline of the periodic checks: our next flood (servers), heartbeat
+    /// round, fast heartbeat (upstreams in use), a peer's death if it stays silent, a route's
+    /// or a subscriber's expiry, the end of a hold-down, a stalled upstream's resubscription,
+    /// the flood statistics line. In the past if one of them is overdue.
+    fn housekeeping_deadline(&self) -> Instant {
+        let t = self.t;
+        [
+            Some(self.next_stats),
+            Some(self.next_heartbeat),
+            (!self.local.is_empty()).then_some(self.next_flood),
+            (!self.fast.is_empty()).then_some(self.next_fast_heartbeat),
+            self.routing.poll_timeout(),
+            self.routing.next_expiry(),
+            self.routing.next_hold_down_end(t),
+            self.subs.next_expiry(),
+            self.next_stall(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(self.next_heartbeat)
+    }
+
+    /// Recomputes when the periodic checks are due, after an event that may have brought a
+    /// deadline closer (a control message, a timeout, a command). Video does not.
+    fn refresh_deadline(&mut self) {
+        self.next_housekeeping = self.housekeeping_deadline();
     }
 
     /// Timers due at `now`: the reliable channel's retransmissions, the periodic checks if
@@ -1409,8 +1445,13 @@ impl RelayCore {
         self.t = now;
         self.link.handle_timeout(now);
         self.drain_link();
-        if self.t >= self.next_tick {
+        if self.t >= self.next_housekeeping {
             self.housekeeping();
+            // Every deadline the checks handle lies ahead now; the floor only guards against
+            // a check that would stay overdue (which would make the driver spin).
+            let next = self.housekeeping_deadline();
+            debug_assert!(next > self.t, "a periodic check stayed overdue");
+            self.next_housekeeping = next.max(self.t + Duration::from_millis(1));
         } else {
             let t = self.t;
             self.poll_nacks(t);
@@ -1419,7 +1460,6 @@ impl RelayCore {
 
     fn housekeeping(&mut self) {
         let t = self.t;
-        self.next_tick = t + self.cfg.tick.max(Duration::from_millis(1));
         self.routing.set_load(self.subs.load());
         self.routing.expire(t);
         for peer in self.routing.poll_dead(t) {
@@ -1442,12 +1482,7 @@ impl RelayCore {
             self.fast_heartbeats();
         }
         if t >= self.next_fast_heartbeat {
-            // 1 ms early: the ticks that drive this are not exact.
-            self.next_fast_heartbeat = t + self
-                .cfg
-                .failure
-                .fast_interval
-                .saturating_sub(Duration::from_millis(1));
+            self.next_fast_heartbeat = t + self.cfg.failure.fast_interval;
         }
         self.reconcile(t);
         self.reconcile_secondaries(t);
@@ -1574,6 +1609,35 @@ impl RelayCore {
             self.nonce = self.nonce.wrapping_add(1);
             self.out_unreliable(p, Message::Ping { nonce: self.nonce });
         }
+    }
+
+    /// When an upstream in use (primary or secondary) that stays silent is next sent
+    /// `Subscribe` again ([`resubscribe_stalled`](Self::resubscribe_stalled)).
+    fn next_stall(&self) -> Option<Instant> {
+        let after = self.cfg.resubscribe_after;
+        let primaries = self.subs.wanted().into_iter().filter_map(|ch| {
+            let Some(Upstream::Node(u)) = self.subs.upstream(ch) else {
+                return None;
+            };
+            if !self.routing.is_alive(u) {
+                return None;
+            }
+            let c = self.chan(ch);
+            let last = [
+                c.and_then(|c| c.last_video),
+                c.and_then(|c| c.last_subscribe),
+            ]
+            .into_iter()
+            .flatten()
+            .max()
+            .unwrap_or(self.t);
+            Some(last + after)
+        });
+        let secondaries = self.channels.values().filter_map(|c| {
+            let s = c.secondary?;
+            Some(s.last_video.map_or(s.subscribed, |l| l.max(s.subscribed)) + after)
+        });
+        primaries.chain(secondaries).min()
     }
 
     /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.

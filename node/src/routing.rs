@@ -432,6 +432,23 @@ impl RoutingTable {
         before - self.routes.len()
     }
 
+    /// When [`expire`](Self::expire) will next drop a route if no flood refreshes it.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let oldest = self.routes.values().map(|r| r.last_seen).min()?;
+        // `expire` keeps a route whose age is exactly the TTL.
+        Some(oldest + self.cfg.route_ttl + Duration::from_millis(1))
+    }
+
+    /// The earliest end of a hold-down (a peer that came back, not chosen as upstream until
+    /// then unless it is the only route) after `now`: the routes may then be reconsidered.
+    pub fn next_hold_down_end(&self, now: Instant) -> Option<Instant> {
+        self.liveness
+            .peers()
+            .into_iter()
+            .filter_map(|p| self.liveness.hold_down_until(now, p))
+            .min()
+    }
+
     /// The best route to `channel` not via any address of `exclude`: lowest
     /// [`Route::key`] `(cost, hops, via)`. Routes via dead peers are removed when they die, so
     /// they never show up here.

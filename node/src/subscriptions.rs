@@ -226,6 +226,13 @@ impl Subscriptions {
         }
     }
 
+    /// When [`expire`](Self::expire) will next drop a silent subscriber if nothing is heard.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        let oldest = self.peers.values().map(|p| p.last_heard).min()?;
+        // `expire` keeps a subscriber silent for exactly the timeout.
+        Some(oldest + self.timeout + Duration::from_millis(1))
+    }
+
     /// Drops every subscriber silent for longer than the timeout at `now`.
     pub fn expire(&mut self, now: Instant) -> Expired {
         let timeout = self.timeout;
