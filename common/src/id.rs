@@ -31,6 +31,12 @@ impl NodeId {
     }
 }
 
+/// The identity a relay keys its per-peer state by (routes, liveness, subscriptions, NACK rate
+/// limits): the sender id of the datagram header, bound to an authenticated key by a later
+/// protocol version. The UDP address is only where to send (see `PeerTable`s of the relay and
+/// the client).
+pub type PeerId = NodeId;
+
 impl fmt::Display for NodeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:016x}", self.0)

@@ -12,6 +12,7 @@ pub mod impair;
 pub mod jitter;
 pub mod link;
 pub mod nack;
+pub mod peers;
 pub mod reliable;
 pub mod rng;
 pub mod rtt;
@@ -22,4 +23,4 @@ pub mod transport;
 pub mod ts;
 pub mod wire;
 
-pub use id::NodeId;
+pub use id::{NodeId, PeerId};

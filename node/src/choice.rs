@@ -7,7 +7,7 @@
 
 use crate::routing::Route;
 use common::wire::PathHop;
-use std::net::SocketAddr;
+use common::PeerId;
 use std::time::Duration;
 
 /// How much better a route must be to replace a working upstream.
@@ -72,11 +72,11 @@ pub fn should_move(current: &Route, best: &Route, h: Hysteresis) -> Option<Bette
 pub fn secondary<'a>(
     primary: &Route,
     candidates: impl IntoIterator<Item = &'a Route>,
-    me: SocketAddr,
+    me: PeerId,
     allowed: impl Fn(&Route) -> bool,
 ) -> Option<(Route, bool)> {
     // The path is origin first: the origin is shared by design.
-    let relays = |r: &Route| -> Vec<SocketAddr> { r.path.iter().skip(1).map(|h| h.addr).collect() };
+    let relays = |r: &Route| -> Vec<PeerId> { r.path.iter().skip(1).map(|h| h.id).collect() };
     let prim_relays = relays(primary);
     candidates
         .into_iter()
@@ -84,7 +84,7 @@ pub fn secondary<'a>(
             r.channel == primary.channel
                 && r.origin == primary.origin
                 && r.via != primary.via
-                && !r.path.iter().any(|h| h.addr == me)
+                && !r.path.iter().any(|h| h.id == me)
                 && allowed(r)
         })
         .map(|r| {
@@ -102,15 +102,15 @@ pub fn secondary<'a>(
 /// the path or nobody before it is alive.
 pub fn fallback_parent(
     path: &[PathHop],
-    dead: SocketAddr,
+    dead: PeerId,
     me: PathHop,
-    alive: impl Fn(SocketAddr) -> bool,
+    alive: impl Fn(PeerId) -> bool,
 ) -> Option<PathHop> {
-    let idx = path.iter().position(|h| h.addr == dead)?;
+    let idx = path.iter().position(|h| h.id == dead)?;
     path[..idx]
         .iter()
         .rev()
-        .find(|h| h.addr != me.addr && h.id != me.id && alive(h.addr))
+        .find(|h| h.addr != me.addr && h.id != me.id && alive(h.id))
         .copied()
 }
 
@@ -128,8 +128,7 @@ mod tests {
         let path: Vec<PathHop> = path.iter().map(|n| hop(*n)).collect();
         Route {
             channel: ChannelId::of_name("a"),
-            via: path.last().unwrap().addr,
-            via_id: path.last().unwrap().id,
+            via: path.last().unwrap().id,
             origin: path[0].id,
             cost_us,
             hops: path.len(),
@@ -192,7 +191,7 @@ mod tests {
             other_origin,
             through_me,
         ];
-        let me = hop(9).addr;
+        let me = hop(9).id;
         let (r, d) = secondary(&primary, &all, me, |_| true).unwrap();
         assert_eq!((r.via, d), (disjoint.via, true));
         // Without the disjoint one, the shared path is still a second copy.
@@ -208,18 +207,18 @@ mod tests {
         let path = [hop(1), hop(2), hop(3), hop(4)];
         let me = hop(5);
         assert_eq!(
-            fallback_parent(&path, hop(4).addr, me, |_| true),
+            fallback_parent(&path, hop(4).id, me, |_| true),
             Some(hop(3))
         );
         // Its parent is dead too: the next one up.
-        let not3 = |a: SocketAddr| a != hop(3).addr;
-        assert_eq!(fallback_parent(&path, hop(4).addr, me, not3), Some(hop(2)));
+        let not3 = |a: PeerId| a != hop(3).id;
+        assert_eq!(fallback_parent(&path, hop(4).id, me, not3), Some(hop(2)));
         // Everyone dead: none; a dead host not on the path: none.
-        assert_eq!(fallback_parent(&path, hop(4).addr, me, |_| false), None);
-        assert_eq!(fallback_parent(&path, hop(8).addr, me, |_| true), None);
+        assert_eq!(fallback_parent(&path, hop(4).id, me, |_| false), None);
+        assert_eq!(fallback_parent(&path, hop(8).id, me, |_| true), None);
         // Never ourselves.
         assert_eq!(
-            fallback_parent(&path, hop(3).addr, hop(2), |_| true),
+            fallback_parent(&path, hop(3).id, hop(2), |_| true),
             Some(hop(1))
         );
     }

@@ -22,12 +22,13 @@ use common::failure::FailureConfig;
 use common::link::Incoming;
 use common::link::Link;
 use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
+use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
 use common::wire::{
     limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
     VideoPacket,
 };
-use common::NodeId;
+use common::PeerId;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -139,6 +140,11 @@ pub struct RelayStats {
     pub resubscriptions: u64,
     /// Catastrophic fallbacks (subscriptions to a dead node's parent).
     pub fallbacks: u64,
+    /// Sends skipped because no address was known for the peer (a bug if ever non-zero).
+    pub no_address: u64,
+    /// Datagrams dropped because their sender id does not match what is pinned for their
+    /// address (see `common::peers`).
+    pub peer_mismatch: u64,
     /// Subscribes refused (subscriber limits).
     pub subscribes_refused: u64,
     /// Routes currently held.
@@ -214,13 +220,13 @@ struct Fallback {
     /// The flood path (origin first) the parent was taken from.
     path: Vec<PathHop>,
     /// The host we subscribed to.
-    parent: SocketAddr,
+    parent: PeerId,
 }
 
 /// The second upstream of a channel (`redundancy` 2).
 #[derive(Debug, Clone, Copy)]
 struct Secondary {
-    addr: SocketAddr,
+    addr: PeerId,
     /// When we subscribed (or last re-sent `Subscribe`).
     subscribed: Instant,
     last_video: Option<Instant>,
@@ -228,7 +234,7 @@ struct Secondary {
 
 /// The [`NackTracker`] of one channel from one upstream.
 struct Tracked {
-    upstream: SocketAddr,
+    upstream: PeerId,
     srtt: Option<Duration>,
     tracker: NackTracker,
 }
@@ -241,13 +247,13 @@ struct Channel {
     /// Its name (for listing while routes are gone but video still flows).
     name: Option<String>,
     /// The neighbour of its best route, as last logged.
-    best_via: Option<SocketAddr>,
+    best_via: Option<PeerId>,
     /// Next seq of a local channel (servers).
     local_seq: u64,
     /// The catastrophic fallback in force, if any.
     fallback: Option<Fallback>,
     /// Former upstream, accepted until the new one's first datagram.
-    previous: Option<SocketAddr>,
+    previous: Option<PeerId>,
     /// The secondary upstream (`redundancy` 2).
     secondary: Option<Secondary>,
     /// The primary upstream's last datagram (stall detection).
@@ -261,6 +267,18 @@ struct Channel {
     retx: Option<RetransmitBuffer>,
     /// The current GOP, for a new subscriber's instant start.
     gop: Option<GopCache>,
+}
+
+/// A peer as logged: its address, or its id when no address is known.
+struct At(Option<SocketAddr>, PeerId);
+
+impl std::fmt::Display for At {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(a) => write!(f, "{a}"),
+            None => write!(f, "{}", self.1),
+        }
+    }
 }
 
 /// One datagram to send: the same encoded `Bytes` to each of `to` (a video datagram to every
@@ -283,6 +301,9 @@ pub struct RelayCore {
     pub(crate) t: Instant,
     /// Decoding, the reliable channel, and the datagrams to send in order.
     link: Link,
+    /// Where each peer is: every other table is keyed by [`PeerId`]; addresses come from
+    /// here (pinned for overlay hosts, learned for clients).
+    peers: PeerTable,
     pub(crate) routing: RoutingTable,
     subs: Subscriptions,
     origin: FloodOrigin,
@@ -292,11 +313,11 @@ pub struct RelayCore {
     channels: HashMap<ChannelId, Channel>,
     /// Overflows of GOP caches since removed (for the stats).
     gop_overflows_removed: u64,
-    link_cost: HashMap<SocketAddr, Duration>,
+    link_cost: HashMap<PeerId, Duration>,
     /// Events for the driver ([`Event`]).
     events: VecDeque<Event>,
     /// Rate limit of `Unsubscribe`s to peers that send unwanted video.
-    unwanted: HashMap<(ChannelId, SocketAddr), Instant>,
+    unwanted: HashMap<(ChannelId, PeerId), Instant>,
     next_flood: Instant,
     next_ping: Instant,
     next_heartbeat: Instant,
@@ -305,9 +326,9 @@ pub struct RelayCore {
     stats: RelayStats,
     /// A switch of `channel` to `to` that is the promotion of its secondary, with the time of
     /// the secondary's last datagram (read by `apply`).
-    promoting: Option<(ChannelId, SocketAddr, Option<Instant>)>,
+    promoting: Option<(ChannelId, PeerId, Option<Instant>)>,
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
-    fast: Vec<SocketAddr>,
+    fast: Vec<PeerId>,
     next_fast_heartbeat: Instant,
     /// When the periodic checks (`housekeeping`) are next due: the earliest of their
     /// deadlines ([`RelayCore::housekeeping_deadline`]).
@@ -344,6 +365,13 @@ impl RelayCore {
             me,
             t,
             link: Link::new(me.id, session, ReliableConfig::default()),
+            peers: {
+                let mut peers = PeerTable::new();
+                for n in neighbours.iter().filter(|n| n.id != me.id) {
+                    peers.pin(n.id, n.addr);
+                }
+                peers
+            },
             routing,
             subs: Subscriptions::new(cfg.subscriber_timeout),
             origin: FloodOrigin::new(me, first_seq),
@@ -386,8 +414,40 @@ impl RelayCore {
     /// Feeds one datagram received from `from` at `now`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.t = now;
+        // The sender id is checked against its address before anything is decoded further
+        // (a datagram whose header does not decode is counted by the link).
+        if let Ok(h) = common::wire::decode_header(bytes) {
+            match self.peers.check(from, h.sender) {
+                Check::Known | Check::New => {}
+                Check::Moved(old) => {
+                    debug!(peer = %h.sender, %old, new = %from, "peer moved");
+                    self.link.forget_peer(old);
+                }
+                Check::Replaced(old) => {
+                    // A client restarted on the same address with a new id: its former self
+                    // is gone.
+                    debug!(peer = %from, old = %old, new = %h.sender, "peer replaced");
+                    let actions = self.subs.drop_peer(old);
+                    self.apply(actions);
+                    self.link.forget_peer(from);
+                }
+                Check::Mismatch => {
+                    self.stats.peer_mismatch += 1;
+                    if self.stats.peer_mismatch.is_power_of_two() {
+                        warn!(%from, sender = %h.sender, count = self.stats.peer_mismatch,
+                            "datagram whose sender id does not match its address dropped");
+                    }
+                    return;
+                }
+            }
+        }
         self.link.handle_datagram(now, from, bytes);
         self.drain_link();
+    }
+
+    /// A peer for the logs: its address when known (what an operator recognises).
+    fn at(&self, p: PeerId) -> At {
+        At(self.peers.addr(p), p)
     }
 
     /// Hands what the link decoded (and reliable timeouts) to the decisions; after anything
@@ -448,12 +508,19 @@ impl RelayCore {
         }
         info!(
             added = ?added.iter().map(|n| n.addr).collect::<Vec<_>>(),
-            removed = ?removed,
+            removed = ?removed.iter().filter_map(|p| self.peers.addr(*p)).collect::<Vec<_>>(),
             "neighbours changed"
         );
+        for n in &neighbours {
+            if n.id != self.me.id {
+                self.peers.pin(n.id, n.addr);
+            }
+        }
         for peer in removed {
             self.link_cost.remove(&peer);
             self.peer_dead(t, peer, "link removed from the topology");
+            self.peers.unpin(peer);
+            self.forget_if_unused(peer);
             if !self.feeding_hosts().contains(&peer) {
                 self.routing.unwatch(peer);
             }
@@ -534,9 +601,13 @@ impl RelayCore {
             .channels
             .iter()
             .filter_map(|(k, c)| c.secondary.as_ref().map(|v| (k, v)))
-            .map(|(c, s)| (*c, s.addr))
+            .filter_map(|(c, s)| Some((*c, self.peers.addr(s.addr)?)))
             .collect();
         for (ch, (subs, up)) in self.subs.snapshot() {
+            let subs = subs
+                .into_iter()
+                .filter_map(|p| self.peers.addr(p))
+                .collect();
             s.subscribers.insert(ch, subs);
             if let Some(up) = up {
                 s.upstreams.insert(ch, up);
@@ -631,7 +702,7 @@ impl RelayCore {
 
     /// Classifies a datagram of `channel` from its current upstream `from`; false if it must be
     /// dropped (duplicate, or too late for this hop). Always true without recovery.
-    fn track(&mut self, t: Instant, from: SocketAddr, channel: ChannelId, seq: u64) -> bool {
+    fn track(&mut self, t: Instant, from: PeerId, channel: ChannelId, seq: u64) -> bool {
         if !self.tracking() {
             return true;
         }
@@ -693,14 +764,7 @@ impl RelayCore {
     }
 
     /// A subscriber's NACK: sends it (only it) what the buffer still holds of `seqs`.
-    fn nack(
-        &mut self,
-        t: Instant,
-        from: SocketAddr,
-        sender: NodeId,
-        channel: ChannelId,
-        seqs: &[u64],
-    ) {
+    fn nack(&mut self, t: Instant, from: PeerId, channel: ChannelId, seqs: &[u64]) {
         if !self.cfg.recovery || !self.subs.is_subscriber(from, channel) {
             self.stats.nacks_ignored += 1;
             self.stats.unexpected += 1;
@@ -711,7 +775,7 @@ impl RelayCore {
         let Some(buf) = self.ch(channel).retx.as_mut() else {
             return;
         };
-        for (_, bytes) in buf.handle_nack(t, sender, seqs) {
+        for (_, bytes) in buf.handle_nack(t, from, seqs) {
             self.stats.retransmitted += 1;
             self.stats.video_out += 1;
             // Flagged RETRANSMIT (one re-encode per resend, a few % of the traffic) so receivers
@@ -736,7 +800,7 @@ impl RelayCore {
         for b in self.channels.values_mut().filter_map(|c| c.retx.as_mut()) {
             b.expire(t);
         }
-        let mut out: Vec<(SocketAddr, ChannelId, Vec<u64>)> = Vec::new();
+        let mut out: Vec<(PeerId, ChannelId, Vec<u64>)> = Vec::new();
         let mut stale = Vec::new();
         for (&ch, tr) in self
             .channels
@@ -767,7 +831,7 @@ impl RelayCore {
     /// Sends a new subscriber the cached GOP of `channel` (flagged `FROM_CACHE`), if any. Must
     /// be called in the same task turn as the subscription is recorded, before the next live
     /// datagram, so that burst and live are contiguous.
-    fn send_burst(&mut self, t: Instant, to: SocketAddr, channel: ChannelId) {
+    fn send_burst(&mut self, t: Instant, to: PeerId, channel: ChannelId) {
         let Some(cache) = self.chan(channel).and_then(|c| c.gop.as_ref()) else {
             return;
         };
@@ -776,7 +840,7 @@ impl RelayCore {
             return;
         }
         let bytes: usize = burst.iter().map(Bytes::len).sum();
-        debug!(%channel, peer = %to, datagrams = burst.len(), bytes, "gop burst");
+        debug!(%channel, peer = %self.at(to), datagrams = burst.len(), bytes, "gop burst");
         self.stats.gop_bursts += 1;
         self.stats.gop_burst_datagrams += burst.len() as u64;
         for b in burst {
@@ -787,7 +851,7 @@ impl RelayCore {
 
     /// Sends one encoded video datagram to every subscriber of `channel`.
     fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
-        let subscribers: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+        let subscribers: Vec<PeerId> = self.subs.subscribers(channel).collect();
         for s in subscribers {
             self.stats.video_out += 1;
             self.out_bytes(s, bytes.clone());
@@ -802,18 +866,21 @@ impl RelayCore {
             Incoming::Message {
                 from, sender, msg, ..
             } => {
-                self.heard(t, from);
+                self.heard(t, sender);
                 self.message(t, from, sender, msg);
             }
             Incoming::Video {
                 from,
-                sender: _,
+                sender,
                 packet,
             } => {
-                self.heard(t, from);
-                self.video(t, from, packet);
+                self.heard(t, sender);
+                self.video(t, from, sender, packet);
             }
-            Incoming::TimedOut { peer, .. } => {
+            Incoming::TimedOut { peer: addr, .. } => {
+                let Some(peer) = self.peers.id(addr) else {
+                    return;
+                };
                 if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
                         self.routing.mark_dead(peer);
@@ -824,24 +891,28 @@ impl RelayCore {
                     let actions = self.subs.drop_peer(peer);
                     self.apply(actions);
                     self.out_forget(peer);
+                    self.forget_if_unused(peer);
                 }
             }
         }
     }
 
     /// Liveness and soft-state refresh for any datagram from `from`.
-    fn heard(&mut self, t: Instant, from: SocketAddr) {
+    fn heard(&mut self, t: Instant, from: PeerId) {
         self.subs.touch(t, from);
         if self.routing.heard_from(t, from) {
-            info!(peer = %from, "neighbour up");
+            info!(peer = %self.at(from), "neighbour up");
             self.reconcile(t);
         }
     }
 
-    fn message(&mut self, t: Instant, from: SocketAddr, sender: NodeId, msg: Message) {
+    /// A control message from peer `sender`, whose datagram came from `addr` (where answers
+    /// that keep no state go).
+    fn message(&mut self, t: Instant, addr: SocketAddr, from: PeerId, msg: Message) {
         match msg {
-            Message::Flood(flood) => self.flood(t, from, sender, flood),
+            Message::Flood(flood) => self.flood(t, from, flood),
             Message::Subscribe { channel } => {
+                self.peers.learn(from, addr);
                 let fresh = !self.subs.is_subscriber(from, channel);
                 let hint = if self.subs.upstream(channel).is_none() {
                     self.choose(channel, &[from]).map(|r| r.via)
@@ -851,7 +922,7 @@ impl RelayCore {
                 match self.subs.subscribe(t, from, channel, hint) {
                     Ok(actions) => {
                         if fresh {
-                            info!(%channel, peer = %from, "subscriber added");
+                            info!(%channel, peer = %self.at(from), "subscriber added");
                             self.send_burst(t, from, channel);
                         }
                         self.apply(actions);
@@ -861,24 +932,26 @@ impl RelayCore {
                     }
                     Err(e) => {
                         self.stats.subscribes_refused += 1;
-                        debug!(%channel, peer = %from, error = %e, "subscribe refused");
+                        debug!(%channel, peer = %addr, error = %e, "subscribe refused");
+                        self.forget_if_unused(from);
                     }
                 }
             }
             Message::Unsubscribe { channel } => {
                 if self.subs.is_subscriber(from, channel) {
-                    info!(%channel, peer = %from, "subscriber removed");
+                    info!(%channel, peer = %addr, "subscriber removed");
                 }
                 let actions = self.subs.unsubscribe(from, channel);
                 self.apply(actions);
+                self.forget_if_unused(from);
             }
-            Message::ListChannels => self.list_channels(from),
+            Message::ListChannels => self.list_channels(addr),
             Message::Ping { nonce } => {
-                self.out_unreliable(from, Message::Pong { nonce });
+                self.reply(addr, Message::Pong { nonce });
             }
             Message::Pong { .. } => {}
             Message::Goodbye => {
-                debug!(peer = %from, "goodbye");
+                debug!(peer = %addr, "goodbye");
                 let actions = self.subs.drop_peer(from);
                 self.apply(actions);
                 if (self.routing.is_neighbour(from) || self.feeding_hosts().contains(&from))
@@ -887,13 +960,14 @@ impl RelayCore {
                     self.routing.mark_dead(from);
                     self.peer_dead(t, from, "goodbye");
                 }
+                self.forget_if_unused(from);
             }
-            Message::Nack { channel, seqs } => self.nack(t, from, sender, channel, &seqs),
+            Message::Nack { channel, seqs } => self.nack(t, from, channel, &seqs),
             Message::Channels { .. } => self.stats.unexpected += 1,
         }
     }
 
-    fn flood(&mut self, t: Instant, from: SocketAddr, sender: NodeId, flood: Flood) {
+    fn flood(&mut self, t: Instant, from: PeerId, flood: Flood) {
         if !self.routing.is_neighbour(from) {
             self.stats.malformed += 1;
             return;
@@ -903,12 +977,12 @@ impl RelayCore {
             .get(&from)
             .copied()
             .unwrap_or(DEFAULT_LINK_COST);
-        let verdict = self.routing.handle_flood(t, from, sender, &flood, cost);
+        let verdict = self.routing.handle_flood(t, from, &flood, cost);
         if let Some(fwd) = verdict.forward {
             match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
                 Ok(bytes) => {
                     for to in verdict.to {
-                        self.out_bytes(to, bytes.clone());
+                        self.link.send_bytes(to, bytes.clone());
                     }
                 }
                 Err(e) => {
@@ -925,13 +999,13 @@ impl RelayCore {
             }
             if let Some(best) = self.routing.best_route(info.id, &[]) {
                 match self.ch(info.id).best_via.replace(best.via) {
-                    None => info!(channel = %info.id, name = %info.name, via = %best.via,
+                    None => info!(channel = %info.id, name = %info.name, via = %self.at(best.via),
                         cost_us = best.cost_us, hops = best.hops, "channel available"),
                     // Equal-cost paths trade places as RTTs wobble: that changes nothing we do
                     // unless the channel is watched (then `reconcile` decides, with
                     // hysteresis, and logs a move as "resubscribed").
                     Some(old) if old != best.via => {
-                        debug!(channel = %info.id, name = %info.name, via = %best.via,
+                        debug!(channel = %info.id, name = %info.name, via = %self.at(best.via),
                             cost_us = best.cost_us, hops = best.hops, "best route changed");
                         changed |= self.subs.is_watched(info.id);
                     }
@@ -978,11 +1052,12 @@ impl RelayCore {
                 pages: n,
                 channels: page.to_vec(),
             };
-            self.out_unreliable(to, msg);
+            self.reply(to, msg);
         }
     }
 
-    fn video(&mut self, t: Instant, from: SocketAddr, packet: VideoPacket) {
+    /// A video datagram from peer `from`, whose datagram came from `addr`.
+    fn video(&mut self, t: Instant, addr: SocketAddr, from: PeerId, packet: VideoPacket) {
         self.stats.video_in += 1;
         let ch = packet.channel;
         let accepted = match self.subs.upstream(ch) {
@@ -1013,7 +1088,7 @@ impl RelayCore {
                         self.unwanted.clear();
                     }
                     self.unwanted.insert((ch, from), t);
-                    self.out_unreliable(from, Message::Unsubscribe { channel: ch });
+                    self.reply(addr, Message::Unsubscribe { channel: ch });
                 }
             }
             return;
@@ -1068,7 +1143,7 @@ impl RelayCore {
                     // The secondary becomes primary: same origin, same seqs, already flowing;
                     // the merge goes on (no new Subscribe, the tracker keeps its state).
                     let last = self.promoting.take().and_then(|(_, _, l)| l);
-                    info!(%channel, upstream = %up, "subscribe upstream");
+                    info!(%channel, upstream = %self.at(up), "subscribe upstream");
                     self.ch(channel).last_subscribe = Some(t);
                     self.ch(channel).last_video = last;
                     let srtt = self.link_cost.get(&up).copied();
@@ -1081,7 +1156,7 @@ impl RelayCore {
                     }
                 }
                 SubAction::Subscribe(channel, up) => {
-                    info!(%channel, upstream = %up, "subscribe upstream");
+                    info!(%channel, upstream = %self.at(up), "subscribe upstream");
                     // A new upstream (maybe another replica, another seq space).
                     self.drop_tracker(channel);
                     self.ch(channel).last_subscribe = Some(t);
@@ -1092,7 +1167,7 @@ impl RelayCore {
                     self.out_reliable(up, Message::Subscribe { channel });
                 }
                 SubAction::Unsubscribe(channel, up) => {
-                    info!(%channel, upstream = %up, "unsubscribe upstream");
+                    info!(%channel, upstream = %self.at(up), "unsubscribe upstream");
                     if !self.subs.is_watched(channel) {
                         self.forget_sent(channel);
                     }
@@ -1122,7 +1197,7 @@ impl RelayCore {
     }
 
     /// Every host that feeds us a channel: primary and secondary upstreams.
-    fn feeding_hosts(&self) -> BTreeSet<SocketAddr> {
+    fn feeding_hosts(&self) -> BTreeSet<PeerId> {
         let mut ups = self.subs.upstream_hosts();
         ups.extend(
             self.channels
@@ -1150,7 +1225,7 @@ impl RelayCore {
         let Some(s) = self.ch(channel).secondary.take() else {
             return;
         };
-        info!(%channel, upstream = %s.addr, reason, "unsubscribe secondary");
+        info!(%channel, upstream = %self.at(s.addr), reason, "unsubscribe secondary");
         if self.routing.is_alive(s.addr) {
             self.out_reliable(s.addr, Message::Unsubscribe { channel });
         }
@@ -1164,10 +1239,10 @@ impl RelayCore {
         &self,
         t: Instant,
         channel: ChannelId,
-        primary: SocketAddr,
+        primary: PeerId,
     ) -> Option<(crate::routing::Route, bool)> {
         let prim = self.routing.route_via(channel, primary)?;
-        choice::secondary(&prim, self.routing.routes(), self.me.addr, |r| {
+        choice::secondary(&prim, self.routing.routes(), self.me.id, |r| {
             !self.subs.is_subscriber(r.via, channel) && self.routing.is_usable(t, r.via)
         })
     }
@@ -1212,7 +1287,7 @@ impl RelayCore {
             let Some((route, disjoint)) = self.choose_secondary(t, ch, primary) else {
                 continue;
             };
-            info!(channel = %ch, upstream = %route.via, disjoint, cost_us = route.cost_us,
+            info!(channel = %ch, upstream = %self.at(route.via), disjoint, cost_us = route.cost_us,
                 "subscribe secondary");
             self.stats.secondary_subscribes += 1;
             self.ch(ch).secondary.replace(Secondary {
@@ -1227,14 +1302,14 @@ impl RelayCore {
 
     /// The best route for `channel`, never through one of its subscribers (that would be a
     /// loop) nor through `exclude`.
-    fn choose(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<crate::routing::Route> {
-        let mut ex: Vec<SocketAddr> = self.subs.subscribers(channel).collect();
+    fn choose(&self, channel: ChannelId, exclude: &[PeerId]) -> Option<crate::routing::Route> {
+        let mut ex: Vec<PeerId> = self.subs.subscribers(channel).collect();
         ex.extend_from_slice(exclude);
         self.routing.best_usable_route(self.t, channel, &ex)
     }
 
     /// Moves `channel` to `to` (from its current upstream).
-    fn switch(&mut self, channel: ChannelId, to: SocketAddr, cost_us: u64, reason: &str) {
+    fn switch(&mut self, channel: ChannelId, to: PeerId, cost_us: u64, reason: &str) {
         let from = match self.subs.upstream(channel) {
             Some(Upstream::Node(u)) => Some(u),
             _ => None,
@@ -1266,7 +1341,7 @@ impl RelayCore {
             }
         }
         if let Some(f) = from {
-            info!(%channel, from = %f, to = %to, cost_us, reason, "resubscribed");
+            info!(%channel, from = %self.at(f), to = %self.at(to), cost_us, reason, "resubscribed");
             self.stats.resubscriptions += 1;
             if !swapped && self.routing.is_alive(f) {
                 self.ch(channel).previous = Some(f);
@@ -1277,8 +1352,8 @@ impl RelayCore {
     }
 
     /// A watched peer died: every channel it fed moves elsewhere; its subscriptions go.
-    fn peer_dead(&mut self, t: Instant, peer: SocketAddr, reason: &str) {
-        info!(%peer, reason, "neighbour down");
+    fn peer_dead(&mut self, t: Instant, peer: PeerId, reason: &str) {
+        info!(peer = %self.at(peer), reason, "neighbour down");
         self.out_forget(peer);
         let actions = self.subs.drop_peer(peer);
         self.apply(actions);
@@ -1289,20 +1364,20 @@ impl RelayCore {
             .map(|(id, _)| *id)
             .collect();
         for ch in lost_secondaries {
-            warn!(channel = %ch, upstream = %peer, reason, "secondary lost");
+            warn!(channel = %ch, upstream = %self.at(peer), reason, "secondary lost");
             self.ch(ch).secondary = None;
         }
         self.unwatch_unused(t);
         for ch in self.subs.fed_by(peer) {
             self.stats.upstream_losses += 1;
-            warn!(channel = %ch, upstream = %peer, reason, "upstream lost");
+            warn!(channel = %ch, upstream = %self.at(peer), reason, "upstream lost");
             self.ch(ch).previous = None;
             self.heal(t, ch, peer);
         }
     }
 
     /// Finds a new upstream for `channel`, whose upstream `dead` died.
-    fn heal(&mut self, t: Instant, channel: ChannelId, dead: SocketAddr) {
+    fn heal(&mut self, t: Instant, channel: ChannelId, dead: PeerId) {
         if let Some(s) = self
             .chan(channel)
             .and_then(|c| c.secondary.as_ref())
@@ -1333,18 +1408,19 @@ impl RelayCore {
         });
         match (parent, path) {
             (Some(p), Some(path)) => {
-                warn!(%channel, dead = %dead, parent = %p.addr, "catastrophic fallback");
+                warn!(%channel, dead = %self.at(dead), parent = %p.addr, "catastrophic fallback");
                 self.stats.fallbacks += 1;
-                self.routing.watch(t, p.addr);
-                let actions = self.subs.set_upstream(channel, Some(p.addr));
-                self.ch(channel).fallback.replace(Fallback {
-                    path,
-                    parent: p.addr,
-                });
+                // An overlay host named on a flood path: its address is what the path says.
+                if !self.routing.is_neighbour(p.id) {
+                    self.peers.pin(p.id, p.addr);
+                }
+                self.routing.watch(t, p.id);
+                let actions = self.subs.set_upstream(channel, Some(p.id));
+                self.ch(channel).fallback = Some(Fallback { path, parent: p.id });
                 self.apply(actions);
             }
             _ => {
-                warn!(%channel, dead = %dead, "no route");
+                warn!(%channel, dead = %self.at(dead), "no route");
                 let actions = self.subs.set_upstream(channel, None);
                 self.ch(channel).fallback = None;
                 self.apply(actions);
@@ -1467,9 +1543,12 @@ impl RelayCore {
         }
         let expired = self.subs.expire(t);
         for (channel, peer) in &expired.dropped {
-            info!(%channel, %peer, "subscriber expired");
+            info!(%channel, peer = %self.at(*peer), "subscriber expired");
         }
         self.apply(expired.actions);
+        for (_, peer) in expired.dropped {
+            self.forget_if_unused(peer);
+        }
         self.flood_if_due(t);
         if t >= self.next_heartbeat {
             self.next_heartbeat = t + self.cfg.failure.heartbeat_interval;
@@ -1516,7 +1595,7 @@ impl RelayCore {
                 let to: Vec<SocketAddr> =
                     self.routing.neighbours().iter().map(|n| n.addr).collect();
                 for n in to {
-                    self.out_bytes(n, bytes.clone());
+                    self.link.send_bytes(n, bytes.clone());
                 }
             }
             Err(e) => {
@@ -1532,8 +1611,7 @@ impl RelayCore {
     /// and the liveness timeouts are refreshed from it. Dead peers get unreliable pings, to
     /// notice a return.
     fn ping(&mut self, _t: Instant, reliable: bool) {
-        let mut targets: Vec<SocketAddr> =
-            self.routing.neighbours().iter().map(|n| n.addr).collect();
+        let mut targets: Vec<PeerId> = self.routing.neighbours().iter().map(|n| n.id).collect();
         for u in self.feeding_hosts() {
             if !targets.contains(&u) {
                 targets.push(u);
@@ -1551,7 +1629,7 @@ impl RelayCore {
             } else {
                 self.out_unreliable(p, msg);
             }
-            if let Some(r) = self.link.rtt(p) {
+            if let Some(r) = self.peers.addr(p).and_then(|a| self.link.rtt(a)) {
                 self.rtt_sample(p, r.srtt, r.rttvar);
             }
         }
@@ -1559,7 +1637,7 @@ impl RelayCore {
 
     /// A new RTT estimate of the link to `p` (from the reliable channel): link cost, liveness
     /// timeout, and the NACK timing of the channels it feeds.
-    fn rtt_sample(&mut self, p: SocketAddr, srtt: Duration, rttvar: Duration) {
+    fn rtt_sample(&mut self, p: PeerId, srtt: Duration, rttvar: Duration) {
         self.link_cost.insert(p, srtt.max(Duration::from_micros(1)));
         self.routing.rtt_sample(p, srtt, rttvar);
         for tr in self
@@ -1576,26 +1654,64 @@ impl RelayCore {
 
     // ----- what goes out (sent by the driver, in order, after each event) ------------------
 
-    fn out_bytes(&mut self, to: SocketAddr, bytes: Bytes) {
-        self.link.send_bytes(to, bytes);
+    // Every send to a peer goes to its address in the peer table; a peer without one (never
+    // happens for a peer we keep state about) is skipped and counted.
+
+    /// The address of `to`, or `None` (counted) if none is known.
+    fn addr_of(&mut self, to: PeerId) -> Option<SocketAddr> {
+        let a = self.peers.addr(to);
+        if a.is_none() {
+            self.stats.no_address += 1;
+            debug!(peer = %to, "no address known for the peer; not sent");
+        }
+        a
     }
 
-    fn out_reliable(&mut self, to: SocketAddr, msg: Message) {
-        if let Err(e) = self.link.send_reliable(self.t, to, msg) {
-            self.stats.malformed += 1;
-            debug!(peer = %to, error = %e, "message cannot be encoded; not sent");
+    fn out_bytes(&mut self, to: PeerId, bytes: Bytes) {
+        if let Some(a) = self.addr_of(to) {
+            self.link.send_bytes(a, bytes);
         }
     }
 
-    fn out_unreliable(&mut self, to: SocketAddr, msg: Message) {
+    fn out_reliable(&mut self, to: PeerId, msg: Message) {
+        let Some(a) = self.addr_of(to) else {
+            return;
+        };
+        if let Err(e) = self.link.send_reliable(self.t, a, msg) {
+            self.stats.malformed += 1;
+            debug!(peer = %a, error = %e, "message cannot be encoded; not sent");
+        }
+    }
+
+    fn out_unreliable(&mut self, to: PeerId, msg: Message) {
+        if let Some(a) = self.addr_of(to) {
+            self.reply(a, msg);
+        }
+    }
+
+    /// Sends `msg` once to an address (answers that keep no state: pongs, channel lists).
+    fn reply(&mut self, to: SocketAddr, msg: Message) {
         if let Err(e) = self.link.send_unreliable(to, msg) {
             self.stats.malformed += 1;
             debug!(peer = %to, error = %e, "message cannot be encoded; not sent");
         }
     }
 
-    fn out_forget(&mut self, peer: SocketAddr) {
-        self.link.forget_peer(peer);
+    fn out_forget(&mut self, peer: PeerId) {
+        if let Some(a) = self.peers.addr(peer) {
+            self.link.forget_peer(a);
+        }
+    }
+
+    /// Forgets the address of a peer we keep no state about any more (not for overlay hosts
+    /// of the topology, whose addresses are pinned).
+    fn forget_if_unused(&mut self, peer: PeerId) {
+        if !self.subs.is_peer(peer)
+            && !self.feeding_hosts().contains(&peer)
+            && !self.routing.is_neighbour(peer)
+        {
+            self.peers.forget(peer);
+        }
     }
 
     /// The heartbeats of fast peers (every upstream in use) between two ordinary rounds:
@@ -1716,7 +1832,10 @@ mod tests {
             let client = SocketAddr::from(([127, 0, 0, 20], 5000));
             let mut peers = HashMap::new();
             for (id, addr) in [(2, hop(2).addr), (3, hop(3).addr), (99, client)] {
-                peers.insert(addr, Link::new(NodeId(id), id, ReliableConfig::default()));
+                peers.insert(
+                    addr,
+                    Link::new(common::NodeId(id), id, ReliableConfig::default()),
+                );
             }
             Bench {
                 core,
@@ -1874,6 +1993,50 @@ mod tests {
             "moved after {moved_at:?} of silence"
         );
         assert_eq!(b.core.stats.upstream_losses, 1);
+    }
+
+    /// Identity is the header's id, not the address: a datagram from a neighbour's address
+    /// with another id is dropped and counted (it neither floods nor subscribes), and a
+    /// client that restarts on the same port with a new id replaces its former self (whose
+    /// subscription goes) instead of being taken for it.
+    #[test]
+    fn a_sender_id_that_does_not_match_its_address_is_dropped_and_a_restarted_client_replaced() {
+        let mut b = Bench::new();
+        b.flood_via(&[2, 3]);
+        b.sent();
+        // An impostor at neighbour 2's address.
+        let mut impostor = Link::new(common::NodeId(666), 1, ReliableConfig::default());
+        impostor
+            .send_reliable(b.t, hop(4).addr, Message::Subscribe { channel: chan().id })
+            .unwrap();
+        while let Some((_, bytes)) = impostor.poll_transmit() {
+            b.core.handle_datagram(b.t, hop(2).addr, &bytes);
+        }
+        assert_eq!(b.core.stats().peer_mismatch, 1);
+        assert!(
+            b.core.stats().subscribers.is_empty(),
+            "the impostor subscribed nothing"
+        );
+        assert!(subscribes(&b.sent()).is_empty());
+        // The real client subscribes, then restarts on the same address with a new id.
+        b.subscribe(chan().id);
+        assert_eq!(b.core.stats().subscribers[&chan().id], vec![b.client]);
+        let client = b.client;
+        b.peers.insert(
+            client,
+            Link::new(common::NodeId(100), 100, ReliableConfig::default()),
+        );
+        b.subscribe(chan().id);
+        let s = b.core.stats();
+        assert_eq!(
+            s.subscribers[&chan().id],
+            vec![b.client],
+            "one subscriber, the new one"
+        );
+        let ids: Vec<PeerId> = b.core.subs.subscribers(chan().id).collect();
+        assert_eq!(ids, vec![common::NodeId(100)]);
+        assert_eq!(s.peer_mismatch, 1);
+        assert_eq!(s.no_address, 0);
     }
 
     /// 10 % loss on both links for ten simulated minutes is no reason to fail over: the

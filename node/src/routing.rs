@@ -19,7 +19,7 @@
 
 use common::failure::{FailureConfig, FailureDetector};
 use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
-use common::NodeId;
+use common::{NodeId, PeerId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -71,9 +71,7 @@ pub struct Route {
     /// The channel.
     pub channel: ChannelId,
     /// The neighbour the flood came from (where to subscribe).
-    pub via: SocketAddr,
-    /// That neighbour's id.
-    pub via_id: NodeId,
+    pub via: PeerId,
     /// The server that originated the flood.
     pub origin: NodeId,
     /// Path cost to the origin, in microseconds (sum of link RTTs, our link to `via` included).
@@ -90,8 +88,8 @@ pub struct Route {
 
 impl Route {
     /// The ordering key of routes: lower is better: cost, then hops, then the neighbour's load,
-    /// then its address (to stay deterministic).
-    pub fn key(&self) -> (u64, usize, u32, SocketAddr) {
+    /// then its id (to stay deterministic).
+    pub fn key(&self) -> (u64, usize, u32, PeerId) {
         (self.cost_us, self.hops, self.load, self.via)
     }
 }
@@ -191,13 +189,13 @@ pub struct RoutingTable {
     cfg: RoutingConfig,
     neighbours: Vec<PathHop>,
     /// Liveness of the neighbours and of the peers watched on request.
-    liveness: FailureDetector<SocketAddr>,
+    liveness: FailureDetector<PeerId>,
     /// Watched peers heard from at least once.
-    heard: HashSet<SocketAddr>,
+    heard: HashSet<PeerId>,
     origins: HashMap<NodeId, SeqWindow>,
-    routes: HashMap<(ChannelId, SocketAddr, NodeId), Route>,
+    routes: HashMap<(ChannelId, PeerId, NodeId), Route>,
     names: BTreeMap<ChannelId, String>,
-    last_paths: HashMap<(SocketAddr, ChannelId), LastPath>,
+    last_paths: HashMap<(PeerId, ChannelId), LastPath>,
     stats: FloodStats,
     /// Our own load, put into the floods we forward.
     load: u32,
@@ -214,13 +212,13 @@ impl RoutingTable {
     pub fn new(now: Instant, me: PathHop, neighbours: &[PathHop], cfg: RoutingConfig) -> Self {
         let mut nbrs: Vec<PathHop> = Vec::new();
         for n in neighbours {
-            if n.addr != me.addr && !nbrs.iter().any(|m| m.addr == n.addr) {
+            if n.id != me.id && !nbrs.iter().any(|m| m.id == n.id) {
                 nbrs.push(*n);
             }
         }
         let mut liveness = FailureDetector::new(cfg.failure);
         for n in &nbrs {
-            liveness.watch(now, n.addr);
+            liveness.watch(now, n.id);
         }
         RoutingTable {
             me,
@@ -255,22 +253,24 @@ impl RoutingTable {
         &mut self,
         now: Instant,
         neighbours: &[PathHop],
-    ) -> (Vec<PathHop>, Vec<SocketAddr>) {
+    ) -> (Vec<PathHop>, Vec<PeerId>) {
         let mut next: Vec<PathHop> = Vec::new();
         for n in neighbours {
-            if n.addr != self.me.addr && !next.iter().any(|m| m.addr == n.addr) {
+            if n.id != self.me.id && !next.iter().any(|m| m.id == n.id) {
                 next.push(*n);
             }
         }
-        let removed: Vec<SocketAddr> = self
+        let removed: Vec<PeerId> = self
             .neighbours
             .iter()
-            .map(|n| n.addr)
-            .filter(|a| !next.iter().any(|n| n.addr == *a))
+            .map(|n| n.id)
+            .filter(|a| !next.iter().any(|n| n.id == *a))
             .collect();
+        // A neighbour whose address changed is not a new one: the address is only where to
+        // send (see `neighbour`).
         let added: Vec<PathHop> = next
             .iter()
-            .filter(|n| !self.is_neighbour(n.addr))
+            .filter(|n| !self.is_neighbour(n.id))
             .copied()
             .collect();
         self.neighbours = next;
@@ -279,14 +279,19 @@ impl RoutingTable {
             self.last_paths.retain(|(via, _), _| via != a);
         }
         for n in &added {
-            self.liveness.watch(now, n.addr);
+            self.liveness.watch(now, n.id);
         }
         (added, removed)
     }
 
-    /// Whether `addr` is a topology neighbour.
-    pub fn is_neighbour(&self, addr: SocketAddr) -> bool {
-        self.neighbours.iter().any(|n| n.addr == addr)
+    /// Whether `peer` is a topology neighbour.
+    pub fn is_neighbour(&self, peer: PeerId) -> bool {
+        self.neighbours.iter().any(|n| n.id == peer)
+    }
+
+    /// The topology neighbour `peer` (its id and address), if it is one.
+    pub fn neighbour(&self, peer: PeerId) -> Option<PathHop> {
+        self.neighbours.iter().find(|n| n.id == peer).copied()
     }
 
     /// The counters.
@@ -294,14 +299,13 @@ impl RoutingTable {
         self.stats
     }
 
-    /// Handles a flood received from neighbour `from` (id `from_id`) over a link of cost
-    /// `link_cost` (its smoothed RTT, or [`DEFAULT_LINK_COST`]): records the routes it
-    /// announces and says whether and where to forward it. Never panics on hostile input.
+    /// Handles a flood received from neighbour `from` over a link of cost `link_cost` (its
+    /// smoothed RTT, or [`DEFAULT_LINK_COST`]): records the routes it announces and says
+    /// whether and where to forward it. Never panics on hostile input.
     pub fn handle_flood(
         &mut self,
         now: Instant,
-        from: SocketAddr,
-        from_id: NodeId,
+        from: PeerId,
         flood: &Flood,
         link_cost: Duration,
     ) -> FloodVerdict {
@@ -310,7 +314,7 @@ impl RoutingTable {
             self.stats.malformed += 1;
             return FloodVerdict::default();
         };
-        if last.id != from_id || first.id != flood.origin || !self.is_neighbour(from) {
+        if last.id != from || first.id != flood.origin || !self.is_neighbour(from) {
             self.stats.malformed += 1;
             return FloodVerdict::default();
         }
@@ -332,7 +336,6 @@ impl RoutingTable {
             let route = Route {
                 channel: info.id,
                 via: from,
-                via_id: from_id,
                 origin: flood.origin,
                 cost_us,
                 hops: flood.path.len(),
@@ -374,7 +377,7 @@ impl RoutingTable {
         let to: Vec<SocketAddr> = self
             .neighbours
             .iter()
-            .filter(|n| n.addr != from && !flood.path.iter().any(|h| h.id == n.id))
+            .filter(|n| n.id != from && !flood.path.iter().any(|h| h.id == n.id))
             .map(|n| n.addr)
             .collect();
         if to.is_empty() {
@@ -452,7 +455,7 @@ impl RoutingTable {
     /// The best route to `channel` not via any address of `exclude`: lowest
     /// [`Route::key`] `(cost, hops, via)`. Routes via dead peers are removed when they die, so
     /// they never show up here.
-    pub fn best_route(&self, channel: ChannelId, exclude: &[SocketAddr]) -> Option<Route> {
+    pub fn best_route(&self, channel: ChannelId, exclude: &[PeerId]) -> Option<Route> {
         self.routes
             .values()
             .filter(|r| r.channel == channel && !exclude.contains(&r.via))
@@ -467,7 +470,7 @@ impl RoutingTable {
         &self,
         now: Instant,
         channel: ChannelId,
-        exclude: &[SocketAddr],
+        exclude: &[PeerId],
     ) -> Option<Route> {
         self.routes
             .values()
@@ -477,7 +480,7 @@ impl RoutingTable {
     }
 
     /// The best route to `channel` via the neighbour `via`, if any.
-    pub fn route_via(&self, channel: ChannelId, via: SocketAddr) -> Option<Route> {
+    pub fn route_via(&self, channel: ChannelId, via: PeerId) -> Option<Route> {
         self.routes
             .values()
             .filter(|r| r.channel == channel && r.via == via)
@@ -511,50 +514,50 @@ impl RoutingTable {
     /// The path (origin first, `via` last) of the last flood for `channel` seen through the
     /// neighbour `via` — kept after `via` dies, so that the catastrophic fallback can find its
     /// parent (`path[len - 2]`).
-    pub fn upstream_of(&self, via: SocketAddr, channel: ChannelId) -> Option<Vec<PathHop>> {
+    pub fn upstream_of(&self, via: PeerId, channel: ChannelId) -> Option<Vec<PathHop>> {
         self.last_paths.get(&(via, channel)).map(|p| p.path.clone())
     }
 
     /// Records that `addr` was heard from at `now` (any datagram). Returns `true` if it is a
     /// watched peer heard for the first time, or considered dead and now alive again (then in
     /// its hold-down).
-    pub fn heard_from(&mut self, now: Instant, addr: SocketAddr) -> bool {
-        if !self.liveness.is_watched(addr) {
+    pub fn heard_from(&mut self, now: Instant, peer: PeerId) -> bool {
+        if !self.liveness.is_watched(peer) {
             return false;
         }
-        let revived = self.liveness.heard(now, addr);
-        self.heard.insert(addr) || revived
+        let revived = self.liveness.heard(now, peer);
+        self.heard.insert(peer) || revived
     }
 
     /// A new RTT estimate of the link to `addr`: its liveness timeout becomes
     /// `max(k × heartbeat_interval, 2·srtt + 4·rttvar)`.
-    pub fn rtt_sample(&mut self, addr: SocketAddr, srtt: Duration, rttvar: Duration) {
-        self.liveness.rtt_sample(addr, srtt, rttvar);
+    pub fn rtt_sample(&mut self, peer: PeerId, srtt: Duration, rttvar: Duration) {
+        self.liveness.rtt_sample(peer, srtt, rttvar);
     }
 
     /// The liveness timeout of `addr`.
-    pub fn liveness_timeout(&self, addr: SocketAddr) -> Duration {
-        self.liveness.timeout(addr)
+    pub fn liveness_timeout(&self, peer: PeerId) -> Duration {
+        self.liveness.timeout(peer)
     }
 
     /// Starts watching the liveness of a peer that is not a topology neighbour (e.g. a
     /// catastrophic-fallback upstream), presumed alive at `now`. No effect on a watched peer.
-    pub fn watch(&mut self, now: Instant, addr: SocketAddr) {
-        self.liveness.watch(now, addr);
+    pub fn watch(&mut self, now: Instant, peer: PeerId) {
+        self.liveness.watch(now, peer);
     }
 
     /// Stops watching a peer added with [`watch`](Self::watch) (neighbours stay watched).
-    pub fn unwatch(&mut self, addr: SocketAddr) {
-        if !self.is_neighbour(addr) {
-            self.liveness.unwatch(addr);
-            self.heard.remove(&addr);
+    pub fn unwatch(&mut self, peer: PeerId) {
+        if !self.is_neighbour(peer) {
+            self.liveness.unwatch(peer);
+            self.heard.remove(&peer);
         }
     }
 
     /// Makes exactly the watched peers in `fast` fast (see `common::failure`, "Fast peers"):
     /// the caller heartbeats them every [`FailureConfig::fast_interval`] and they are declared
     /// dead after `fast_k` silent intervals. Returns the fast peers that are watched.
-    pub fn set_fast_peers(&mut self, fast: &BTreeSet<SocketAddr>) -> Vec<SocketAddr> {
+    pub fn set_fast_peers(&mut self, fast: &BTreeSet<PeerId>) -> Vec<PeerId> {
         let mut out = Vec::new();
         for p in self.liveness.peers() {
             let f = fast.contains(&p);
@@ -567,7 +570,7 @@ impl RoutingTable {
     }
 
     /// The watched peers that are not topology neighbours.
-    pub fn watched_non_neighbours(&self) -> Vec<SocketAddr> {
+    pub fn watched_non_neighbours(&self) -> Vec<PeerId> {
         self.liveness
             .peers()
             .into_iter()
@@ -577,19 +580,19 @@ impl RoutingTable {
 
     /// Whether a watched peer is alive (`true` for peers that are not watched: nothing says
     /// otherwise).
-    pub fn is_alive(&self, addr: SocketAddr) -> bool {
-        self.liveness.is_alive(addr)
+    pub fn is_alive(&self, peer: PeerId) -> bool {
+        self.liveness.is_alive(peer)
     }
 
     /// Whether `addr` is alive and not in its hold-down (a neighbour that died and came back
     /// less than [`FailureConfig::hold_down`] ago) at `now`.
-    pub fn is_usable(&self, now: Instant, addr: SocketAddr) -> bool {
-        self.liveness.is_usable(now, addr)
+    pub fn is_usable(&self, now: Instant, peer: PeerId) -> bool {
+        self.liveness.is_usable(now, peer)
     }
 
     /// Watched peers silent for more than their liveness timeout at `now` (dead or about to be
     /// declared so).
-    pub fn dead_neighbours(&self, now: Instant) -> Vec<SocketAddr> {
+    pub fn dead_neighbours(&self, now: Instant) -> Vec<PeerId> {
         self.liveness
             .peers()
             .into_iter()
@@ -605,7 +608,7 @@ impl RoutingTable {
     /// Declares dead every watched peer silent for at least its liveness timeout that was
     /// still alive, removes the routes through it, and returns them (each death is reported
     /// once; the peer is alive again as soon as it is heard from).
-    pub fn poll_dead(&mut self, now: Instant) -> Vec<SocketAddr> {
+    pub fn poll_dead(&mut self, now: Instant) -> Vec<PeerId> {
         let dead = self.liveness.poll_dead(now);
         for a in &dead {
             self.routes.retain(|(_, via, _), _| via != a);
@@ -620,12 +623,12 @@ impl RoutingTable {
 
     /// Declares `addr` dead now (e.g. a reliable message to it timed out, or it said goodbye):
     /// removes the routes through it. Returns `true` if it was alive (or not watched).
-    pub fn mark_dead(&mut self, addr: SocketAddr) -> bool {
-        self.routes.retain(|(_, via, _), _| *via != addr);
-        if !self.liveness.is_watched(addr) {
+    pub fn mark_dead(&mut self, peer: PeerId) -> bool {
+        self.routes.retain(|(_, via, _), _| *via != peer);
+        if !self.liveness.is_watched(peer) {
             return true;
         }
-        self.liveness.mark_dead(addr)
+        self.liveness.mark_dead(peer)
     }
 }
 
@@ -698,13 +701,13 @@ mod tests {
             g.load = load;
             g
         };
-        rt.handle_flood(t, hop(2).addr, hop(2).id, &via(2, 7), DEFAULT_LINK_COST);
-        rt.handle_flood(t, hop(3).addr, hop(3).id, &via(3, 1), DEFAULT_LINK_COST);
-        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).addr);
+        rt.handle_flood(t, hop(2).id, &via(2, 7), DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(3).id, &via(3, 1), DEFAULT_LINK_COST);
+        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).id);
         // Our own load goes into what we forward.
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], Default::default());
         rt.set_load(5);
-        let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        let v = rt.handle_flood(t, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(v.forward.unwrap().load, 5);
     }
 
@@ -718,27 +721,27 @@ mod tests {
             g.path.push(hop(n));
             g
         };
-        rt.handle_flood(t, hop(2).addr, hop(2).id, &via(2), DEFAULT_LINK_COST);
-        rt.handle_flood(t, hop(3).addr, hop(3).id, &via(3), DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(2).id, &via(2), DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(3).id, &via(3), DEFAULT_LINK_COST);
         assert_eq!(rt.routes().count(), 2);
         // Link to 2 removed, 5 added (and 4 itself, and a duplicate, ignored).
         let (added, removed) = rt.set_neighbours(t, &[hop(3), hop(5), hop(4), hop(5)]);
         assert_eq!(added, [hop(5)]);
-        assert_eq!(removed, [hop(2).addr]);
+        assert_eq!(removed, [hop(2).id]);
         assert_eq!(rt.neighbours(), [hop(3), hop(5)]);
-        assert!(!rt.is_neighbour(hop(2).addr) && rt.is_neighbour(hop(5).addr));
-        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).addr);
+        assert!(!rt.is_neighbour(hop(2).id) && rt.is_neighbour(hop(5).id));
+        assert_eq!(rt.best_route(chan("a").id, &[]).unwrap().via, hop(3).id);
         assert_eq!(rt.routes().count(), 1, "routes through 2 are gone");
-        assert!(rt.upstream_of(hop(2).addr, chan("a").id).is_none());
+        assert!(rt.upstream_of(hop(2).id, chan("a").id).is_none());
         // A flood through the new neighbour is taken; one from the removed one is not ours.
         let mut origin = FloodOrigin::new(hop(1), 5);
         let mut g = origin.next_flood(&[chan("a")], 0);
         g.path.push(hop(5));
-        rt.handle_flood(t, hop(5).addr, hop(5).id, &g, DEFAULT_LINK_COST);
-        assert!(rt.route_via(chan("a").id, hop(5).addr).is_some());
+        rt.handle_flood(t, hop(5).id, &g, DEFAULT_LINK_COST);
+        assert!(rt.route_via(chan("a").id, hop(5).id).is_some());
         // The removed one is watched no more once the caller unwatches it.
-        rt.unwatch(hop(2).addr);
-        assert!(!rt.watched_non_neighbours().contains(&hop(2).addr));
+        rt.unwatch(hop(2).id);
+        assert!(!rt.watched_non_neighbours().contains(&hop(2).id));
         assert_eq!(rt.set_neighbours(t, &[hop(3), hop(5)]), (vec![], vec![]));
     }
 
@@ -748,10 +751,10 @@ mod tests {
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], Default::default());
         let mut origin = FloodOrigin::new(hop(1), 1);
         let f = origin.next_flood(&[chan("a"), chan("b")], 0);
-        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(rt.channels().len(), 2);
         let f = origin.next_flood(&[chan("a")], 0);
-        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(1).id, &f, DEFAULT_LINK_COST);
         assert_eq!(rt.channels(), vec![chan("a")]);
         assert!(rt.best_route(chan("b").id, &[]).is_none());
         assert_eq!(rt.stats().withdrawn, 1);
@@ -764,7 +767,7 @@ mod tests {
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3), hop(4)], Default::default());
         let mut origin = FloodOrigin::new(hop(1), 7);
         let f = origin.next_flood(&[chan("news")], 0);
-        let v = rt.handle_flood(t, hop(1).addr, hop(1).id, &f, Duration::from_micros(300));
+        let v = rt.handle_flood(t, hop(1).id, &f, Duration::from_micros(300));
         let fwd = v.forward.expect("forwarded");
         assert_eq!(fwd.cost_us, 300);
         assert_eq!(fwd.path, vec![hop(1), hop(2)]);
@@ -773,27 +776,27 @@ mod tests {
         let mut f3 = f.clone();
         f3.path.push(hop(3));
         f3.cost_us = 500;
-        let v = rt.handle_flood(t, hop(3).addr, hop(3).id, &f3, Duration::from_micros(100));
+        let v = rt.handle_flood(t, hop(3).id, &f3, Duration::from_micros(100));
         assert!(v.forward.is_none());
         assert_eq!(rt.stats().suppressed, 1);
         let best = rt.best_route(chan("news").id, &[]).unwrap();
-        assert_eq!(best.via, hop(1).addr);
-        let alt = rt.best_route(chan("news").id, &[hop(1).addr]).unwrap();
-        assert_eq!((alt.via, alt.cost_us, alt.hops), (hop(3).addr, 600, 2));
+        assert_eq!(best.via, hop(1).id);
+        let alt = rt.best_route(chan("news").id, &[hop(1).id]).unwrap();
+        assert_eq!((alt.via, alt.cost_us, alt.hops), (hop(3).id, 600, 2));
         // A flood that already went through us is a loop.
         let mut lp = f.clone();
         lp.path = vec![hop(1), hop(2), hop(4)];
-        rt.handle_flood(t, hop(4).addr, hop(4).id, &lp, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(4).id, &lp, DEFAULT_LINK_COST);
         assert_eq!(rt.stats().loops, 1);
         // Malformed: path does not end with the sender; sender not a neighbour.
-        rt.handle_flood(t, hop(4).addr, hop(4).id, &f, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(4).id, &f, DEFAULT_LINK_COST);
         let mut nb = f.clone();
         nb.path.push(hop(9));
-        rt.handle_flood(t, hop(9).addr, hop(9).id, &nb, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(9).id, &nb, DEFAULT_LINK_COST);
         assert_eq!(rt.stats().malformed, 2);
         assert_eq!(rt.channels(), vec![chan("news")]);
         assert_eq!(
-            rt.upstream_of(hop(3).addr, chan("news").id).unwrap(),
+            rt.upstream_of(hop(3).id, chan("news").id).unwrap(),
             vec![hop(1), hop(3)]
         );
     }
@@ -804,7 +807,7 @@ mod tests {
         let cfg = RoutingConfig::default();
         let mut rt = RoutingTable::new(t, hop(2), &[hop(1), hop(3)], cfg.clone());
         let f = FloodOrigin::new(hop(1), 0).next_flood(&[chan("a")], 0);
-        rt.handle_flood(t, hop(1).addr, hop(1).id, &f, DEFAULT_LINK_COST);
+        rt.handle_flood(t, hop(1).id, &f, DEFAULT_LINK_COST);
         assert!(rt.best_route(chan("a").id, &[]).is_some());
         assert_eq!(rt.expire(t + cfg.route_ttl), 0);
         assert_eq!(rt.expire(t + cfg.route_ttl + Duration::from_millis(1)), 1);
@@ -812,20 +815,20 @@ mod tests {
         assert!(rt.channels().is_empty());
         // Liveness: 3 stays silent, 1 keeps talking.
         let later = t + cfg.failure.floor() + Duration::from_millis(1);
-        rt.heard_from(later, hop(1).addr);
-        assert_eq!(rt.dead_neighbours(later), vec![hop(3).addr]);
-        assert_eq!(rt.poll_dead(later), vec![hop(3).addr]);
+        rt.heard_from(later, hop(1).id);
+        assert_eq!(rt.dead_neighbours(later), vec![hop(3).id]);
+        assert_eq!(rt.poll_dead(later), vec![hop(3).id]);
         assert!(rt.poll_dead(later).is_empty(), "reported once");
-        assert!(!rt.is_alive(hop(3).addr));
-        assert!(rt.heard_from(later, hop(3).addr), "revived");
-        assert!(rt.is_alive(hop(3).addr));
+        assert!(!rt.is_alive(hop(3).id));
+        assert!(rt.heard_from(later, hop(3).id), "revived");
+        assert!(rt.is_alive(hop(3).id));
         // Non-neighbours can be watched and unwatched.
-        rt.watch(later, hop(7).addr);
-        assert_eq!(rt.watched_non_neighbours(), vec![hop(7).addr]);
-        rt.unwatch(hop(7).addr);
-        rt.unwatch(hop(1).addr);
+        rt.watch(later, hop(7).id);
+        assert_eq!(rt.watched_non_neighbours(), vec![hop(7).id]);
+        rt.unwatch(hop(7).id);
+        rt.unwatch(hop(1).id);
         assert!(rt.watched_non_neighbours().is_empty());
-        assert!(rt.is_neighbour(hop(1).addr));
+        assert!(rt.is_neighbour(hop(1).id));
     }
 
     #[test]
@@ -840,67 +843,43 @@ mod tests {
             g
         };
         let ch = chan("a").id;
-        rt.handle_flood(
-            t,
-            hop(2).addr,
-            hop(2).id,
-            &via(2),
-            Duration::from_micros(100),
-        );
-        rt.handle_flood(
-            t,
-            hop(3).addr,
-            hop(3).id,
-            &via(3),
-            Duration::from_micros(900),
-        );
-        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).addr);
+        rt.handle_flood(t, hop(2).id, &via(2), Duration::from_micros(100));
+        rt.handle_flood(t, hop(3).id, &via(3), Duration::from_micros(900));
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).id);
         // 2 goes silent; 3 keeps heartbeating. 2 is dead after k × 100 ms, long before the
         // route TTL, and its route is gone with it.
         let mut now = t;
         let died = loop {
             now += Duration::from_millis(10);
-            rt.heard_from(now, hop(3).addr);
-            if rt.poll_dead(now) == vec![hop(2).addr] {
+            rt.heard_from(now, hop(3).id);
+            if rt.poll_dead(now) == vec![hop(2).id] {
                 break now;
             }
             assert!(now - t < Duration::from_secs(1), "not declared dead");
         };
         assert_eq!(died - t, cfg.failure.floor());
-        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(3).addr);
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(3).id);
         // 2 comes back and floods again: cheaper, but in its hold-down.
         let back = died + Duration::from_millis(500);
-        assert!(rt.heard_from(back, hop(2).addr));
-        rt.handle_flood(
-            back,
-            hop(2).addr,
-            hop(2).id,
-            &via(2),
-            Duration::from_micros(100),
-        );
-        assert!(rt.is_alive(hop(2).addr) && !rt.is_usable(back, hop(2).addr));
-        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).addr);
-        assert_eq!(
-            rt.best_usable_route(back, ch, &[]).unwrap().via,
-            hop(3).addr
-        );
+        assert!(rt.heard_from(back, hop(2).id));
+        rt.handle_flood(back, hop(2).id, &via(2), Duration::from_micros(100));
+        assert!(rt.is_alive(hop(2).id) && !rt.is_usable(back, hop(2).id));
+        assert_eq!(rt.best_route(ch, &[]).unwrap().via, hop(2).id);
+        assert_eq!(rt.best_usable_route(back, ch, &[]).unwrap().via, hop(3).id);
         // …unless it is the only way.
         assert_eq!(
-            rt.best_usable_route(back, ch, &[hop(3).addr]).unwrap().via,
-            hop(2).addr
+            rt.best_usable_route(back, ch, &[hop(3).id]).unwrap().via,
+            hop(2).id
         );
         let over = back + cfg.failure.hold_down;
-        assert_eq!(
-            rt.best_usable_route(over, ch, &[]).unwrap().via,
-            hop(2).addr
-        );
+        assert_eq!(rt.best_usable_route(over, ch, &[]).unwrap().via, hop(2).id);
         // The timeout follows the link's RTT.
         rt.rtt_sample(
-            hop(3).addr,
+            hop(3).id,
             Duration::from_millis(300),
             Duration::from_millis(50),
         );
-        assert_eq!(rt.liveness_timeout(hop(3).addr), Duration::from_millis(800));
-        assert_eq!(rt.liveness_timeout(hop(2).addr), cfg.failure.floor());
+        assert_eq!(rt.liveness_timeout(hop(3).id), Duration::from_millis(800));
+        assert_eq!(rt.liveness_timeout(hop(2).id), cfg.failure.floor());
     }
 }

@@ -1,6 +1,8 @@
 //! Who wants which channel from us, and where we get it from. I/O-free.
 //!
-//! Downstream *subscribers* (neighbour nodes and clients alike: any address that subscribes,
+//! Peers are named by their [`PeerId`] (the relay maps them to addresses).
+//!
+//! Downstream *subscribers* (neighbour nodes and clients alike: any peer that subscribes,
 //! including hosts that are not topology neighbours, for the catastrophic fallback) are soft
 //! state: every datagram from a subscriber refreshes it ([`Subscriptions::touch`]), and a
 //! subscriber silent for the timeout is dropped ([`Subscriptions::expire`]).
@@ -11,8 +13,8 @@
 //! server that one of its own channels became watched / unwatched.
 
 use common::wire::ChannelId;
+use common::PeerId;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// Where a channel comes from.
@@ -21,16 +23,16 @@ pub enum Upstream {
     /// This host originates the channel (a server's own channel).
     Local,
     /// We are subscribed to this host.
-    Node(SocketAddr),
+    Node(PeerId),
 }
 
 /// Something the driver must do after a transition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SubAction {
     /// Send `Subscribe { channel }` to the upstream.
-    Subscribe(ChannelId, SocketAddr),
+    Subscribe(ChannelId, PeerId),
     /// Send `Unsubscribe { channel }` to the former upstream.
-    Unsubscribe(ChannelId, SocketAddr),
+    Unsubscribe(ChannelId, PeerId),
     /// A local channel became watched (`true`, first subscriber) or unwatched (`false`, last
     /// subscriber gone).
     LocalDemand(ChannelId, bool),
@@ -49,7 +51,7 @@ pub enum SubscribeError {
 
 #[derive(Debug, Default)]
 struct ChannelState {
-    subscribers: BTreeSet<SocketAddr>,
+    subscribers: BTreeSet<PeerId>,
     upstream: Option<Upstream>,
 }
 
@@ -63,7 +65,7 @@ struct Peer {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Expired {
     /// Subscribers dropped for silence: `(channel, subscriber)`.
-    pub dropped: Vec<(ChannelId, SocketAddr)>,
+    pub dropped: Vec<(ChannelId, PeerId)>,
     /// The resulting actions.
     pub actions: Vec<SubAction>,
 }
@@ -73,7 +75,7 @@ pub struct Expired {
 pub struct Subscriptions {
     timeout: Duration,
     channels: BTreeMap<ChannelId, ChannelState>,
-    peers: HashMap<SocketAddr, Peer>,
+    peers: HashMap<PeerId, Peer>,
     local: BTreeSet<ChannelId>,
 }
 
@@ -144,9 +146,9 @@ impl Subscriptions {
     pub fn subscribe(
         &mut self,
         now: Instant,
-        peer: SocketAddr,
+        peer: PeerId,
         channel: ChannelId,
-        upstream: Option<SocketAddr>,
+        upstream: Option<PeerId>,
     ) -> Result<Vec<SubAction>, SubscribeError> {
         match self.peers.get(&peer) {
             None if self.peers.len() >= Self::MAX_PEERS => {
@@ -189,12 +191,12 @@ impl Subscriptions {
 
     /// `peer` unsubscribes from `channel`. If it was the last subscriber, the upstream is
     /// released ([`SubAction::Unsubscribe`] or `LocalDemand(channel, false)`).
-    pub fn unsubscribe(&mut self, peer: SocketAddr, channel: ChannelId) -> Vec<SubAction> {
+    pub fn unsubscribe(&mut self, peer: PeerId, channel: ChannelId) -> Vec<SubAction> {
         self.forget_peer_channel(peer, channel);
         self.remove_subscriber(peer, channel)
     }
 
-    fn forget_peer_channel(&mut self, peer: SocketAddr, channel: ChannelId) {
+    fn forget_peer_channel(&mut self, peer: PeerId, channel: ChannelId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.channels.remove(&channel);
             if p.channels.is_empty() {
@@ -203,7 +205,7 @@ impl Subscriptions {
         }
     }
 
-    fn remove_subscriber(&mut self, peer: SocketAddr, channel: ChannelId) -> Vec<SubAction> {
+    fn remove_subscriber(&mut self, peer: PeerId, channel: ChannelId) -> Vec<SubAction> {
         let Some(state) = self.channels.get_mut(&channel) else {
             return Vec::new();
         };
@@ -219,8 +221,13 @@ impl Subscriptions {
         }
     }
 
+    /// Whether `peer` subscribes to anything.
+    pub fn is_peer(&self, peer: PeerId) -> bool {
+        self.peers.contains_key(&peer)
+    }
+
     /// Something arrived from `peer` at `now`: refreshes all its subscriptions.
-    pub fn touch(&mut self, now: Instant, peer: SocketAddr) {
+    pub fn touch(&mut self, now: Instant, peer: PeerId) {
         if let Some(p) = self.peers.get_mut(&peer) {
             p.last_heard = p.last_heard.max(now);
         }
@@ -236,7 +243,7 @@ impl Subscriptions {
     /// Drops every subscriber silent for longer than the timeout at `now`.
     pub fn expire(&mut self, now: Instant) -> Expired {
         let timeout = self.timeout;
-        let silent: Vec<SocketAddr> = self
+        let silent: Vec<PeerId> = self
             .peers
             .iter()
             .filter(|(_, p)| now.saturating_duration_since(p.last_heard) > timeout)
@@ -258,7 +265,7 @@ impl Subscriptions {
     }
 
     /// Drops every subscription of `peer` (it said goodbye or was declared dead).
-    pub fn drop_peer(&mut self, peer: SocketAddr) -> Vec<SubAction> {
+    pub fn drop_peer(&mut self, peer: PeerId) -> Vec<SubAction> {
         let Some(p) = self.peers.remove(&peer) else {
             return Vec::new();
         };
@@ -272,11 +279,7 @@ impl Subscriptions {
     /// Sets the upstream of a watched, non-local `channel` (`None`: no way to get it for now).
     /// Emits `Unsubscribe` to the former upstream and `Subscribe` to the new one when it
     /// changes; does nothing for a local or unwatched channel.
-    pub fn set_upstream(
-        &mut self,
-        channel: ChannelId,
-        upstream: Option<SocketAddr>,
-    ) -> Vec<SubAction> {
+    pub fn set_upstream(&mut self, channel: ChannelId, upstream: Option<PeerId>) -> Vec<SubAction> {
         let Some(state) = self.channels.get_mut(&channel) else {
             return Vec::new();
         };
@@ -304,7 +307,7 @@ impl Subscriptions {
     }
 
     /// The subscribers of `channel`.
-    pub fn subscribers(&self, channel: ChannelId) -> impl Iterator<Item = SocketAddr> + '_ {
+    pub fn subscribers(&self, channel: ChannelId) -> impl Iterator<Item = PeerId> + '_ {
         self.channels
             .get(&channel)
             .into_iter()
@@ -312,7 +315,7 @@ impl Subscriptions {
     }
 
     /// Whether `peer` subscribes to `channel`.
-    pub fn is_subscriber(&self, peer: SocketAddr, channel: ChannelId) -> bool {
+    pub fn is_subscriber(&self, peer: PeerId, channel: ChannelId) -> bool {
         self.channels
             .get(&channel)
             .is_some_and(|s| s.subscribers.contains(&peer))
@@ -344,7 +347,7 @@ impl Subscriptions {
     }
 
     /// Channels whose upstream is `addr`.
-    pub fn fed_by(&self, addr: SocketAddr) -> Vec<ChannelId> {
+    pub fn fed_by(&self, addr: PeerId) -> Vec<ChannelId> {
         self.channels
             .iter()
             .filter(|(_, s)| s.upstream == Some(Upstream::Node(addr)))
@@ -353,7 +356,7 @@ impl Subscriptions {
     }
 
     /// Every distinct upstream host in use.
-    pub fn upstream_hosts(&self) -> BTreeSet<SocketAddr> {
+    pub fn upstream_hosts(&self) -> BTreeSet<PeerId> {
         self.channels
             .values()
             .filter_map(|s| match s.upstream {
@@ -364,7 +367,7 @@ impl Subscriptions {
     }
 
     /// Per watched channel: its subscribers and upstream.
-    pub fn snapshot(&self) -> BTreeMap<ChannelId, (Vec<SocketAddr>, Option<Upstream>)> {
+    pub fn snapshot(&self) -> BTreeMap<ChannelId, (Vec<PeerId>, Option<Upstream>)> {
         self.channels
             .iter()
             .map(|(c, s)| (*c, (s.subscribers.iter().copied().collect(), s.upstream)))
@@ -376,8 +379,8 @@ impl Subscriptions {
 mod tests {
     use super::*;
 
-    fn addr(n: u8) -> SocketAddr {
-        format!("127.0.0.{n}:8010").parse().unwrap()
+    fn addr(n: u8) -> PeerId {
+        PeerId::from(common::NodeId(u64::from(n)))
     }
 
     const TIMEOUT: Duration = Duration::from_secs(5);
