@@ -3,12 +3,14 @@
 //! `--stats` file and publishes a [`Snapshot`] for the GUI on a `watch` channel. The GUI (or the
 //! headless main) sends [`Command`]s over an `mpsc` channel; nobody waits for anybody.
 
-use crate::core::{Action, ClientCore, CoreConfig, Problem, Snapshot, StreamView};
+use crate::core::{CoreConfig, Problem, Snapshot, StreamView};
 use crate::graphics::{self, Facts, OpenGl};
+use crate::host::ClientHost;
 use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
 use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
-use common::transport::{Direct, Incoming, SendShim, Transport, TransportConfig};
+use common::port::{Direct, Port, SendShim};
+use common::reliable::ReliableConfig;
 use common::wire::ChannelId;
 use common::NodeId;
 use std::collections::{BTreeSet, HashMap};
@@ -82,9 +84,9 @@ pub enum EngineError {
         #[source]
         source: io::Error,
     },
-    /// The transport task.
-    #[error("cannot start the transport: {0}")]
-    Transport(#[source] io::Error),
+    /// The local UDP socket's address.
+    #[error("cannot read the local address of the UDP socket: {0}")]
+    LocalAddr(#[source] io::Error),
 }
 
 /// What the engine did, for the exit summary.
@@ -139,8 +141,8 @@ fn now() -> Instant {
 
 struct Engine {
     cfg: EngineConfig,
-    core: ClientCore,
-    transport: Transport,
+    host: ClientHost,
+    port: Port,
     stats: Option<StatsWriter>,
     /// Sinks per playing stream, keyed by channel (looked up for every datagram).
     outputs: HashMap<ChannelId, Outputs>,
@@ -197,18 +199,8 @@ pub async fn run(
         warn!(impair = %cfg.impair, "TESTING AID: impairing outgoing traffic");
         Box::new(Impairment::new(cfg.impair.clone(), start))
     };
-    // The transport gets its own token: at shutdown we still unsubscribe through it.
-    let transport_stop = CancellationToken::new();
-    let (transport, mut incoming, transport_task) = Transport::spawn_with_shim(
-        socket,
-        NodeId::random(),
-        common::rng::Rng::from_entropy().next_u64(),
-        TransportConfig::default(),
-        transport_stop.clone(),
-        shim,
-    )
-    .map_err(EngineError::Transport)?;
-    let local = transport.local_addr();
+    let port = Port::new(socket, shim);
+    let local = port.local_addr().map_err(EngineError::LocalAddr)?;
     let sources: HashMap<SocketAddr, String> = cfg
         .pops
         .iter()
@@ -239,9 +231,16 @@ pub async fn run(
     let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
     let mut e = Engine {
         player_args,
-        core: ClientCore::new(cfg.core.clone(), &cfg.pops, start),
+        host: ClientHost::new(
+            cfg.core.clone(),
+            &cfg.pops,
+            NodeId::random(),
+            common::rng::Rng::from_entropy().next_u64(),
+            ReliableConfig::default(),
+            start,
+        ),
         cfg,
-        transport,
+        port,
         stats,
         outputs: HashMap::new(),
         generation: 0,
@@ -263,14 +262,14 @@ pub async fn run(
         .cfg
         .duration
         .map(|d| tokio::time::Instant::from_std(start + d));
-    let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(e.core.poll_timeout()));
+    let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(e.deadline()));
     tokio::pin!(sleep);
     let mut commands_open = true;
     let mut last_snapshot = start;
     loop {
         sleep
             .as_mut()
-            .reset(tokio::time::Instant::from_std(e.core.poll_timeout()));
+            .reset(tokio::time::Instant::from_std(e.deadline()));
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break,
@@ -284,24 +283,13 @@ pub async fn run(
                 Some(Command::Stop(name)) => e.stop(now(), &name, "user").await,
                 None => commands_open = false,
             },
-            item = incoming.recv() => match item {
-                None => {
-                    warn!("transport stopped");
-                    break;
-                }
-                Some(Incoming::Message { from, msg, .. }) => e.core.handle_message(now(), from, msg),
-                Some(Incoming::Video { from, packet, .. }) => {
-                    let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
-                    if let Some(id) = e.core.handle_video(now(), from, packet) {
-                        e.arrival(now(), id, from, keyframe);
-                    }
-                }
-                Some(Incoming::TimedOut { peer, .. }) => {
-                    debug!(%peer, "reliable message not acknowledged");
-                    e.core.handle_timed_out(now(), peer);
+            r = e.port.recv() => if let Some((from, bytes)) = r {
+                let t = now();
+                if let Some(a) = e.host.handle_datagram(t, from, bytes) {
+                    e.arrival(t, a.channel, a.pop, a.keyframe);
                 }
             },
-            _ = &mut sleep => e.core.handle_timeout(now()),
+            _ = &mut sleep => e.host.handle_timeout(now()),
         }
         e.drain_actions().await;
         let t = now();
@@ -316,22 +304,31 @@ pub async fn run(
         }
     }
     // Shutdown: tell the controller (the GUI closes its window), unsubscribe everywhere, close
-    // sinks, stop the transport.
+    // sinks.
     shutdown.cancel();
     let t = now();
-    for name in e.core.playing() {
+    for name in e.host.core().playing() {
         e.record_summary(t, &name);
     }
-    e.core.stop_all(t, "exit");
+    e.host.with_core(t, |c| c.stop_all(t, "exit"));
     e.drain_actions().await;
     for (_, o) in e.outputs.drain() {
         o.close().await;
     }
     snapshot.send_replace(e.snapshot(now()));
-    // Give the Unsubscribes a moment to leave (best effort; PoPs also time us out).
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    transport_stop.cancel();
-    let _ = transport_task.await;
+    // Give the Unsubscribes a moment to leave (best effort; PoPs also time us out): their
+    // acknowledgements, or the reliable channel's retransmissions.
+    let grace = now() + Duration::from_millis(100);
+    while now() < grace {
+        let wake = e.deadline().min(grace);
+        tokio::select! {
+            r = e.port.recv() => if let Some((from, bytes)) = r {
+                e.host.handle_datagram(now(), from, bytes);
+            },
+            _ = tokio::time::sleep_until(wake.into()) => e.host.handle_timeout(now()),
+        }
+        e.send().await;
+    }
     Ok(e.summary)
 }
 
@@ -375,7 +372,7 @@ async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
 
 impl Engine {
     async fn play(&mut self, now: Instant, name: &str) {
-        if !self.core.play(now, name) {
+        if !self.host.play(now, name) {
             return;
         }
         info!(stream = name, "play requested");
@@ -437,7 +434,7 @@ impl Engine {
     async fn stop(&mut self, now: Instant, name: &str, reason: &str) {
         self.record_summary(now, name);
         self.arrivals.remove(&ChannelId::of_name(name));
-        if self.core.stop(now, name, reason) {
+        if self.host.stop(now, name, reason) {
             info!(stream = name, reason, "stream stopped");
         }
         self.write_output();
@@ -464,7 +461,8 @@ impl Engine {
 
     fn record_summary(&mut self, now: Instant, name: &str) {
         if let Some(v) = self
-            .core
+            .host
+            .core()
             .snapshot(now)
             .streams
             .into_iter()
@@ -476,7 +474,7 @@ impl Engine {
 
     /// Hands what the core released (in order per stream) to the sinks.
     fn write_output(&mut self) {
-        while let Some((id, payload)) = self.core.poll_output() {
+        while let Some((id, payload)) = self.host.poll_output() {
             if let Some(o) = self.outputs.get_mut(&id) {
                 o.write(&payload);
             }
@@ -485,21 +483,25 @@ impl Engine {
 
     async fn drain_actions(&mut self) {
         self.write_output();
-        while let Some(a) = self.core.poll_action() {
-            match a {
-                Action::SendUnreliable { to, msg } => {
-                    if let Err(e) = self.transport.send_unreliable(to, msg).await {
-                        debug!(%to, error = %e, "send failed");
-                    }
-                }
-                Action::SendReliable { to, msg } => {
-                    if let Err(e) = self.transport.send_reliable(to, msg).await {
-                        debug!(%to, error = %e, "reliable send failed");
-                    }
-                }
-                Action::Event(ev) => self.event(ev),
-            }
+        while let Some(ev) = self.host.poll_event() {
+            self.event(ev);
         }
+        self.send().await;
+    }
+
+    /// Sends what the host decided, through the send path.
+    async fn send(&mut self) {
+        let t = now();
+        while let Some((to, bytes)) = self.host.poll_transmit() {
+            self.port.push(t, to, bytes);
+        }
+        self.port.flush(t).await;
+    }
+
+    /// The earlier of the host's and the send path's next deadlines.
+    fn deadline(&self) -> Instant {
+        let host = self.host.poll_timeout();
+        self.port.poll_timeout().map_or(host, |p| p.min(host))
     }
 
     /// Stats of arrivals: the first keyframe, and silences ended (`gap`).
@@ -512,7 +514,7 @@ impl Engine {
         if gap <= crate::stats::GAP_EVENT_MIN && !first_key {
             return;
         }
-        let Some(name) = self.core.name_of(id).map(str::to_owned) else {
+        let Some(name) = self.host.core().name_of(id).map(str::to_owned) else {
             return;
         };
         if gap > crate::stats::GAP_EVENT_MIN {
@@ -571,10 +573,11 @@ impl Engine {
     }
 
     fn snapshot(&self, now: Instant) -> Snapshot {
-        let mut s = self.core.snapshot(now);
+        let mut s = self.host.core().snapshot(now);
         s.notices = self.notices.clone();
         s.problems = self
-            .core
+            .host
+            .core()
             .problems()
             .iter()
             .map(|p| self.describe(now, p))
@@ -585,7 +588,8 @@ impl Engine {
     /// The problem that has lasted [`EngineConfig::give_up`], described, if any.
     fn gave_up(&self, now: Instant) -> Option<String> {
         let limit = self.cfg.give_up?;
-        self.core
+        self.host
+            .core()
             .problems()
             .iter()
             .find(|p| now.saturating_duration_since(p.since()) >= limit)

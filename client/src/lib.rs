@@ -22,6 +22,7 @@ pub mod core;
 pub mod engine;
 pub mod graphics;
 pub mod gui;
+pub mod host;
 pub mod outputs;
 pub mod playout;
 pub mod seq;

@@ -13,6 +13,7 @@ pub mod jitter;
 pub mod link;
 pub mod nack;
 pub mod peers;
+pub mod port;
 pub mod reliable;
 pub mod rng;
 pub mod rtt;

@@ -26,7 +26,7 @@ use crate::id::NodeId;
 use crate::link::Link;
 use crate::reliable::{ReliableConfig, ReliableStats, RttEstimate};
 use crate::rng::Rng;
-use crate::wire::{Body, Datagram, Message, WireError, MAX_DATAGRAM_LEN};
+use crate::wire::{Body, Datagram, Message, WireError};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
@@ -36,7 +36,7 @@ use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 /// Tuning of a [`Transport`].
 #[derive(Debug, Clone)]
@@ -93,35 +93,8 @@ pub struct TransportStats {
     pub incoming_dropped: u64,
 }
 
-/// The send-path hook: every outgoing datagram is `push`ed here, and whatever `poll_transmit`
-/// yields goes to the socket. An implementation may drop, delay, duplicate or reorder (the
-/// impairment shim), as long as it is an I/O-free state machine on `Instant`s.
-pub trait SendShim: Send + 'static {
-    /// Accepts a datagram for `peer` at `now`.
-    fn push(&mut self, now: Instant, peer: SocketAddr, bytes: Bytes);
-    /// The next datagram due at or before `now`, if any.
-    fn poll_transmit(&mut self, now: Instant) -> Option<(SocketAddr, Bytes)>;
-    /// When the next held-back datagram becomes due (`None` if nothing is held back).
-    fn poll_timeout(&self) -> Option<Instant>;
-}
-
-/// The default [`SendShim`]: sends everything at once, unchanged.
-#[derive(Debug, Default)]
-pub struct Direct {
-    queue: VecDeque<(SocketAddr, Bytes)>,
-}
-
-impl SendShim for Direct {
-    fn push(&mut self, _now: Instant, peer: SocketAddr, bytes: Bytes) {
-        self.queue.push_back((peer, bytes));
-    }
-    fn poll_transmit(&mut self, _now: Instant) -> Option<(SocketAddr, Bytes)> {
-        self.queue.pop_front()
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        None
-    }
-}
+use crate::port::Port;
+pub use crate::port::{Direct, SendShim};
 
 enum Command {
     SendReliable {
@@ -190,9 +163,8 @@ impl Transport {
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (in_tx, in_rx) = mpsc::channel(cfg.incoming_queue.max(1));
         let driver = Driver {
-            socket,
+            port: Port::new(socket, shim),
             link: Link::new(local, session, cfg.reliable.clone()),
-            shim,
             cmd_rx,
             incoming: in_tx,
             pending: VecDeque::new(),
@@ -278,9 +250,8 @@ impl Transport {
 
 /// The task that owns the socket and the state machine.
 struct Driver {
-    socket: UdpSocket,
+    port: Port,
     link: Link,
-    shim: Box<dyn SendShim>,
     cmd_rx: mpsc::Receiver<Command>,
     incoming: mpsc::Sender<Incoming>,
     /// Items waiting for room in `incoming`.
@@ -296,8 +267,6 @@ fn now() -> Instant {
 
 impl Driver {
     async fn run(mut self, shutdown: CancellationToken) {
-        // One byte more than the largest valid datagram, so an oversize one is detected as such.
-        let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
         let far_future = || tokio::time::Instant::now() + Duration::from_secs(86_400);
         let sleep = tokio::time::sleep_until(far_future());
         tokio::pin!(sleep);
@@ -306,7 +275,7 @@ impl Driver {
         let incoming = self.incoming.clone();
         info!(addr = %self.local_addr, session = self.link.session(), "transport started");
         loop {
-            let deadline = [self.link.poll_timeout(), self.shim.poll_timeout()]
+            let deadline = [self.link.poll_timeout(), self.port.poll_timeout()]
                 .into_iter()
                 .flatten()
                 .min();
@@ -336,10 +305,11 @@ impl Driver {
                     Some(cmd) => self.command(cmd),
                     None => commands_open = false,
                 },
-                r = self.socket.recv_from(&mut buf), if self.pending.len() < self.max_pending => match r {
-                    Ok((n, from)) => self.datagram(from, &buf[..n]),
-                    Err(e) => self.recv_error(e).await,
-                },
+                r = self.port.recv(), if self.pending.len() < self.max_pending => {
+                    if let Some((from, bytes)) = r {
+                        self.link.handle_datagram(now(), from, bytes);
+                    }
+                }
                 _ = &mut sleep, if deadline.is_some() => {}
             }
             // Whatever woke us: fire due timers (cheap if none), collect events, send.
@@ -362,32 +332,16 @@ impl Driver {
                 let _ = reply.send(self.link.rtt(peer));
             }
             Command::Stats { reply } => {
+                let p = self.port.stats();
                 let mut s = self.stats;
                 s.reliable = self.link.stats().reliable;
+                s.datagrams_in = p.datagrams_in;
+                s.datagrams_out = p.datagrams_out;
+                s.send_errors = p.send_errors;
+                s.recv_errors = p.recv_errors;
                 let _ = reply.send(s);
             }
             Command::ForgetPeer { peer } => self.link.forget_peer(peer),
-        }
-    }
-
-    fn datagram(&mut self, from: SocketAddr, bytes: &[u8]) {
-        self.stats.datagrams_in += 1;
-        self.link.handle_datagram(now(), from, bytes);
-        self.collect_incoming();
-    }
-
-    async fn recv_error(&mut self, e: io::Error) {
-        self.stats.recv_errors += 1;
-        match e.kind() {
-            // ICMP errors of earlier sends to dead peers (Linux reports them on a later recv).
-            io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
-                debug!(error = %e, "recv_from: ICMP error of an earlier send, ignored");
-            }
-            _ => {
-                warn!(error = %e, "recv_from failed");
-                // Do not spin if the error persists.
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
         }
     }
 
@@ -416,29 +370,8 @@ impl Driver {
 
     async fn flush(&mut self, t: Instant) {
         while let Some((peer, bytes)) = self.link.poll_transmit() {
-            self.shim.push(t, peer, bytes);
+            self.port.push(t, peer, bytes);
         }
-        while let Some((peer, bytes)) = self.shim.poll_transmit(t) {
-            match self.socket.send_to(&bytes, peer).await {
-                Ok(_) => self.stats.datagrams_out += 1,
-                Err(e) => {
-                    self.stats.send_errors += 1;
-                    debug!(%peer, error = %e, "send_to failed, datagram dropped");
-                }
-            }
-        }
-    }
-}
-
-/// The impairment shim plugs into the send path as-is (`--impair`).
-impl SendShim for crate::impair::Impairment {
-    fn push(&mut self, now: Instant, peer: SocketAddr, bytes: Bytes) {
-        crate::impair::Impairment::push(self, now, peer, bytes)
-    }
-    fn poll_transmit(&mut self, now: Instant) -> Option<(SocketAddr, Bytes)> {
-        crate::impair::Impairment::poll_transmit(self, now)
-    }
-    fn poll_timeout(&self) -> Option<Instant> {
-        crate::impair::Impairment::poll_timeout(self)
+        self.port.flush(t).await;
     }
 }

@@ -59,15 +59,13 @@ use crate::relay_core::{Event, RelayCore};
 pub use crate::relay_core::{RelayConfig, RelayStats};
 use bytes::Bytes;
 use common::host::Joined;
-use common::transport::SendShim;
-use common::wire::{ChannelId, ChannelInfo, PathHop, MAX_DATAGRAM_LEN};
-use std::io;
-use std::time::{Duration, Instant};
-use tokio::net::UdpSocket;
+use common::port::Port;
+use common::wire::{ChannelId, ChannelInfo, PathHop};
+use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, info_span, warn, Instrument};
+use tracing::{info, info_span, warn, Instrument};
 
 /// What the handle asks of the engine.
 enum Command {
@@ -193,8 +191,7 @@ impl Relay {
 /// [`RelayCore`] and sends what it polled.
 struct Engine {
     core: RelayCore,
-    socket: UdpSocket,
-    shim: Box<dyn SendShim>,
+    port: Port,
     cmd_rx: mpsc::Receiver<Command>,
     /// Neighbour lists pushed by the bootstrapper (topology edits).
     neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
@@ -220,8 +217,7 @@ impl Engine {
                 now(),
                 common::rng::Rng::from_entropy().next_u64(),
             ),
-            socket: joined.socket,
-            shim: joined.shim,
+            port: Port::new(joined.socket, joined.shim),
             cmd_rx,
             neighbour_updates: joined.neighbour_updates,
             demand: Vec::new(),
@@ -234,8 +230,6 @@ impl Engine {
             neighbours = ?self.core.routing.neighbours().iter().map(|n| n.addr).collect::<Vec<_>>(),
             "relay started"
         );
-        // One byte more than the largest valid datagram, so an oversize one is detected as such.
-        let mut buf = vec![0u8; MAX_DATAGRAM_LEN + 1];
         let timer = tokio::time::sleep_until(self.deadline().into());
         tokio::pin!(timer);
         let mut commands_open = true;
@@ -253,9 +247,8 @@ impl Engine {
                     Some(n) => self.core.set_neighbours(now(), n),
                     None => updates_open = false,
                 },
-                r = self.socket.recv_from(&mut buf) => match r {
-                    Ok((n, from)) => self.core.handle_datagram(now(), from, &buf[..n]),
-                    Err(e) => recv_error(e).await,
+                r = self.port.recv() => if let Some((from, bytes)) = r {
+                    self.core.handle_datagram(now(), from, bytes);
                 },
                 _ = &mut timer => self.core.handle_timeout(now()),
             }
@@ -267,7 +260,7 @@ impl Engine {
     /// The earlier of the core's and the send path's next deadlines.
     fn deadline(&self) -> Instant {
         let core = self.core.poll_timeout();
-        self.shim.poll_timeout().map_or(core, |s| s.min(core))
+        self.port.poll_timeout().map_or(core, |s| s.min(core))
     }
 
     /// A request of the handle: the core's part, then the reply.
@@ -300,14 +293,10 @@ impl Engine {
         let t = now();
         while let Some(tx) = self.core.poll_transmit() {
             for to in tx.to {
-                self.shim.push(t, to, tx.bytes.clone());
+                self.port.push(t, to, tx.bytes.clone());
             }
         }
-        while let Some((peer, bytes)) = self.shim.poll_transmit(t) {
-            if let Err(e) = self.socket.send_to(&bytes, peer).await {
-                debug!(%peer, error = %e, "send_to failed, datagram dropped");
-            }
-        }
+        self.port.flush(t).await;
         while let Some(ev) = self.core.poll_event() {
             match ev {
                 Event::LocalDemand { channel, watched } => {
@@ -321,21 +310,6 @@ impl Engine {
                     });
                 }
             }
-        }
-    }
-}
-
-/// A failed `recv_from`: ICMP errors of earlier sends to dead peers (Linux reports them on a
-/// later receive) are ignored; anything else is logged, with a pause so a persistent error
-/// does not spin.
-async fn recv_error(e: io::Error) {
-    match e.kind() {
-        io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
-            debug!(error = %e, "recv_from: ICMP error of an earlier send, ignored");
-        }
-        _ => {
-            warn!(error = %e, "recv_from failed");
-            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 }

@@ -1,0 +1,211 @@
+//! [`ClientHost`]: the whole client protocol without I/O — the [`ClientCore`] (PoP choice,
+//! subscriptions, jitter buffers) on top of a [`Link`] (decoding, the reliable channel), with a
+//! [`PeerTable`] that binds each PoP's address to the id in its datagrams' header. A driver (the
+//! tokio [`engine`](crate::engine), or a simulation) feeds it received datagrams and due timers
+//! and sends what [`ClientHost::poll_transmit`] hands out; it reads no clock and owns no socket.
+//!
+//! A datagram whose sender id contradicts what is known for its address is dropped before it is
+//! decoded further and counted ([`HostStats::peer_mismatch`]); a PoP that restarts (new id on
+//! the same address) replaces its former self.
+
+use crate::core::{Action, ClientCore, CoreConfig};
+use crate::stats::StatEvent;
+use bytes::Bytes;
+use common::link::{Incoming, Link, LinkStats};
+use common::peers::{Check, PeerTable};
+use common::reliable::ReliableConfig;
+use common::wire::ChannelId;
+use common::NodeId;
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+use std::time::Instant;
+use tracing::{debug, warn};
+
+/// A video datagram that reached a stream (for the driver's arrival statistics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Arrival {
+    /// The stream's channel.
+    pub channel: ChannelId,
+    /// The PoP it came from.
+    pub pop: SocketAddr,
+    /// It starts a keyframe.
+    pub keyframe: bool,
+}
+
+/// Counters of a [`ClientHost`] beyond its link's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HostStats {
+    /// Datagrams dropped because their sender id did not match their address.
+    pub peer_mismatch: u64,
+}
+
+/// The client's protocol and datagram layer (see the module docs).
+#[derive(Debug)]
+pub struct ClientHost {
+    core: ClientCore,
+    link: Link,
+    peers: PeerTable,
+    events: VecDeque<StatEvent>,
+    stats: HostStats,
+}
+
+impl ClientHost {
+    /// A client of `pops`, identified by `id` (random per start) whose reliable messages carry
+    /// `session`.
+    pub fn new(
+        cfg: CoreConfig,
+        pops: &[SocketAddr],
+        id: NodeId,
+        session: u64,
+        reliable: ReliableConfig,
+        now: Instant,
+    ) -> ClientHost {
+        ClientHost {
+            core: ClientCore::new(cfg, pops, now),
+            link: Link::new(id, session, reliable),
+            peers: PeerTable::new(),
+            events: VecDeque::new(),
+            stats: HostStats::default(),
+        }
+    }
+
+    /// The protocol state (views, problems, play/stop).
+    pub fn core(&self) -> &ClientCore {
+        &self.core
+    }
+
+    /// Calls `f` on the core at `now`, then queues what it decided (play, stop, stop_all).
+    pub fn with_core<R>(&mut self, now: Instant, f: impl FnOnce(&mut ClientCore) -> R) -> R {
+        let r = f(&mut self.core);
+        self.drain_actions(now);
+        r
+    }
+
+    /// Starts playing `name`; false if it already plays.
+    pub fn play(&mut self, now: Instant, name: &str) -> bool {
+        self.with_core(now, |c| c.play(now, name))
+    }
+
+    /// Stops `name`; false if it was not playing.
+    pub fn stop(&mut self, now: Instant, name: &str, reason: &str) -> bool {
+        self.with_core(now, |c| c.stop(now, name, reason))
+    }
+
+    /// Feeds one received datagram; returns the video arrival it was, if it reached a stream.
+    pub fn handle_datagram(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &[u8],
+    ) -> Option<Arrival> {
+        if let Ok(h) = common::wire::decode_header(bytes) {
+            match self.peers.check(from, h.sender) {
+                Check::Known => {}
+                Check::New => self.peers.learn(h.sender, from),
+                Check::Moved(old) => {
+                    self.link.forget_peer(old);
+                    self.peers.learn(h.sender, from);
+                }
+                Check::Replaced(old) => {
+                    debug!(pop = %from, %old, new = %h.sender, "PoP restarted (new id)");
+                    self.link.forget_peer(from);
+                    self.peers.forget(old);
+                    self.peers.learn(h.sender, from);
+                }
+                Check::Mismatch => {
+                    self.stats.peer_mismatch += 1;
+                    if self.stats.peer_mismatch.is_power_of_two() {
+                        warn!(%from, sender = %h.sender, count = self.stats.peer_mismatch,
+                            "datagram whose sender id does not match its address dropped");
+                    }
+                    return None;
+                }
+            }
+        }
+        self.link.handle_datagram(now, from, bytes);
+        let mut arrival = None;
+        while let Some(item) = self.link.poll_incoming() {
+            match item {
+                Incoming::Message { from, msg, .. } => self.core.handle_message(now, from, msg),
+                Incoming::Video { from, packet, .. } => {
+                    let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
+                    if let Some(channel) = self.core.handle_video(now, from, packet) {
+                        arrival = Some(Arrival {
+                            channel,
+                            pop: from,
+                            keyframe,
+                        });
+                    }
+                }
+                Incoming::TimedOut { peer, .. } => self.core.handle_timed_out(now, peer),
+            }
+        }
+        self.drain_actions(now);
+        arrival
+    }
+
+    /// Runs what is due at `now` (the core's timers, the reliable channel's retransmissions).
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.link.handle_timeout(now);
+        while let Some(item) = self.link.poll_incoming() {
+            if let Incoming::TimedOut { peer, .. } = item {
+                debug!(%peer, "reliable message not acknowledged");
+                self.core.handle_timed_out(now, peer);
+            }
+        }
+        if now >= self.core.poll_timeout() {
+            self.core.handle_timeout(now);
+        }
+        self.drain_actions(now);
+    }
+
+    /// When [`handle_timeout`](Self::handle_timeout) must be called next.
+    pub fn poll_timeout(&self) -> Instant {
+        let t = self.core.poll_timeout();
+        self.link.poll_timeout().map_or(t, |l| l.min(t))
+    }
+
+    /// The next datagram to send, in the order decided.
+    pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
+        self.link.poll_transmit()
+    }
+
+    /// The next event for the log, stats file and GUI.
+    pub fn poll_event(&mut self) -> Option<StatEvent> {
+        self.events.pop_front()
+    }
+
+    /// The next payload for a stream's sinks.
+    pub fn poll_output(&mut self) -> Option<(ChannelId, Bytes)> {
+        self.core.poll_output()
+    }
+
+    /// This host's counters.
+    pub fn stats(&self) -> HostStats {
+        self.stats
+    }
+
+    /// The datagram layer's counters.
+    pub fn link_stats(&self) -> LinkStats {
+        self.link.stats()
+    }
+
+    /// Moves the core's sends into the link and its events into the queue.
+    fn drain_actions(&mut self, now: Instant) {
+        while let Some(a) = self.core.poll_action() {
+            match a {
+                Action::SendUnreliable { to, msg } => {
+                    if let Err(e) = self.link.send_unreliable(to, msg) {
+                        debug!(%to, error = %e, "cannot encode");
+                    }
+                }
+                Action::SendReliable { to, msg } => {
+                    if let Err(e) = self.link.send_reliable(now, to, msg) {
+                        debug!(%to, error = %e, "cannot encode");
+                    }
+                }
+                Action::Event(ev) => self.events.push_back(ev),
+            }
+        }
+    }
+}
