@@ -62,6 +62,7 @@ use crate::seq::SeqTracker;
 use crate::stats::StatEvent;
 use bytes::Bytes;
 use common::failure::{FailureConfig, FailureDetector};
+use common::feed::Feed;
 use common::rtt::RttEstimator;
 use common::ts::{datagram_packets, ContinuityChecker};
 use common::wire::{video_flags, ChannelId, ChannelInfo, Message, VideoPacket};
@@ -192,38 +193,6 @@ impl Pop {
 /// Most pages of a `Channels` answer we assemble.
 const MAX_PAGES: u16 = 256;
 
-/// A PoP a stream is subscribed at.
-#[derive(Debug, Clone)]
-struct Path {
-    pop: SocketAddr,
-    /// The last datagram from it for this stream (or the latest (re)subscription).
-    last_activity: Instant,
-    /// Its video arrived since we subscribed: it feeds the stream (a fast peer).
-    fed: bool,
-    /// The last of its datagrams merged into the stream: (seq, arrival).
-    merged: Option<(u64, Instant)>,
-    /// Its latest datagram was dropped: numbered unlike the primary's (another origin).
-    mismatched: bool,
-}
-
-impl Path {
-    fn new(pop: SocketAddr, now: Instant) -> Path {
-        Path {
-            pop,
-            last_activity: now,
-            fed: false,
-            merged: None,
-            mismatched: false,
-        }
-    }
-}
-
-/// A secondary's datagram this far (in `seq`) from the primary's latest one is numbered by
-/// another origin: not merged while the primary delivers (see [`MISMATCH_HOLD`]).
-const MISMATCH_SEQS: u64 = 2048;
-/// ...that is, while the primary's latest merged datagram is younger than this.
-const MISMATCH_HOLD: Duration = Duration::from_secs(1);
-
 #[derive(Debug)]
 struct Stream {
     /// Its channel's name (what the user asked for; the key is `ChannelId::of_name(name)`).
@@ -231,7 +200,7 @@ struct Stream {
     channel: Option<ChannelId>,
     /// Where it is subscribed: the primary first (NACKs, `pop` of the stats), then the
     /// secondary (`--redundancy 2`). Empty: waiting for a PoP that lists it.
-    paths: Vec<Path>,
+    feed: Feed<SocketAddr>,
     /// The PoP it lost (waiting for another one), to report `source_changed` when found.
     lost_pop: Option<SocketAddr>,
     played: bool,
@@ -254,15 +223,15 @@ struct Stream {
 
 impl Stream {
     fn primary(&self) -> Option<SocketAddr> {
-        self.paths.first().map(|p| p.pop)
+        self.feed.primary().map(|p| p.peer)
     }
 
     fn pops(&self) -> Vec<SocketAddr> {
-        self.paths.iter().map(|p| p.pop).collect()
+        self.feed.peers()
     }
 
     fn has(&self, pop: SocketAddr) -> bool {
-        self.paths.iter().any(|p| p.pop == pop)
+        self.feed.has(pop)
     }
 }
 
@@ -455,10 +424,10 @@ impl ClientCore {
             t = t.min(self.next_fast_ping);
         }
         for s in self.streams.values() {
-            for p in &s.paths {
-                t = t.min(p.last_activity + self.cfg.stall_resubscribe);
+            if let Some(d) = s.feed.next_stall(self.cfg.stall_resubscribe) {
+                t = t.min(d);
             }
-            if s.paths.is_empty() && !self.settled() {
+            if s.feed.is_empty() && !self.settled() {
                 t = t.min(self.start + self.cfg.settle);
             }
             if let Some(d) = s.playout.as_ref().and_then(Playout::poll_timeout) {
@@ -541,14 +510,11 @@ impl ClientCore {
             let Some(channel) = s.channel else {
                 continue;
             };
-            for p in &mut s.paths {
-                if now >= p.last_activity + stall {
-                    p.last_activity = now;
-                    self.actions.push_back(Action::SendReliable {
-                        to: p.pop,
-                        msg: Message::Subscribe { channel },
-                    });
-                }
+            for pop in s.feed.poll_stalled(now, stall, |_| true) {
+                self.actions.push_back(Action::SendReliable {
+                    to: pop,
+                    msg: Message::Subscribe { channel },
+                });
             }
         }
         self.update_fast();
@@ -577,10 +543,7 @@ impl ClientCore {
     /// A PoP is fast while it feeds a stream (see the module doc).
     fn update_fast(&mut self) {
         for p in &self.pops {
-            let feeds = self
-                .streams
-                .values()
-                .any(|s| s.paths.iter().any(|x| x.pop == p.addr && x.fed));
+            let feeds = self.streams.values().any(|s| s.feed.feeds(p.addr));
             if feeds != self.liveness.is_fast(p.addr) {
                 self.liveness.set_fast(p.addr, feeds);
             }
@@ -697,30 +660,17 @@ impl ClientCore {
         *s.received.entry(from).or_default() += 1;
         // Another origin's numbering (a replica, not the same stream): not merged while the
         // primary delivers.
-        let mismatch = !primary
-            && s.paths
-                .first()
-                .and_then(|p| p.merged)
-                .is_some_and(|(q, at)| {
-                    q.abs_diff(packet.seq) > MISMATCH_SEQS
-                        && now.saturating_duration_since(at) < MISMATCH_HOLD
-                });
-        let mut newly_fed = false;
-        if let Some(p) = s.paths.iter_mut().find(|p| p.pop == from) {
-            p.last_activity = now;
-            newly_fed = !p.fed;
-            p.fed = true;
-            p.mismatched = mismatch;
-            if !mismatch {
-                p.merged = Some((packet.seq, now));
-            }
-        }
+        let newly_fed = !s.feed.feeds(from);
+        let mismatch = s
+            .feed
+            .on_video(now, from, packet.seq)
+            .is_some_and(|v| v.mismatched);
         let taken = match &mut s.playout {
             _ if mismatch => false,
             None => {
                 // A joining PoP's cache burst replays what the other path already gave us.
                 let stale = packet.flags & video_flags::FROM_CACHE != 0
-                    && s.paths.len() > 1
+                    && s.feed.len() > 1
                     && s.seq.is_behind_window(packet.seq);
                 if stale {
                     s.stale += 1;
@@ -787,9 +737,7 @@ impl ClientCore {
         self.tick(now);
         let stall = self.cfg.stall_resubscribe;
         for s in self.streams.values_mut() {
-            for p in s.paths.iter_mut().filter(|p| p.pop == peer) {
-                p.last_activity = p.last_activity.min(now.checked_sub(stall).unwrap_or(now));
-            }
+            s.feed.expedite(peer, now, stall);
         }
     }
 
@@ -805,7 +753,7 @@ impl ClientCore {
             Stream {
                 name: name.to_string(),
                 channel: None,
-                paths: Vec::new(),
+                feed: Feed::new(),
                 lost_pop: None,
                 played: false,
                 first_packet: false,
@@ -844,9 +792,9 @@ impl ClientCore {
         if let (Some(pop), Some(channel)) = (s.primary(), s.channel) {
             self.actions
                 .push_back(Action::Event(stats_event(name, pop, &s)));
-            for p in &s.paths {
+            for pop in s.feed.peers() {
                 self.actions.push_back(Action::SendReliable {
-                    to: p.pop,
+                    to: pop,
                     msg: Message::Unsubscribe { channel },
                 });
             }
@@ -913,7 +861,7 @@ impl ClientCore {
             self.no_pop_since.get_or_insert(now);
         }
         for s in self.streams.values_mut() {
-            if s.paths.is_empty() {
+            if s.feed.is_empty() {
                 s.waiting_since.get_or_insert(now);
             } else {
                 s.waiting_since = None;
@@ -1022,15 +970,18 @@ impl ClientCore {
                 continue;
             };
             let lost: Vec<SocketAddr> = s
-                .paths
-                .iter()
-                .map(|p| p.pop)
+                .feed
+                .peers()
+                .into_iter()
                 .filter(|p| down.contains(p))
                 .collect();
             if lost.is_empty() {
                 continue;
             }
-            s.paths.retain(|p| !down.contains(&p.pop));
+            for &p in &lost {
+                // A lost primary's secondary is promoted.
+                s.feed.remove(p);
+            }
             for &old in &lost {
                 if let Some(channel) = s.channel {
                     // Best effort: if the PoP is only cut off for a while, stop it sending to
@@ -1041,13 +992,13 @@ impl ClientCore {
                     });
                 }
             }
-            match s.paths.first() {
+            match s.feed.primary().copied() {
                 // Every path lost: a source change when another PoP is found.
                 None => s.lost_pop = Some(primary),
                 // The survivor numbers the stream differently (another origin): a source change
                 // to it.
                 Some(p) if p.mismatched && lost.contains(&primary) => {
-                    let to = p.pop;
+                    let to = p.peer;
                     restart(id, s, self.now, &mut self.output);
                     s.source_changes += 1;
                     self.actions
@@ -1059,7 +1010,7 @@ impl ClientCore {
                 }
                 // The other path carries on (it is the primary now): nothing to reset.
                 Some(p) => {
-                    let survivor = p.pop;
+                    let survivor = p.peer;
                     for pop in lost {
                         self.actions.push_back(Action::Event(StatEvent::PathLost {
                             stream: s.name.clone(),
@@ -1086,7 +1037,7 @@ impl ClientCore {
         let ids: Vec<ChannelId> = self
             .streams
             .iter()
-            .filter(|(_, s)| s.paths.len() < redundancy)
+            .filter(|(_, s)| s.feed.len() < redundancy)
             .map(|(id, _)| *id)
             .collect();
         for id in ids {
@@ -1096,20 +1047,20 @@ impl ClientCore {
             if !s.played && !failover && !self.settled() && !self.settle_over() {
                 continue;
             }
-            if s.paths.is_empty() {
+            if s.feed.is_empty() {
                 let Some((pop, channel)) = self.best_pop(&name, &[], false) else {
                     continue;
                 };
                 self.subscribe_primary(id, pop, channel);
             }
-            while self.streams[&id].paths.len() < redundancy {
+            while self.streams[&id].feed.len() < redundancy {
                 let have = self.streams[&id].pops();
                 let Some((pop, channel)) = self.best_pop(&name, &have, true) else {
                     break;
                 };
                 let now = self.now;
                 let s = self.streams.get_mut(&id).expect("listed above");
-                s.paths.push(Path::new(pop, now));
+                s.feed.add(pop, now);
                 self.actions.push_back(Action::SendReliable {
                     to: pop,
                     msg: Message::Subscribe { channel },
@@ -1127,7 +1078,7 @@ impl ClientCore {
     fn subscribe_primary(&mut self, id: ChannelId, pop: SocketAddr, channel: ChannelId) {
         let now = self.now;
         let s = self.streams.get_mut(&id).expect("caller checked");
-        s.paths.push(Path::new(pop, now));
+        s.feed.add(pop, now);
         s.channel = Some(channel);
         restart(id, s, now, &mut self.output);
         self.actions.push_back(Action::SendReliable {
@@ -2263,7 +2214,8 @@ mod tests {
             sim.run_for(Duration::from_millis(5));
         }
         assert_eq!(sim.output_seqs(), (100..150).collect::<Vec<u64>>());
-        assert!(sim.core.streams[&ChannelId::of_name("news")].paths[1].mismatched);
+        let feed = &sim.core.streams[&ChannelId::of_name("news")].feed;
+        assert!(feed.secondary().unwrap().mismatched);
         // The primary dies: the survivor's numbering is a new start (a source change).
         sim.pop(a).alive = false;
         sim.run_for(Duration::from_millis(300));

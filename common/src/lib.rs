@@ -6,6 +6,7 @@
 
 pub mod bootstrap;
 pub mod failure;
+pub mod feed;
 pub mod host;
 pub mod id;
 pub mod impair;
