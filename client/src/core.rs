@@ -424,7 +424,7 @@ impl ClientCore {
             t = t.min(self.next_fast_ping);
         }
         for s in self.streams.values() {
-            if let Some(d) = s.feed.next_stall(self.cfg.stall_resubscribe) {
+            if let Some(d) = s.feed.next_stall(self.cfg.stall_resubscribe, |_| true) {
                 t = t.min(d);
             }
             if s.feed.is_empty() && !self.settled() {

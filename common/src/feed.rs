@@ -155,14 +155,11 @@ impl<P: Copy + Eq> Feed<P> {
         self.upstreams().any(|u| u.peer == peer && u.fed())
     }
 
-    /// `peer`, just subscribed at, becomes the primary (a former primary is dropped; a
+    /// `peer`, just subscribed at, becomes the primary, afresh (a former primary is dropped; a
     /// secondary that is `peer` is taken over with its state).
     pub fn set_primary(&mut self, peer: P, now: Instant) {
         if self.secondary.is_some_and(|u| u.peer == peer) {
             self.primary = self.secondary.take();
-            return;
-        }
-        if self.primary.is_some_and(|u| u.peer == peer) {
             return;
         }
         self.primary = Some(Upstream::new(peer, now));
@@ -241,9 +238,12 @@ impl<P: Copy + Eq> Feed<P> {
         Some(Verdict { role, mismatched })
     }
 
-    /// When the earliest upstream stalls: `after` past its last activity.
-    pub fn next_stall(&self, after: Duration) -> Option<Instant> {
-        self.upstreams().map(|u| u.last_activity() + after).min()
+    /// When the earliest upstream `eligible` accepts stalls: `after` past its last activity.
+    pub fn next_stall(&self, after: Duration, eligible: impl Fn(P) -> bool) -> Option<Instant> {
+        self.upstreams()
+            .filter(|u| eligible(u.peer))
+            .map(|u| u.last_activity() + after)
+            .min()
     }
 
     /// The upstreams silent for `after` (since their last datagram or subscription) among those
@@ -318,12 +318,12 @@ mod tests {
         f.add(1u8, t0);
         f.add(2u8, t0);
         f.on_video(t0 + Duration::from_secs(1), 2, 0);
-        assert_eq!(f.next_stall(STALL), Some(t0 + STALL));
+        assert_eq!(f.next_stall(STALL, |_| true), Some(t0 + STALL));
         assert!(f.poll_stalled(t0 + STALL / 2, STALL, |_| true).is_empty());
         assert_eq!(f.poll_stalled(t0 + STALL, STALL, |_| true), vec![1]);
         // Resubscribed at t0 + STALL: next due one period later; 2 is due at 3 s.
         assert_eq!(
-            f.next_stall(STALL),
+            f.next_stall(STALL, |_| true),
             Some(t0 + Duration::from_secs(1) + STALL)
         );
         let t3 = t0 + Duration::from_secs(3);

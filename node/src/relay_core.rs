@@ -19,6 +19,7 @@ use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAU
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
 use common::failure::FailureConfig;
+use common::feed::{Feed, Role};
 use common::link::Incoming;
 use common::link::Link;
 use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
@@ -223,15 +224,6 @@ struct Fallback {
     parent: PeerId,
 }
 
-/// The second upstream of a channel (`redundancy` 2).
-#[derive(Debug, Clone, Copy)]
-struct Secondary {
-    addr: PeerId,
-    /// When we subscribed (or last re-sent `Subscribe`).
-    subscribed: Instant,
-    last_video: Option<Instant>,
-}
-
 /// The [`NackTracker`] of one channel from one upstream.
 struct Tracked {
     upstream: PeerId,
@@ -254,12 +246,9 @@ struct Channel {
     fallback: Option<Fallback>,
     /// Former upstream, accepted until the new one's first datagram.
     previous: Option<PeerId>,
-    /// The secondary upstream (`redundancy` 2).
-    secondary: Option<Secondary>,
-    /// The primary upstream's last datagram (stall detection).
-    last_video: Option<Instant>,
-    /// Our last `Subscribe` to the primary upstream.
-    last_subscribe: Option<Instant>,
+    /// Its upstreams as subscribed: the primary (the node upstream of [`Subscriptions`]) and
+    /// the secondary (`redundancy` 2), with their stall timing.
+    feed: Feed<PeerId>,
     /// Gap tracking of the current upstream (the address it tracks, the RTT last fed to it).
     /// With `recovery`, or `redundancy` 2 (for the merge).
     tracker: Option<Tracked>,
@@ -324,9 +313,8 @@ pub struct RelayCore {
     next_stats: Instant,
     nonce: u64,
     stats: RelayStats,
-    /// A switch of `channel` to `to` that is the promotion of its secondary, with the time of
-    /// the secondary's last datagram (read by `apply`).
-    promoting: Option<(ChannelId, PeerId, Option<Instant>)>,
+    /// A switch of `channel` to `to` that is the promotion of its secondary (read by `apply`).
+    promoting: Option<(ChannelId, PeerId)>,
     /// The peers heartbeated every `failure.fast_interval` (every upstream in use).
     fast: Vec<PeerId>,
     next_fast_heartbeat: Instant,
@@ -600,8 +588,8 @@ impl RelayCore {
         s.secondaries = self
             .channels
             .iter()
-            .filter_map(|(k, c)| c.secondary.as_ref().map(|v| (k, v)))
-            .filter_map(|(c, s)| Some((*c, self.peers.addr(s.addr)?)))
+            .filter_map(|(k, c)| c.feed.secondary().map(|v| (k, v)))
+            .filter_map(|(c, s)| Some((*c, self.peers.addr(s.peer)?)))
             .collect();
         for (ch, (subs, up)) in self.subs.snapshot() {
             let subs = subs
@@ -708,8 +696,7 @@ impl RelayCore {
         }
         let from_secondary = self
             .chan(channel)
-            .and_then(|c| c.secondary.as_ref())
-            .is_some_and(|s| s.addr == from);
+            .is_some_and(|c| c.feed.role(from) == Some(Role::Secondary));
         if !from_secondary
             && self
                 .chan(channel)
@@ -1065,13 +1052,9 @@ impl RelayCore {
                 self.ch(ch).previous = None;
                 true
             }
-            Some(Upstream::Node(_)) => {
-                self.chan(ch).and_then(|c| c.previous.as_ref()) == Some(&from)
-                    || self
-                        .chan(ch)
-                        .and_then(|c| c.secondary.as_ref())
-                        .is_some_and(|s| s.addr == from)
-            }
+            Some(Upstream::Node(_)) => self.chan(ch).is_some_and(|c| {
+                c.previous == Some(from) || c.feed.role(from) == Some(Role::Secondary)
+            }),
             _ => false,
         };
         if !accepted {
@@ -1093,16 +1076,13 @@ impl RelayCore {
             }
             return;
         }
-        let from_secondary = match self.ch(ch).secondary.as_mut() {
-            Some(s) if s.addr == from => {
-                s.last_video = Some(t);
-                true
-            }
-            _ => {
-                self.ch(ch).last_video = Some(t);
-                false
-            }
-        };
+        // (The merge is the tracker's; the feed's numbering check is the client's concern.)
+        let from_secondary = self
+            .ch(ch)
+            .feed
+            .on_video(t, from, packet.seq)
+            .map(|v| v.role)
+            == Some(Role::Secondary);
         if packet.flags & video_flags::FROM_CACHE != 0
             && self
                 .chan(ch)
@@ -1138,14 +1118,12 @@ impl RelayCore {
         let t = self.t;
         for a in actions {
             match a {
-                SubAction::Subscribe(channel, up) if matches!(self.promoting, Some((c, u, _)) if c == channel && u == up) =>
-                {
-                    // The secondary becomes primary: same origin, same seqs, already flowing;
-                    // the merge goes on (no new Subscribe, the tracker keeps its state).
-                    let last = self.promoting.take().and_then(|(_, _, l)| l);
+                SubAction::Subscribe(channel, up) if self.promoting == Some((channel, up)) => {
+                    // The secondary became primary (in `switch`): same origin, same seqs,
+                    // already flowing; the merge goes on (no new Subscribe, the tracker keeps
+                    // its state).
+                    self.promoting = None;
                     info!(%channel, upstream = %self.at(up), "subscribe upstream");
-                    self.ch(channel).last_subscribe = Some(t);
-                    self.ch(channel).last_video = last;
                     let srtt = self.link_cost.get(&up).copied();
                     if let Some(tr) = self.ch(channel).tracker.as_mut() {
                         tr.upstream = up;
@@ -1159,8 +1137,7 @@ impl RelayCore {
                     info!(%channel, upstream = %self.at(up), "subscribe upstream");
                     // A new upstream (maybe another replica, another seq space).
                     self.drop_tracker(channel);
-                    self.ch(channel).last_subscribe = Some(t);
-                    self.ch(channel).last_video = None;
+                    self.ch(channel).feed.set_primary(up, t);
                     if !self.routing.is_neighbour(up) {
                         self.routing.watch(t, up);
                     }
@@ -1176,8 +1153,7 @@ impl RelayCore {
                         self.drop_secondary(channel, "channel not received");
                         self.ch(channel).fallback = None;
                         self.ch(channel).previous = None;
-                        self.ch(channel).last_subscribe = None;
-                        self.ch(channel).last_video = None;
+                        self.ch(channel).feed.clear();
                     }
                     if self.routing.is_alive(up) {
                         self.out_reliable(up, Message::Unsubscribe { channel });
@@ -1202,8 +1178,8 @@ impl RelayCore {
         ups.extend(
             self.channels
                 .values()
-                .filter_map(|c| c.secondary.as_ref())
-                .map(|s| s.addr),
+                .filter_map(|c| c.feed.secondary())
+                .map(|s| s.peer),
         );
         ups
     }
@@ -1222,12 +1198,12 @@ impl RelayCore {
 
     /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
     fn drop_secondary(&mut self, channel: ChannelId, reason: &str) {
-        let Some(s) = self.ch(channel).secondary.take() else {
+        let Some(s) = self.ch(channel).feed.clear_secondary() else {
             return;
         };
-        info!(%channel, upstream = %self.at(s.addr), reason, "unsubscribe secondary");
-        if self.routing.is_alive(s.addr) {
-            self.out_reliable(s.addr, Message::Unsubscribe { channel });
+        info!(%channel, upstream = %self.at(s.peer), reason, "unsubscribe secondary");
+        if self.routing.is_alive(s.peer) {
+            self.out_reliable(s.peer, Message::Unsubscribe { channel });
         }
         self.unwatch_unused(self.t);
     }
@@ -1256,7 +1232,7 @@ impl RelayCore {
         let mut chans: Vec<ChannelId> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.secondary.is_some())
+            .filter(|(_, c)| c.feed.secondary().is_some())
             .map(|(k, _)| k)
             .copied()
             .collect();
@@ -1274,11 +1250,15 @@ impl RelayCore {
                 self.drop_secondary(ch, "no primary");
                 continue;
             };
-            if let Some(s) = self.chan(ch).and_then(|c| c.secondary.as_ref()).copied() {
-                let keep = s.addr != primary
-                    && self.routing.is_alive(s.addr)
-                    && !self.subs.is_subscriber(s.addr, ch)
-                    && self.routing.route_via(ch, s.addr).is_some();
+            if let Some(s) = self
+                .chan(ch)
+                .and_then(|c| c.feed.secondary())
+                .map(|s| s.peer)
+            {
+                let keep = s != primary
+                    && self.routing.is_alive(s)
+                    && !self.subs.is_subscriber(s, ch)
+                    && self.routing.route_via(ch, s).is_some();
                 if keep {
                     continue;
                 }
@@ -1290,11 +1270,7 @@ impl RelayCore {
             info!(channel = %ch, upstream = %self.at(route.via), disjoint, cost_us = route.cost_us,
                 "subscribe secondary");
             self.stats.secondary_subscribes += 1;
-            self.ch(ch).secondary.replace(Secondary {
-                addr: route.via,
-                subscribed: t,
-                last_video: None,
-            });
+            self.ch(ch).feed.set_secondary(route.via, t);
             self.unwatch_unused(t);
             self.out_reliable(route.via, Message::Subscribe { channel: ch });
         }
@@ -1321,24 +1297,17 @@ impl RelayCore {
         let mut swapped = false;
         if self
             .chan(channel)
-            .and_then(|c| c.secondary.as_ref())
-            .is_some_and(|s| s.addr == to)
+            .is_some_and(|c| c.feed.role(to) == Some(Role::Secondary))
         {
             self.stats.promotions += 1;
-            let sec = self.ch(channel).secondary.take();
-            self.promoting = Some((channel, to, sec.and_then(|s| s.last_video)));
+            self.promoting = Some((channel, to));
             // A live former primary stays on as the secondary (the two swap roles).
-            if let Some(f) = from.filter(|f| self.routing.is_alive(*f)) {
+            let keep = from.filter(|f| self.routing.is_alive(*f));
+            if let Some(f) = keep {
                 actions.retain(|a| *a != SubAction::Unsubscribe(channel, f));
-                let subscribed = self.t;
-                let c = self.ch(channel);
-                c.secondary = Some(Secondary {
-                    addr: f,
-                    subscribed,
-                    last_video: c.last_video,
-                });
                 swapped = true;
             }
+            self.ch(channel).feed.promote(keep.is_some());
         }
         if let Some(f) = from {
             info!(%channel, from = %self.at(f), to = %self.at(to), cost_us, reason, "resubscribed");
@@ -1360,12 +1329,12 @@ impl RelayCore {
         let lost_secondaries: Vec<ChannelId> = self
             .channels
             .iter()
-            .filter(|(_, c)| c.secondary.is_some_and(|s| s.addr == peer))
+            .filter(|(_, c)| c.feed.role(peer) == Some(Role::Secondary))
             .map(|(id, _)| *id)
             .collect();
         for ch in lost_secondaries {
             warn!(channel = %ch, upstream = %self.at(peer), reason, "secondary lost");
-            self.ch(ch).secondary = None;
+            self.ch(ch).feed.clear_secondary();
         }
         self.unwatch_unused(t);
         for ch in self.subs.fed_by(peer) {
@@ -1380,15 +1349,12 @@ impl RelayCore {
     fn heal(&mut self, t: Instant, channel: ChannelId, dead: PeerId) {
         if let Some(s) = self
             .chan(channel)
-            .and_then(|c| c.secondary.as_ref())
-            .copied()
+            .and_then(|c| c.feed.secondary())
+            .map(|s| s.peer)
         {
-            if s.addr != dead && self.routing.is_alive(s.addr) {
-                let cost = self
-                    .routing
-                    .route_via(channel, s.addr)
-                    .map_or(0, |r| r.cost_us);
-                self.switch(channel, s.addr, cost, "secondary promoted");
+            if s != dead && self.routing.is_alive(s) {
+                let cost = self.routing.route_via(channel, s).map_or(0, |r| r.cost_us);
+                self.switch(channel, s, cost, "secondary promoted");
                 return;
             }
         }
@@ -1731,65 +1697,24 @@ impl RelayCore {
     /// `Subscribe` again ([`resubscribe_stalled`](Self::resubscribe_stalled)).
     fn next_stall(&self) -> Option<Instant> {
         let after = self.cfg.resubscribe_after;
-        let primaries = self.subs.wanted().into_iter().filter_map(|ch| {
-            let Some(Upstream::Node(u)) = self.subs.upstream(ch) else {
-                return None;
-            };
-            if !self.routing.is_alive(u) {
-                return None;
-            }
-            let c = self.chan(ch);
-            let last = [
-                c.and_then(|c| c.last_video),
-                c.and_then(|c| c.last_subscribe),
-            ]
-            .into_iter()
-            .flatten()
-            .max()
-            .unwrap_or(self.t);
-            Some(last + after)
-        });
-        let secondaries = self.channels.values().filter_map(|c| {
-            let s = c.secondary?;
-            Some(s.last_video.map_or(s.subscribed, |l| l.max(s.subscribed)) + after)
-        });
-        primaries.chain(secondaries).min()
+        self.channels
+            .values()
+            .filter_map(|c| c.feed.next_stall(after, |p| self.routing.is_alive(p)))
+            .min()
     }
 
     /// Re-sends `Subscribe` to an upstream that has sent nothing of a channel for a while.
     fn resubscribe_stalled(&mut self, t: Instant) {
         let after = self.cfg.resubscribe_after;
+        let routing = &self.routing;
         let mut stalled = Vec::new();
-        for ch in self.subs.wanted() {
-            if let Some(Upstream::Node(u)) = self.subs.upstream(ch) {
-                let c = self.chan(ch);
-                let quiet = c
-                    .and_then(|c| c.last_video)
-                    .is_none_or(|l| t.saturating_duration_since(l) >= after);
-                let not_recent = c
-                    .and_then(|c| c.last_subscribe)
-                    .is_none_or(|l| t.saturating_duration_since(l) >= after);
-                if quiet && not_recent && self.routing.is_alive(u) {
-                    stalled.push((ch, u));
-                }
-            }
-        }
-        for (ch, s) in self
-            .channels
-            .iter_mut()
-            .filter_map(|(k, c)| c.secondary.as_mut().map(|v| (k, v)))
-        {
-            let quiet = s
-                .last_video
-                .is_none_or(|l| t.saturating_duration_since(l) >= after);
-            if quiet && t.saturating_duration_since(s.subscribed) >= after {
-                s.subscribed = t;
-                stalled.push((*ch, s.addr));
+        for (ch, c) in self.channels.iter_mut() {
+            for u in c.feed.poll_stalled(t, after, |p| routing.is_alive(p)) {
+                stalled.push((*ch, u));
             }
         }
         for (channel, u) in stalled {
-            debug!(%channel, upstream = %u, "no video lately; subscribe again");
-            self.ch(channel).last_subscribe = Some(t);
+            debug!(%channel, upstream = %self.at(u), "no video lately; subscribe again");
             self.out_reliable(u, Message::Subscribe { channel });
         }
     }
