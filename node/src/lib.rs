@@ -26,7 +26,7 @@ pub mod subscriptions;
 mod testutil;
 
 pub use relay::{Relay, RelayConfig, RelayStats};
-pub use relay_core::{Event as RelayEvent, RelayCore, Transmit};
+pub use relay_core::{Command as RelayCommand, Event as RelayEvent, RelayCore, Transmit};
 
 /// The decision modules read no clock, draw no entropy and use no tokio type: only the driver
 /// (`relay`) does. Checked on their source (comments and tests aside), so a change that breaks

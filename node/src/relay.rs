@@ -55,7 +55,7 @@
 //! upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 
-use crate::relay_core::{Event, RelayCore};
+use crate::relay_core::{Command as CoreCommand, Event, RelayCore};
 pub use crate::relay_core::{RelayConfig, RelayStats};
 use bytes::Bytes;
 use common::host::Joined;
@@ -244,7 +244,7 @@ impl Engine {
                     None => commands_open = false,
                 },
                 n = self.neighbour_updates.recv(), if updates_open => match n {
-                    Some(n) => self.core.set_neighbours(now(), n),
+                    Some(n) => self.core.handle_command(now(), CoreCommand::SetNeighbours(n)),
                     None => updates_open = false,
                 },
                 r = self.port.recv() => if let Some((from, bytes)) = r {
@@ -267,14 +267,21 @@ impl Engine {
     fn command(&mut self, t: Instant, c: Command) {
         match c {
             Command::SetLocal(channels, reply) => {
-                self.core.set_local(t, channels);
+                self.core.handle_command(t, CoreCommand::SetLocal(channels));
                 let _ = reply.send(());
             }
             Command::Video {
                 channel,
                 payload,
                 keyframe,
-            } => self.core.local_video(t, channel, payload, keyframe),
+            } => self.core.handle_command(
+                t,
+                CoreCommand::LocalVideo {
+                    channel,
+                    payload,
+                    keyframe,
+                },
+            ),
             Command::Stats(reply) => {
                 let _ = reply.send(self.core.stats());
             }

@@ -215,6 +215,24 @@ pub enum Event {
     },
 }
 
+/// What the host asks of its relay core ([`RelayCore::handle_command`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// Server: the channels this host originates ([`RelayCore::set_local`]).
+    SetLocal(Vec<ChannelInfo>),
+    /// Server: one chunk of a local channel's MPEG-TS ([`RelayCore::local_video`]).
+    LocalVideo {
+        /// The channel.
+        channel: ChannelId,
+        /// Normally 1316 bytes (7 TS packets).
+        payload: Bytes,
+        /// It starts a keyframe.
+        keyframe: bool,
+    },
+    /// The bootstrapper pushed a new neighbour list ([`RelayCore::set_neighbours`]).
+    SetNeighbours(Vec<PathHop>),
+}
+
 /// A catastrophic fallback in force for a channel.
 #[derive(Debug, Clone)]
 struct Fallback {
@@ -479,6 +497,20 @@ impl RelayCore {
         c.retx = None;
         if let Some(g) = gop {
             self.gop_overflows_removed += g.overflows();
+        }
+    }
+
+    /// Carries out what the host asks: the one entry for everything that is neither a datagram
+    /// nor a timer.
+    pub fn handle_command(&mut self, now: Instant, cmd: Command) {
+        match cmd {
+            Command::SetLocal(channels) => self.set_local(now, channels),
+            Command::LocalVideo {
+                channel,
+                payload,
+                keyframe,
+            } => self.local_video(now, channel, payload, keyframe),
+            Command::SetNeighbours(n) => self.set_neighbours(now, n),
         }
     }
 
