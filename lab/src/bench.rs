@@ -35,7 +35,8 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Experiments to run: `ttff`, `loss`, `loss-off` (the loss runs again with
     /// `--no-recovery` on every process, labelled `no-recovery`), `failover`, `failover-r2` (the
-    /// same with `--redundancy 2` on every daemon).
+    /// same with `--redundancy 2` on every daemon), `catastrophic` (two deaths in a row, the
+    /// second healed by the catastrophic fallback).
     pub experiments: Vec<String>,
     /// TTFF repetitions per keyframe interval.
     pub reps: usize,
@@ -62,9 +63,16 @@ impl Config {
             quick,
             out,
             log_dir: PathBuf::from("target/bench"),
-            experiments: ["ttff", "loss", "loss-off", "failover", "failover-r2"]
-                .map(String::from)
-                .to_vec(),
+            experiments: [
+                "ttff",
+                "loss",
+                "loss-off",
+                "failover",
+                "failover-r2",
+                "catastrophic",
+            ]
+            .map(String::from)
+            .to_vec(),
             reps: if quick { 3 } else { 10 },
             keyints: vec![1.0, 4.0],
             loss_secs: if quick { 15 } else { 60 },
@@ -231,6 +239,11 @@ pub struct FailoverRun {
     pub error: Option<String>,
     /// `--redundancy` of the daemons (1: plain failover; 2: a second path already flows).
     pub redundancy: u8,
+    /// `square` (one relay killed; also the runs written before this field existed) or
+    /// `catastrophic` (the relay in use killed, then the one that took over: the gap measured is
+    /// the second one's).
+    #[serde(default = "square")]
+    pub scenario: String,
     /// The relay killed.
     pub killed: Option<String>,
     /// Whether the stream came back (100 more datagrams within 20 s).
@@ -239,6 +252,10 @@ pub struct FailoverRun {
     pub gap_ms: Option<f64>,
     /// Datagrams lost from the kill to the end of the trial.
     pub lost: u64,
+}
+
+fn square() -> String {
+    "square".into()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -680,6 +697,15 @@ const SQUARE_TOPOLOGY: &str = r#"
 "127.0.93.4" = ["127.0.93.2", "127.0.93.3"]
 "#;
 
+/// The default topology's shape (`topologies/neighbours.toml`): S1 – N1 – {N2, N3} – N4.
+const CATASTROPHIC_TOPOLOGY: &str = r#"
+"127.0.94.1" = ["127.0.94.2"]
+"127.0.94.2" = ["127.0.94.1", "127.0.94.3", "127.0.94.4"]
+"127.0.94.3" = ["127.0.94.2", "127.0.94.5"]
+"127.0.94.4" = ["127.0.94.2", "127.0.94.5"]
+"127.0.94.5" = ["127.0.94.3", "127.0.94.4"]
+"#;
+
 /// The log line a node writes when it subscribes upstream (names `upstream=IP:PORT`).
 const UPSTREAM_LINE: &str = ": subscribe upstream";
 
@@ -690,13 +716,34 @@ pub fn upstream_of(log: &str) -> Option<String> {
     line[at..].split([' ', ':']).next().map(str::to_owned)
 }
 
+/// The relay `pop` (a node's IP) takes the channel from now, read from its log: one of `relays`.
+fn pop_upstream(lab: &Lab, pop: &str, relays: &[&str]) -> anyhow::Result<String> {
+    let name = crate::process_name("node", pop.parse()?);
+    let relay = upstream_of(&lab.log(&name)).context("no upstream in the PoP's log")?;
+    anyhow::ensure!(
+        relays.contains(&relay.as_str()),
+        "the PoP's upstream is {relay}, not one of {relays:?}"
+    );
+    Ok(relay)
+}
+
+/// One failover trial: `scenario` `square` (kill the relay the PoP's channel comes through) or
+/// `catastrophic` (S1 – N1 – {N2, N3} – N4: kill the relay in use, wait for the stream to come
+/// back through the other, kill that one too: N4 is left with no neighbour that has a route and
+/// falls back to the dead relay's parent N1; the second death's gap is measured).
 async fn failover_trial(
     cfg: &Config,
     bins: &Binaries,
     trial: usize,
     redundancy: u8,
+    scenario: &str,
 ) -> FailoverRun {
-    let tag = format!("failover-r{redundancy}-{trial}");
+    let catastrophic = scenario == "catastrophic";
+    let tag = if catastrophic {
+        format!("failover-catastrophic-{trial}")
+    } else {
+        format!("failover-r{redundancy}-{trial}")
+    };
     let mut daemon_args = cfg.daemon_args.clone();
     if redundancy > 1 {
         daemon_args.extend(["--redundancy".into(), redundancy.to_string()]);
@@ -705,6 +752,7 @@ async fn failover_trial(
         label: cfg.label.clone(),
         trial,
         redundancy,
+        scenario: scenario.into(),
         ok: false,
         error: None,
         killed: None,
@@ -713,13 +761,25 @@ async fn failover_trial(
         lost: 0,
     };
     let r: anyhow::Result<()> = async {
+        let (topology, p) = if catastrophic {
+            (CATASTROPHIC_TOPOLOGY, "127.0.94")
+        } else {
+            (SQUARE_TOPOLOGY, "127.0.93")
+        };
+        let pop = format!("{p}.{}", if catastrophic { 5 } else { 4 });
+        let relays = if catastrophic {
+            [format!("{p}.3"), format!("{p}.4")]
+        } else {
+            [format!("{p}.2"), format!("{p}.3")]
+        };
+        let relays: Vec<&str> = relays.iter().map(String::as_str).collect();
         let mut lab = Lab::new(
             bins,
             cfg,
             cfg.log_dir.join(&tag),
-            SQUARE_TOPOLOGY,
-            "127.0.93.1",
-            "127.0.93.4",
+            topology,
+            &format!("{p}.1"),
+            &pop,
         )?;
         let body = async {
             lab.start(&[], &daemon_args, |_, _| None).await?;
@@ -732,18 +792,30 @@ async fn failover_trial(
             // so a fixed delay would kill at the same point of the GOP in every trial.
             let phase = common::rng::Rng::seeded(trial as u64 + 1).below(1000);
             tokio::time::sleep(Duration::from_millis(1000 + phase)).await;
-            let pop = crate::process_name("node", "127.0.93.4".parse()?);
-            let relay = upstream_of(&lab.log(&pop)).context("no upstream in the PoP's log")?;
-            anyhow::ensure!(
-                relay == "127.0.93.2" || relay == "127.0.93.3",
-                "the PoP's upstream is {relay}, not a relay"
-            );
+            let mut relay = pop_upstream(&lab, &pop, &relays)?;
+            if catastrophic {
+                // The first death: a plain failover to the other relay.
+                lab.sup
+                    .kill(&crate::process_name("node", relay.parse()?))
+                    .await?;
+                let first = relay.clone();
+                let before = stream_now(&stats);
+                wait_stream(&stats, Duration::from_secs(20), |s| {
+                    s.packets > before.packets + 100
+                })
+                .await
+                .context("no stream after the first death")?;
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                relay = pop_upstream(&lab, &pop, &relays)?;
+                anyhow::ensure!(relay != first, "the PoP still names the dead relay");
+                run.killed = Some(format!("{first}, then "));
+            }
             let before = stream_now(&stats);
             let kill_ms = t_client.elapsed().as_millis() as u64;
             lab.sup
                 .kill(&crate::process_name("node", relay.parse()?))
                 .await?;
-            run.killed = Some(relay);
+            run.killed = Some(run.killed.take().unwrap_or_default() + &relay);
             let recovered = wait_stream(&stats, Duration::from_secs(20), |s| {
                 s.packets > before.packets + 100
             })
@@ -852,7 +924,8 @@ pub fn replot(cfg: &Config) -> anyhow::Result<Results> {
             r.seed,
         )
     });
-    res.failover.sort_by_key(|r| (r.redundancy, r.trial));
+    res.failover
+        .sort_by_key(|r| (r.scenario != "square", r.redundancy, r.trial));
     let mut cfg = cfg.clone();
     if let Some(r) = res.loss.first() {
         cfg.loss_secs = r.secs;
@@ -902,12 +975,16 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Results> {
             }
         }
     }
-    for (name, redundancy) in [("failover", 1), ("failover-r2", 2)] {
+    for (name, redundancy, scenario) in [
+        ("failover", 1, "square"),
+        ("failover-r2", 2, "square"),
+        ("catastrophic", 1, "catastrophic"),
+    ] {
         if want(name) {
             for t in 0..cfg.trials {
-                info!(trial = t, redundancy, "experiment: failover");
+                info!(trial = t, redundancy, scenario, "experiment: failover");
                 res.failover
-                    .push(failover_trial(cfg, bins, t, redundancy).await);
+                    .push(failover_trial(cfg, bins, t, redundancy, scenario).await);
             }
         }
     }
@@ -1102,14 +1179,19 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
              is not seen at all. Redundancy 1: the PoP detects the dead relay (25 ms \
              heartbeats to the upstream in use, dead after 150 ms) and resubscribes at the \
              other. Redundancy 2 (`--redundancy 2` on the daemons): the PoP already receives \
-             the channel through both relays and merges them by sequence number.\n"
+             the channel through both relays and merges them by sequence number.\n\n\
+             Catastrophic (`127.0.94.x`, the default topology's shape S1 – N1 – {{N2, N3}} – N4, \
+             client on N4): the relay N4 takes the channel from is killed, the stream comes \
+             back through the other one, which is killed in turn: no neighbour of N4 has a \
+             route any more, and N4 falls back to the dead relay's parent N1, learned from the \
+             floods (the *catastrophic fallback*). The gap is the second death's.\n"
         );
         let mut rows = Vec::new();
-        for redundancy in [1u8, 2] {
+        for (scenario, redundancy) in [("square", 1u8), ("square", 2), ("catastrophic", 1)] {
             let all: Vec<&FailoverRun> = res
                 .failover
                 .iter()
-                .filter(|r| r.redundancy == redundancy)
+                .filter(|r| r.redundancy == redundancy && r.scenario == scenario)
                 .collect();
             if all.is_empty() {
                 continue;
@@ -1121,10 +1203,15 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             let ld = Dist::of(&lost);
             let recovered = ok.iter().filter(|r| r.recovered).count();
             let all_recovered = !ok.is_empty() && recovered == all.len();
-            let (goal, pass) = if redundancy == 1 {
+            let (goal, pass) = if scenario == "catastrophic" {
                 (
                     "≤ 300 ms (p95), all recover",
                     d.map(|d| d.p95 <= 300.0 && all_recovered),
+                )
+            } else if redundancy == 1 {
+                (
+                    "≤ 200 ms (p95), all recover",
+                    d.map(|d| d.p95 <= 200.0 && all_recovered),
                 )
             } else {
                 (
@@ -1133,6 +1220,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
                 )
             };
             rows.push(vec![
+                scenario.into(),
                 redundancy.to_string(),
                 format!("{}/{}", ok.len(), all.len()),
                 format!("{recovered}/{}", ok.len()),
@@ -1146,6 +1234,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
         }
         s += &md_table(
             &[
+                "scenario",
                 "redundancy",
                 "trials ok",
                 "recovered",
@@ -1164,6 +1253,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             .iter()
             .map(|r| {
                 vec![
+                    r.scenario.clone(),
                     r.redundancy.to_string(),
                     r.trial.to_string(),
                     r.killed.clone().unwrap_or("-".into()),
@@ -1180,6 +1270,7 @@ pub fn render_results(cfg: &Config, res: &Results) -> String {
             .collect();
         s += &md_table(
             &[
+                "scenario",
                 "redundancy",
                 "trial",
                 "killed",
@@ -1271,6 +1362,7 @@ mod tests {
             label: "default".into(),
             trial: 0,
             redundancy: 2,
+            scenario: square(),
             ok: true,
             error: None,
             killed: Some("127.0.93.2".into()),
@@ -1334,6 +1426,7 @@ mod tests {
             label: "baseline".into(),
             trial: 0,
             redundancy: 1,
+            scenario: square(),
             ok: true,
             error: None,
             killed: Some("127.0.93.2".into()),
@@ -1363,13 +1456,13 @@ mod tests {
         assert!(md.contains("| loss=5% | baseline | 1/1 | 90.000 % | 90.000 % | 100 | 700 | 0.00 % | 0 | ≥ 99.9 % | **FAIL** |"), "{md}");
         assert!(
             md.contains(
-                "| 1 | 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 300 ms (p95), all recover | PASS |"
+                "| square | 1 | 1/1 | 1/1 | 250 ms | 250 ms | 250 ms | 12 / 12 | ≤ 200 ms (p95), all recover | **FAIL** |"
             ),
             "{md}"
         );
         assert!(
             md.contains(
-                "| 2 | 1/1 | 1/1 | < 100 ms | < 100 ms | < 100 ms | 3 / 3 | 0 lost, all recover | **FAIL** |"
+                "| square | 2 | 1/1 | 1/1 | < 100 ms | < 100 ms | < 100 ms | 3 / 3 | 0 lost, all recover | **FAIL** |"
             ),
             "{md}"
         );

@@ -95,7 +95,7 @@ pub fn all(out: &Path, res: &Results) -> anyhow::Result<()> {
             let mut gaps: Vec<f64> = res
                 .failover
                 .iter()
-                .filter(|r| r.ok && r.redundancy == redundancy)
+                .filter(|r| r.ok && r.redundancy == redundancy && r.scenario == "square")
                 .map(|r| r.gap_ms.unwrap_or(100.0))
                 .collect();
             gaps.sort_by(f64::total_cmp);

@@ -19,11 +19,12 @@ struct Args {
     out: PathBuf,
     /// Experiments to run (comma-separated): ttff, loss, loss-off (the loss runs again with
     /// `--no-recovery` everywhere), failover, failover-r2 (the failover trials again with
-    /// `--redundancy 2` on every daemon).
+    /// `--redundancy 2` on every daemon), catastrophic (two relays killed in a row, the second
+    /// death healed by the catastrophic fallback).
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "ttff,loss,loss-off,failover,failover-r2"
+        default_value = "ttff,loss,loss-off,failover,failover-r2,catastrophic"
     )]
     only: Vec<String>,
     /// TTFF repetitions per keyframe interval (default 10, 3 with --quick).
