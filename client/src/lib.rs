@@ -7,11 +7,14 @@
 //! log, an optional JSON-lines stats file and the egui window (or nowhere visible, headless).
 //!
 //! Layout:
+//! * [`host`] — the whole client protocol without I/O: the core on a `common::link::Link`
+//!   (decoding, reliable channel), sender ids checked against the PoPs' addresses.
 //! * [`core`] — the protocol logic, an I/O-free state machine fed `(now, event)` (fake-clock
 //!   tests); [`seq`] — duplicate suppression and loss counting by sequence number (`--latency
 //!   0`); [`playout`] — per-stream jitter buffer and NACK loss recovery.
-//! * [`engine`] — the tokio task that drives the core: network (through the one task owning
-//!   the socket, `common::transport`), sinks, stats file, GUI snapshot.
+//! * [`engine`] — the tokio task that drives the host: it owns the socket (`common::port`),
+//!   feeds the host datagrams and timeouts, sends what it polls, and feeds the sinks, the stats
+//!   file and the GUI snapshot.
 //! * [`outputs`] — player, recording and UDP sinks (player choice and flags documented there);
 //!   [`graphics`] — software-OpenGL detection and the video output mpv uses accordingly.
 //! * [`stats`] — the events and the `--stats` JSON-lines format.

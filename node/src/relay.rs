@@ -51,7 +51,7 @@
 //! forwarded and buffered (so recovery also fills downstream gaps), a seq jump (reset) clears
 //! the buffer. NACKs are sent (unreliably) to the upstream when due: the driver sleeps until
 //! the core's `poll_timeout`, the earlier of the periodic checks and the trackers' own
-//! deadlines (`NackTracker::poll_timeout`). The tracker's RTT is the transport's SRTT of the
+//! deadlines (`NackTracker::poll_timeout`). The tracker's RTT is the reliable channel's SRTT of the
 //! upstream, refreshed on the reliable-ping rounds. A change of
 //! upstream drops the tracker. See `report/protocol.md`, "Loss recovery".
 

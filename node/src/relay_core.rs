@@ -1132,7 +1132,7 @@ impl RelayCore {
         if tracked && !self.track(t, from, ch, seq) {
             return;
         }
-        // Re-stamp the header with our id: decode (done by the transport) + encode once.
+        // Re-stamp the header with our id: decode (done by the link) + encode once.
         match Datagram::new(self.me.id, Body::Video(packet)).encode() {
             Ok(bytes) => {
                 self.cache(t, ch, seq, keyframe, bytes.clone());
