@@ -162,7 +162,7 @@ impl Relay {
     }
 
     /// Server only: one chunk (normally 1316 bytes, 7 TS packets) of a local channel's MPEG-TS.
-    /// The relay assigns the channel's next sequence number (from 0), sets
+    /// The relay assigns the channel's next sequence number (from a random start), sets
     /// [`video_flags::KEYFRAME`](common::wire::video_flags::KEYFRAME) if `keyframe`, encodes the datagram once and sends the same
     /// `Bytes` to every subscriber. Chunks of a channel that is not local are counted as
     /// malformed and dropped. Waits only if the engine's queue is full.

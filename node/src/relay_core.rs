@@ -330,6 +330,10 @@ pub struct RelayCore {
     next_heartbeat: Instant,
     next_stats: Instant,
     nonce: u64,
+    /// Where a local channel's numbering starts (random per process: two replicas of a channel,
+    /// or a restarted server, never number alike, so a viewer moved from one to another sees a
+    /// new stream, not duplicates of what it played).
+    seq_start: u64,
     stats: RelayStats,
     /// A switch of `channel` to `to` that is the promotion of its secondary (read by `apply`).
     promoting: Option<(ChannelId, PeerId)>,
@@ -367,6 +371,8 @@ impl RelayCore {
         let first_seq = rng.next_u64() >> 32;
         // The reliable channel's session: a restarted host is told apart from its old self.
         let session = rng.next_u64();
+        // 2^40 values: far apart, and 2^24 × 2^40 of headroom before wrapping.
+        let seq_start = rng.next_u64() >> 24;
         RelayCore {
             me,
             t,
@@ -392,6 +398,7 @@ impl RelayCore {
             next_heartbeat: t,
             next_stats: t + cfg.flood_interval,
             nonce: 0,
+            seq_start,
             stats: RelayStats::default(),
             promoting: None,
             fast: Vec::new(),
@@ -661,7 +668,11 @@ impl RelayCore {
             self.stats.malformed += 1;
             return;
         }
+        let start = self.seq_start;
         let seq = &mut self.ch(channel).local_seq;
+        if *seq == 0 {
+            *seq = start;
+        }
         let packet = VideoPacket {
             channel,
             seq: *seq,
