@@ -376,7 +376,8 @@ pub enum Message {
         /// The wanted channel.
         channel: ChannelId,
     },
-    /// Downstream → upstream: stop sending `channel` to me.
+    /// Downstream → upstream: stop sending `channel` to me. Upstream → downstream: I cannot
+    /// feed you `channel` any more (I have no route to it).
     Unsubscribe {
         /// The channel no longer wanted.
         channel: ChannelId,

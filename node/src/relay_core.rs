@@ -967,6 +967,28 @@ impl RelayCore {
                     }
                 }
             }
+            Message::Unsubscribe { channel }
+                if self.subs.upstream(channel) == Some(Upstream::Node(from))
+                    || self.chan(channel).is_some_and(|c| c.feed.has(from)) =>
+            {
+                // Our upstream cannot feed the channel any more (it lost every route to it):
+                // its routes to it are withdrawn and the channel moves elsewhere.
+                self.routing.withdraw(channel, from);
+                if self
+                    .chan(channel)
+                    .and_then(|c| c.feed.secondary())
+                    .map(|s| s.peer)
+                    == Some(from)
+                {
+                    self.drop_secondary(channel, "it has no route");
+                } else {
+                    self.stats.upstream_losses += 1;
+                    warn!(%channel, upstream = %self.at(from), reason = "it has no route",
+                        "upstream lost");
+                    self.ch(channel).previous = None;
+                    self.heal(t, channel, from);
+                }
+            }
             Message::Unsubscribe { channel } => {
                 if self.subs.is_subscriber(from, channel) {
                     info!(%channel, peer = %addr, "subscriber removed");
@@ -1433,6 +1455,20 @@ impl RelayCore {
                 let actions = self.subs.set_upstream(channel, None);
                 self.ch(channel).fallback = None;
                 self.apply(actions);
+                // Our relay subscribers are told we cannot feed them, so they move at once
+                // rather than when their routes through us expire (viewers stay subscribed:
+                // they get the channel again as soon as a route comes back).
+                let subs: Vec<PeerId> = self
+                    .subs
+                    .subscribers(channel)
+                    .filter(|s| self.routing.is_neighbour(*s))
+                    .collect();
+                for sub in subs {
+                    info!(%channel, peer = %self.at(sub), "subscriber dropped: no route");
+                    self.out_reliable(sub, Message::Unsubscribe { channel });
+                    let actions = self.subs.unsubscribe(sub, channel);
+                    self.apply(actions);
+                }
             }
         }
     }

@@ -435,6 +435,15 @@ impl RoutingTable {
         before - self.routes.len()
     }
 
+    /// Drops the routes to `channel` through `via` (it said it cannot feed it); the next flood
+    /// through it that still lists the channel brings them back. Returns how many went.
+    pub fn withdraw(&mut self, channel: ChannelId, via: PeerId) -> usize {
+        let before = self.routes.len();
+        self.routes
+            .retain(|(c, v, _), _| !(*c == channel && *v == via));
+        before - self.routes.len()
+    }
+
     /// When [`expire`](Self::expire) will next drop a route if no flood refreshes it.
     pub fn next_expiry(&self) -> Option<Instant> {
         let oldest = self.routes.values().map(|r| r.last_seen).min()?;

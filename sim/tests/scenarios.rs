@@ -256,9 +256,8 @@ fn the_tree_is_pruned_after_the_last_viewer_leaves() {
 
 #[test]
 fn the_channel_moves_to_the_other_replica_when_its_server_dies() {
-    // Today the relay next to the dead replica keeps its subscribers while it has no route
-    // (it has no way to tell them), so the PoP moves only when its route through that relay
-    // expires (`route_ttl`, 3.5 s): the bound below is that, not a failover's.
+    // The relay next to the dead replica has no route left: it tells its subscriber (the PoP),
+    // which moves to the other replica's route at once.
     // Two servers S1=.1 and S2=.5 serve "news"; S1 – A=.2 – C=.4 – B=.3 – S2; viewer at C.
     let mut net = Net::new(9);
     let r = RelayConfig::default;
