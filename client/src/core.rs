@@ -414,6 +414,11 @@ impl ClientCore {
         self.output.pop_front()
     }
 
+    /// Whether `addr` is one of the configured PoPs.
+    pub fn is_pop(&self, addr: SocketAddr) -> bool {
+        self.pops.iter().any(|p| p.addr == addr)
+    }
+
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
     pub fn poll_timeout(&self) -> Instant {
         let mut t = self.next_ping.min(self.next_list).min(self.next_stats);

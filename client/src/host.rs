@@ -7,6 +7,11 @@
 //! A datagram whose sender id contradicts what is known for its address is dropped before it is
 //! decoded further and counted ([`HostStats::peer_mismatch`]); a PoP that restarts (new id on
 //! the same address) replaces its former self.
+//!
+//! The core names a PoP by the address the user gave (`--servers`); everything below it is
+//! keyed by the PoP's id: the host binds each configured PoP to the id its first datagram
+//! carries, and translates both ways, so a PoP heard from a new address (same id) is still the
+//! same PoP to the core, with its reliable state, and is answered at its new address.
 
 use crate::core::{Action, ClientCore, CoreConfig};
 use crate::stats::StatEvent;
@@ -15,7 +20,8 @@ use common::link::{Incoming, Link, LinkStats};
 use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
 use common::wire::ChannelId;
-use common::NodeId;
+use common::{NodeId, PeerId};
+use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -45,6 +51,9 @@ pub struct ClientHost {
     core: ClientCore,
     link: Link,
     peers: PeerTable,
+    /// The configured PoP (the core's name for it) of each PoP id, and back.
+    named: HashMap<PeerId, SocketAddr>,
+    ids: HashMap<SocketAddr, PeerId>,
     events: VecDeque<StatEvent>,
     stats: HostStats,
 }
@@ -64,6 +73,8 @@ impl ClientHost {
             core: ClientCore::new(cfg, pops, now),
             link: Link::new(id, session, reliable),
             peers: PeerTable::new(),
+            named: HashMap::new(),
+            ids: HashMap::new(),
             events: VecDeque::new(),
             stats: HostStats::default(),
         }
@@ -101,16 +112,27 @@ impl ClientHost {
         if let Ok(h) = common::wire::decode_header(bytes) {
             match self.peers.check(from, h.sender) {
                 Check::Known => {}
-                Check::New => self.peers.learn(h.sender, from),
+                Check::New => {
+                    self.peers.learn(h.sender, from);
+                    if self.core.is_pop(from) && !self.ids.contains_key(&from) {
+                        self.named.insert(h.sender, from);
+                        self.ids.insert(from, h.sender);
+                    }
+                }
                 Check::Moved(old) => {
-                    self.link.forget_peer(old);
+                    // Same PoP (its id), new address: its state follows it.
+                    debug!(pop = %h.sender, %old, new = %from, "PoP moved");
                     self.peers.learn(h.sender, from);
                 }
                 Check::Replaced(old) => {
                     debug!(pop = %from, %old, new = %h.sender, "PoP restarted (new id)");
-                    self.link.forget_peer(from);
+                    self.link.forget_peer(old);
                     self.peers.forget(old);
                     self.peers.learn(h.sender, from);
+                    if let Some(name) = self.named.remove(&old) {
+                        self.named.insert(h.sender, name);
+                        self.ids.insert(name, h.sender);
+                    }
                 }
                 Check::Mismatch => {
                     self.stats.peer_mismatch += 1;
@@ -126,8 +148,18 @@ impl ClientHost {
         let mut arrival = None;
         while let Some(item) = self.link.poll_incoming() {
             match item {
-                Incoming::Message { from, msg, .. } => self.core.handle_message(now, from, msg),
-                Incoming::Video { from, packet, .. } => {
+                Incoming::Message {
+                    from, sender, msg, ..
+                } => {
+                    let from = self.name(sender, from);
+                    self.core.handle_message(now, from, msg)
+                }
+                Incoming::Video {
+                    from,
+                    sender,
+                    packet,
+                } => {
+                    let from = self.name(sender, from);
                     let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
                     if let Some(channel) = self.core.handle_video(now, from, packet) {
                         arrival = Some(Arrival {
@@ -137,11 +169,25 @@ impl ClientHost {
                         });
                     }
                 }
-                Incoming::TimedOut { peer, .. } => self.core.handle_timed_out(now, peer),
+                Incoming::TimedOut { peer, .. } => self.timed_out(now, peer),
             }
         }
         self.drain_actions(now);
         arrival
+    }
+
+    /// The core's name of the PoP `sender` (its configured address), or `from` for a sender
+    /// that is not a configured PoP.
+    fn name(&self, sender: PeerId, from: SocketAddr) -> SocketAddr {
+        self.named.get(&sender).copied().unwrap_or(from)
+    }
+
+    /// A reliable message to `peer` was never acknowledged.
+    fn timed_out(&mut self, now: Instant, peer: PeerId) {
+        debug!(%peer, "reliable message not acknowledged");
+        if let Some(&name) = self.named.get(&peer) {
+            self.core.handle_timed_out(now, name);
+        }
     }
 
     /// Runs what is due at `now` (the core's timers, the reliable channel's retransmissions).
@@ -149,8 +195,7 @@ impl ClientHost {
         self.link.handle_timeout(now);
         while let Some(item) = self.link.poll_incoming() {
             if let Incoming::TimedOut { peer, .. } = item {
-                debug!(%peer, "reliable message not acknowledged");
-                self.core.handle_timed_out(now, peer);
+                self.timed_out(now, peer);
             }
         }
         if now >= self.core.poll_timeout() {
@@ -195,12 +240,25 @@ impl ClientHost {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::SendUnreliable { to, msg } => {
-                    if let Err(e) = self.link.send_unreliable(to, msg) {
+                    let at = self.ids.get(&to).and_then(|&id| self.peers.addr(id));
+                    if let Err(e) = self.link.send_unreliable(at.unwrap_or(to), msg) {
                         debug!(%to, error = %e, "cannot encode");
                     }
                 }
                 Action::SendReliable { to, msg } => {
-                    if let Err(e) = self.link.send_reliable(now, to, msg) {
+                    // Reliable state is the PoP's (by id); before its first datagram told us
+                    // its id, a reliable message goes once (the core repeats what matters).
+                    let sent = match self.ids.get(&to).copied() {
+                        Some(id) => {
+                            let at = self.peers.addr(id).unwrap_or(to);
+                            self.link.send_reliable(now, id, at, msg).map(drop)
+                        }
+                        None => {
+                            debug!(pop = %to, "PoP not heard from yet; sent unreliably");
+                            self.link.send_unreliable(to, msg)
+                        }
+                    };
+                    if let Err(e) = sent {
                         debug!(%to, error = %e, "cannot encode");
                     }
                 }

@@ -9,7 +9,7 @@
 //! simulation) moves datagrams between it and the network. Datagrams of another protocol
 //! version are dropped with one warning per peer; malformed ones are dropped and counted.
 
-use crate::id::NodeId;
+use crate::id::{NodeId, PeerId};
 use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
 use crate::wire::{Body, Datagram, Message, OncePerPeer, WireError, PROTOCOL_VERSION};
 use bytes::Bytes;
@@ -45,7 +45,7 @@ pub enum Incoming {
     /// A reliable message to `peer` was never acknowledged (see [`Event::TimedOut`]).
     TimedOut {
         /// The peer.
-        peer: SocketAddr,
+        peer: PeerId,
         /// The id [`Link::send_reliable`] returned.
         id: u64,
     },
@@ -145,15 +145,17 @@ impl Link {
         self.endpoint.poll_timeout()
     }
 
-    /// Sends `msg` reliably to `peer`; returns its message id (named again by
-    /// [`Incoming::TimedOut`] if it is never acknowledged).
+    /// Sends `msg` reliably to `peer` at `addr`; returns its message id (named again by
+    /// [`Incoming::TimedOut`] if it is never acknowledged). The reliable state is the peer's,
+    /// wherever it is: `addr` is only where this and later (re)transmissions go.
     pub fn send_reliable(
         &mut self,
         now: Instant,
-        peer: SocketAddr,
+        peer: PeerId,
+        addr: SocketAddr,
         msg: Message,
     ) -> Result<u64, WireError> {
-        let id = self.endpoint.send(now, peer, msg)?;
+        let id = self.endpoint.send(now, peer, addr, msg)?;
         self.collect();
         Ok(id)
     }
@@ -172,13 +174,13 @@ impl Link {
     }
 
     /// The RTT estimate of `peer` (`None` before the first sample).
-    pub fn rtt(&self, peer: SocketAddr) -> Option<RttEstimate> {
+    pub fn rtt(&self, peer: PeerId) -> Option<RttEstimate> {
         self.endpoint.rtt(peer)
     }
 
     /// Drops all reliable state about `peer` (declared dead); see
     /// [`ReliableEndpoint::forget_peer`].
-    pub fn forget_peer(&mut self, peer: SocketAddr) {
+    pub fn forget_peer(&mut self, peer: PeerId) {
         self.endpoint.forget_peer(peer);
     }
 
@@ -271,7 +273,9 @@ mod tests {
         let t0 = Instant::now();
         let mut a = Link::new(NodeId(1), 11, ReliableConfig::default());
         let mut b = Link::new(NodeId(2), 22, ReliableConfig::default());
-        let id = a.send_reliable(t0, addr(2), Message::ListChannels).unwrap();
+        let id = a
+            .send_reliable(t0, NodeId(2), addr(2), Message::ListChannels)
+            .unwrap();
         a.send_unreliable(addr(2), Message::Ping { nonce: 5 })
             .unwrap();
         // Delivered 10 ms later, answered at once.
@@ -296,7 +300,7 @@ mod tests {
             ]
         );
         assert_eq!(id, 0);
-        assert!(a.rtt(addr(2)).is_some(), "the ack sampled the RTT");
+        assert!(a.rtt(NodeId(2)).is_some(), "the ack sampled the RTT");
         assert!(a.poll_incoming().is_none());
         assert_eq!(a.poll_timeout(), None, "nothing left in flight");
     }
@@ -322,7 +326,9 @@ mod tests {
     fn an_unacknowledged_message_times_out() {
         let t0 = Instant::now();
         let mut a = Link::new(NodeId(1), 11, ReliableConfig::default());
-        let id = a.send_reliable(t0, addr(2), Message::ListChannels).unwrap();
+        let id = a
+            .send_reliable(t0, NodeId(2), addr(2), Message::ListChannels)
+            .unwrap();
         let mut t = t0;
         let mut timed_out = false;
         for _ in 0..10_000 {
@@ -331,7 +337,7 @@ mod tests {
             t = t.max(d);
             a.handle_timeout(t);
             if let Some(Incoming::TimedOut { peer, id: i }) = a.poll_incoming() {
-                assert_eq!((peer, i), (addr(2), id));
+                assert_eq!((peer, i), (NodeId(2), id));
                 timed_out = true;
                 break;
             }

@@ -27,10 +27,15 @@
 //!   message more than [`ReliableConfig::dup_window`] ids above the oldest unacknowledged one is
 //!   transmitted (so the receiver's duplicate window never has to forget a message the sender is
 //!   still retrying); further sends wait in a queue and go out as acks (or timeouts) free slots.
-//! * The receiver keeps, per `(peer address, sender session)`, a duplicate window: every id below
+//! * Every per-peer state (send ids, in-flight messages, receive window, RTT) is keyed by the
+//!   peer's id ([`PeerId`]: the sender id of the datagram header, checked against its address
+//!   by the caller's `PeerTable`), never by its address: the address is only where to send, and
+//!   a peer that moves keeps its state (retransmissions and acks follow it to the address it was
+//!   last heard from or sent to).
+//! * The receiver keeps, per `(peer, sender session)`, a duplicate window: every id below
 //!   a contiguous *base* has been delivered, plus a bounded set of delivered ids above it. A
 //!   retransmitted duplicate is re-acked (its first ack may have been lost) but not delivered
-//!   again. A new session from the same address (the peer restarted) replaces the receive state;
+//!   again. A new session from the same peer (it restarted) replaces the receive state;
 //!   the old session is *retired*: its late datagrams are dropped without ack or delivery, so
 //!   they cannot switch the state back and make the new session's ids deliverable twice.
 //! * Acks carry the session of the messages they acknowledge; an ack for another session than
@@ -54,7 +59,7 @@
 //! so an ack always means "delivered" — the sender then times out rather than believe a lost
 //! message was delivered.
 
-use crate::id::NodeId;
+use crate::id::{NodeId, PeerId};
 use crate::rtt::RttEstimator;
 use crate::wire::{limits, Body, Datagram, Message, WireError};
 use bytes::Bytes;
@@ -67,7 +72,7 @@ use tracing::{debug, trace};
 /// far finer; 1 ms keeps a tiny RTTVAR on loopback from producing a zero margin.
 pub const CLOCK_GRANULARITY: Duration = Duration::from_millis(1);
 
-/// How many past sessions of one peer address are remembered (and their datagrams ignored).
+/// How many past sessions of one peer are remembered (and their datagrams ignored).
 const RETIRED_SESSIONS: usize = 4;
 
 /// Tuning of a [`ReliableEndpoint`]. [`Default`] suits the overlay (LAN / loopback links).
@@ -143,8 +148,8 @@ pub enum Event {
     Message {
         /// Address it came from.
         from: SocketAddr,
-        /// The sender's id, from the datagram header.
-        sender: NodeId,
+        /// The sender's id, from the datagram header (the key of its state).
+        sender: PeerId,
         /// Its message id (per sender session and destination).
         id: u64,
         /// The message.
@@ -155,14 +160,14 @@ pub enum Event {
     /// decides, e.g. declares the peer dead.
     TimedOut {
         /// The peer.
-        peer: SocketAddr,
+        peer: PeerId,
         /// The message id that [`ReliableEndpoint::send`] returned.
         id: u64,
     },
     /// `peer` acknowledged message `id`: it has been delivered to the peer's application.
     Acked {
         /// The peer.
-        peer: SocketAddr,
+        peer: PeerId,
         /// The message id that [`ReliableEndpoint::send`] returned.
         id: u64,
     },
@@ -287,9 +292,12 @@ impl RecvWindow {
     }
 }
 
-/// Everything known about one peer address.
+/// Everything known about one peer.
 #[derive(Debug, Default)]
 struct Peer {
+    /// Where to send to it: the address it was last sent to or heard from (`None` for a peer
+    /// only forgotten so far).
+    addr: Option<SocketAddr>,
     /// Next message id to this peer.
     next_id: u64,
     /// Unacknowledged messages by id (ordered: the first is the oldest, which bounds the span
@@ -317,14 +325,14 @@ pub struct ReliableEndpoint {
     local: NodeId,
     session: u64,
     cfg: ReliableConfig,
-    peers: HashMap<SocketAddr, Peer>,
+    peers: HashMap<PeerId, Peer>,
     /// Retransmission deadlines: `(deadline, peer, id)`, removed exactly when the message is
     /// acked, retransmitted (re-inserted) or dropped, so the first element is always live.
-    timers: BTreeSet<(Instant, SocketAddr, u64)>,
-    /// Data and retransmissions to send, in order.
-    transmit: VecDeque<(SocketAddr, Bytes)>,
+    timers: BTreeSet<(Instant, PeerId, u64)>,
+    /// Data and retransmissions to send, in order, with their peer.
+    transmit: VecDeque<(PeerId, Bytes)>,
     /// Peers with pending acks, in the order they became pending.
-    ack_order: VecDeque<SocketAddr>,
+    ack_order: VecDeque<PeerId>,
     events: VecDeque<Event>,
     stats: ReliableStats,
 }
@@ -361,15 +369,23 @@ impl ReliableEndpoint {
         &self.cfg
     }
 
-    /// Queues `msg` for reliable delivery to `peer` and returns its message id (the id later
+    /// Queues `msg` for reliable delivery to `peer` at `addr` (from now on its address, also for
+    /// the retransmissions of earlier messages) and returns its message id (the id later
     /// named by [`Event::Acked`] or [`Event::TimedOut`]). It is transmitted at the next
     /// [`poll_transmit`](Self::poll_transmit) unless `max_in_flight` messages to `peer` are
     /// unacknowledged, in which case it waits for a free slot.
     ///
     /// Fails only if the message does not fit in one datagram ([`WireError::TooLarge`]); the
     /// message is then not sent and no id is consumed.
-    pub fn send(&mut self, now: Instant, peer: SocketAddr, msg: Message) -> Result<u64, WireError> {
+    pub fn send(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        addr: SocketAddr,
+        msg: Message,
+    ) -> Result<u64, WireError> {
         let p = self.peers.entry(peer).or_default();
+        p.addr = Some(addr);
         let id = p.next_id;
         let bytes = Datagram::new(
             self.local,
@@ -400,7 +416,9 @@ impl ReliableEndpoint {
         Ok(id)
     }
 
-    /// Feeds a datagram received from `from`. It is decoded once: reliable messages and acks are
+    /// Feeds a datagram received from `from`; its state is the header sender's, whose address
+    /// becomes `from` (the caller has checked the sender against its address). It is decoded
+    /// once: reliable messages and acks are
     /// consumed here (acks generated, duplicates suppressed, RTT sampled; see
     /// [`poll_event`](Self::poll_event)); any other datagram ([`Body::Unreliable`],
     /// [`Body::Video`]) is returned for the caller to handle, so nothing is decoded twice.
@@ -430,7 +448,7 @@ impl ReliableEndpoint {
                 Ok(None)
             }
             Body::Ack { session, ids } => {
-                self.on_ack(now, from, session, &ids);
+                self.on_ack(now, from, d.header.sender, session, &ids);
                 Ok(None)
             }
             Body::Unreliable(_) | Body::Video(_) => Ok(Some(d)),
@@ -451,9 +469,10 @@ impl ReliableEndpoint {
             self.stats.stale_dropped += 1;
             return;
         }
-        let p = self.peers.entry(from).or_default();
+        let p = self.peers.entry(sender).or_default();
+        p.addr = Some(from);
         if p.retired.contains(&session) {
-            trace!(peer = %from, session, id, "message of a retired session dropped");
+            trace!(peer = %sender, session, id, "message of a retired session dropped");
             self.stats.stale_dropped += 1;
             return;
         }
@@ -461,7 +480,7 @@ impl ReliableEndpoint {
             Some(w) if w.session == session => w,
             slot => {
                 if let Some(old) = slot.take() {
-                    debug!(peer = %from, %sender, old_session = old.session, new_session = session,
+                    debug!(peer = %sender, %from, old_session = old.session, new_session = session,
                         "peer started a new session (restarted); receive state reset");
                     if p.retired.len() == RETIRED_SESSIONS {
                         p.retired.pop_front();
@@ -482,11 +501,11 @@ impl ReliableEndpoint {
                 });
             }
             Seen::Duplicate => {
-                trace!(peer = %from, id, "duplicate re-acked");
+                trace!(peer = %sender, id, "duplicate re-acked");
                 self.stats.duplicates_dropped += 1;
             }
             Seen::Ambiguous => {
-                debug!(peer = %from, id, "message below a forced window base dropped unacked");
+                debug!(peer = %sender, id, "message below a forced window base dropped unacked");
                 self.stats.stale_dropped += 1;
                 return;
             }
@@ -499,30 +518,31 @@ impl ReliableEndpoint {
         p.pending_acks.push(id);
         if !p.ack_queued {
             p.ack_queued = true;
-            self.ack_order.push_back(from);
+            self.ack_order.push_back(sender);
         }
     }
 
-    fn on_ack(&mut self, now: Instant, from: SocketAddr, session: u64, ids: &[u64]) {
+    fn on_ack(&mut self, now: Instant, from: SocketAddr, peer: PeerId, session: u64, ids: &[u64]) {
         if session != self.session {
-            trace!(peer = %from, session, "ack for another session ignored");
+            trace!(%peer, session, "ack for another session ignored");
             self.stats.acks_ignored += 1;
             return;
         }
-        let Some(p) = self.peers.get_mut(&from) else {
+        let Some(p) = self.peers.get_mut(&peer) else {
             return;
         };
+        p.addr = Some(from);
         for &id in ids {
             let Some(f) = p.in_flight.remove(&id) else {
                 continue; // already acked (duplicate ack) or given up
             };
-            self.timers.remove(&(f.deadline, from, id));
+            self.timers.remove(&(f.deadline, peer, id));
             if f.retransmits == 0 {
                 let r = now.saturating_duration_since(f.sent_at);
                 RttEstimator::sample(&mut p.rtt, r);
             }
             self.stats.acked += 1;
-            self.events.push_back(Event::Acked { peer: from, id });
+            self.events.push_back(Event::Acked { peer, id });
         }
         fill_slots(
             &self.cfg,
@@ -530,7 +550,7 @@ impl ReliableEndpoint {
             &mut self.transmit,
             &mut self.stats,
             now,
-            from,
+            peer,
             p,
         );
     }
@@ -586,7 +606,8 @@ impl ReliableEndpoint {
 
     /// The next datagram to send: first pending acks (batched per peer, up to
     /// [`limits::ACK_IDS`] ids each), then data and retransmissions in order. Call until `None`
-    /// after every `send`, `handle_datagram` and `handle_timeout`.
+    /// after every `send`, `handle_datagram` and `handle_timeout`. Each goes to the peer's
+    /// current address.
     pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
         while let Some(&peer) = self.ack_order.front() {
             let Some(p) = self.peers.get_mut(&peer) else {
@@ -611,16 +632,22 @@ impl ReliableEndpoint {
                     ids,
                 },
             );
+            let Some(addr) = p.addr else { continue };
             match ack.encode() {
                 Ok(bytes) => {
                     self.stats.acks_sent += 1;
-                    return Some((peer, bytes));
+                    return Some((addr, bytes));
                 }
                 // Cannot happen (ACK_IDS varints fit a datagram); never panic anyway.
                 Err(e) => debug!(%peer, error = %e, "ack not encodable, dropped"),
             }
         }
-        self.transmit.pop_front()
+        while let Some((peer, bytes)) = self.transmit.pop_front() {
+            if let Some(addr) = self.peers.get(&peer).and_then(|p| p.addr) {
+                return Some((addr, bytes));
+            }
+        }
+        None
     }
 
     /// The next event for the application.
@@ -630,7 +657,7 @@ impl ReliableEndpoint {
 
     /// The RTT estimate of `peer`, once at least one ack of a never-retransmitted message was
     /// received from it.
-    pub fn rtt(&self, peer: SocketAddr) -> Option<RttEstimate> {
+    pub fn rtt(&self, peer: PeerId) -> Option<RttEstimate> {
         let rtt = self.peers.get(&peer)?.rtt?;
         Some(RttEstimate {
             srtt: rtt.srtt(),
@@ -645,7 +672,7 @@ impl ReliableEndpoint {
     /// (without events), receive window, pending acks, RTT estimate. If it comes back, it is a
     /// new peer: our ids to it continue (they are per session, never reused), its messages are
     /// accepted afresh.
-    pub fn forget_peer(&mut self, peer: SocketAddr) {
+    pub fn forget_peer(&mut self, peer: PeerId) {
         let Some(p) = self.peers.remove(&peer) else {
             return;
         };
@@ -662,6 +689,7 @@ impl ReliableEndpoint {
             peer,
             Peer {
                 next_id: p.next_id,
+                addr: p.addr,
                 ..Peer::default()
             },
         );
@@ -680,11 +708,11 @@ impl ReliableEndpoint {
 #[allow(clippy::too_many_arguments)]
 fn launch(
     cfg: &ReliableConfig,
-    timers: &mut BTreeSet<(Instant, SocketAddr, u64)>,
-    transmit: &mut VecDeque<(SocketAddr, Bytes)>,
+    timers: &mut BTreeSet<(Instant, PeerId, u64)>,
+    transmit: &mut VecDeque<(PeerId, Bytes)>,
     stats: &mut ReliableStats,
     now: Instant,
-    peer: SocketAddr,
+    peer: PeerId,
     p: &mut Peer,
     id: u64,
     bytes: Bytes,
@@ -709,11 +737,11 @@ fn launch(
 /// Launches queued messages to `peer` while it has free in-flight slots.
 fn fill_slots(
     cfg: &ReliableConfig,
-    timers: &mut BTreeSet<(Instant, SocketAddr, u64)>,
-    transmit: &mut VecDeque<(SocketAddr, Bytes)>,
+    timers: &mut BTreeSet<(Instant, PeerId, u64)>,
+    transmit: &mut VecDeque<(PeerId, Bytes)>,
     stats: &mut ReliableStats,
     now: Instant,
-    peer: SocketAddr,
+    peer: PeerId,
     p: &mut Peer,
 ) {
     while let Some(&(id, _)) = p.queue.front() {

@@ -22,7 +22,7 @@
 //! timers — so an application that awaits a `send_reliable` before reading its incoming channel
 //! cannot deadlock the driver.
 
-use crate::id::NodeId;
+use crate::id::{NodeId, PeerId};
 use crate::link::Link;
 use crate::reliable::{ReliableConfig, ReliableStats, RttEstimate};
 use crate::rng::Rng;
@@ -98,7 +98,8 @@ pub use crate::port::{Direct, SendShim};
 
 enum Command {
     SendReliable {
-        peer: SocketAddr,
+        peer: PeerId,
+        addr: SocketAddr,
         msg: Message,
         reply: oneshot::Sender<Result<u64, WireError>>,
     },
@@ -107,14 +108,14 @@ enum Command {
         bytes: Bytes,
     },
     Rtt {
-        peer: SocketAddr,
+        peer: PeerId,
         reply: oneshot::Sender<Option<RttEstimate>>,
     },
     Stats {
         reply: oneshot::Sender<TransportStats>,
     },
     ForgetPeer {
-        peer: SocketAddr,
+        peer: PeerId,
     },
 }
 
@@ -194,16 +195,22 @@ impl Transport {
         self.local_addr
     }
 
-    /// Sends `msg` reliably to `peer`; returns its message id (named again by
+    /// Sends `msg` reliably to `peer` at `addr`; returns its message id (named again by
     /// [`Incoming::TimedOut`] if it is never acknowledged).
     pub async fn send_reliable(
         &self,
-        peer: SocketAddr,
+        peer: PeerId,
+        addr: SocketAddr,
         msg: Message,
     ) -> Result<u64, TransportError> {
         let (reply, rx) = oneshot::channel();
-        self.command(Command::SendReliable { peer, msg, reply })
-            .await?;
+        self.command(Command::SendReliable {
+            peer,
+            addr,
+            msg,
+            reply,
+        })
+        .await?;
         Ok(rx.await.map_err(|_| TransportError::Closed)??)
     }
 
@@ -224,7 +231,7 @@ impl Transport {
     }
 
     /// The RTT estimate of `peer` (`None` before the first sample).
-    pub async fn rtt(&self, peer: SocketAddr) -> Result<Option<RttEstimate>, TransportError> {
+    pub async fn rtt(&self, peer: PeerId) -> Result<Option<RttEstimate>, TransportError> {
         let (reply, rx) = oneshot::channel();
         self.command(Command::Rtt { peer, reply }).await?;
         rx.await.map_err(|_| TransportError::Closed)
@@ -239,7 +246,7 @@ impl Transport {
 
     /// Drops all reliable state about `peer` (declared dead); see
     /// [`Link::forget_peer`].
-    pub async fn forget_peer(&self, peer: SocketAddr) -> Result<(), TransportError> {
+    pub async fn forget_peer(&self, peer: PeerId) -> Result<(), TransportError> {
         self.command(Command::ForgetPeer { peer }).await
     }
 
@@ -324,8 +331,13 @@ impl Driver {
     fn command(&mut self, cmd: Command) {
         let t = now();
         match cmd {
-            Command::SendReliable { peer, msg, reply } => {
-                let _ = reply.send(self.link.send_reliable(t, peer, msg));
+            Command::SendReliable {
+                peer,
+                addr,
+                msg,
+                reply,
+            } => {
+                let _ = reply.send(self.link.send_reliable(t, peer, addr, msg));
             }
             Command::SendBytes { peer, bytes } => self.link.send_bytes(peer, bytes),
             Command::Rtt { peer, reply } => {

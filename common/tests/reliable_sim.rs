@@ -18,6 +18,11 @@ fn addr(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1 + i as u8], 8010))
 }
 
+/// The id of host `i` (the key of its state at its peers).
+fn id(i: usize) -> NodeId {
+    NodeId(i as u64 + 1)
+}
+
 const MS: Duration = Duration::from_millis(1);
 
 /// One simulated host.
@@ -26,14 +31,14 @@ struct Node {
     /// (from, id, msg) in delivery order.
     delivered: Vec<(SocketAddr, u64, Message)>,
     /// (peer, id, when).
-    timed_out: Vec<(SocketAddr, u64, Instant)>,
-    acked: Vec<(SocketAddr, u64)>,
+    timed_out: Vec<(NodeId, u64, Instant)>,
+    acked: Vec<(NodeId, u64)>,
 }
 
 impl Node {
     fn new(i: usize, session: u64, cfg: ReliableConfig) -> Node {
         Node {
-            ep: ReliableEndpoint::new(NodeId(i as u64 + 1), session, cfg),
+            ep: ReliableEndpoint::new(id(i), session, cfg),
             delivered: Vec::new(),
             timed_out: Vec::new(),
             acked: Vec::new(),
@@ -97,7 +102,7 @@ impl Sim {
         let now = self.now;
         self.nodes[from]
             .ep
-            .send(now, addr(to), msg)
+            .send(now, id(to), addr(to), msg)
             .expect("fits a datagram")
     }
 
@@ -230,7 +235,7 @@ fn reliable_10k_messages_at_30pct_loss_exactly_once_and_rtt_converges() {
     // The sender's id span limit kept the receiver's window from forgetting anything.
     assert_eq!(sb.stale_dropped, 0);
     assert_eq!((sa.in_flight, sa.queued), (0, 0));
-    let rtt = a.ep.rtt(addr(1)).expect("sampled");
+    let rtt = a.ep.rtt(id(1)).expect("sampled");
     let srtt_ms = rtt.srtt.as_secs_f64() * 1e3;
     eprintln!(
         "30% loss: delivered {} / {N} in {:.1} s simulated; retransmissions {} ({:.1} % of first \
@@ -278,7 +283,7 @@ fn reliable_both_directions_at_once() {
     for n in &sim.nodes {
         assert!(n.timed_out.is_empty());
         assert_eq!(n.acked.len() as u64, N);
-        let rtt = n.ep.rtt(addr(1 - (n.ep.local().0 as usize - 1))).unwrap();
+        let rtt = n.ep.rtt(id(1 - (n.ep.local().0 as usize - 1))).unwrap();
         assert!(
             (rtt.srtt.as_secs_f64() * 1e3 - 20.0).abs() <= 3.0,
             "{rtt:?}"
@@ -321,7 +326,7 @@ fn reliable_dead_peer_times_out_with_exponential_backoff() {
         .map(|ms| ms * MS)
         .to_vec();
     for (peer, id, at) in &a.timed_out {
-        assert_eq!(*peer, addr(1));
+        assert_eq!(*peer, NodeId(2));
         let times = &tx[id];
         assert_eq!(times.len(), 1 + cfg.max_retries as usize, "id {id}");
         let gaps: Vec<Duration> = times.windows(2).map(|w| w[1] - w[0]).collect();
@@ -452,7 +457,7 @@ fn reliable_malformed_datagrams_are_counted_and_change_nothing() {
     let now = Instant::now();
     let mut a = ReliableEndpoint::new(NodeId(1), 42, ReliableConfig::default());
     let b = addr(1);
-    a.send(now, b, ping(1)).unwrap();
+    a.send(now, id(1), b, ping(1)).unwrap();
     while a.poll_transmit().is_some() {}
     let before = a.stats();
     let timeout = a.poll_timeout();
@@ -497,8 +502,8 @@ fn reliable_malformed_datagrams_are_counted_and_change_nothing() {
     assert_eq!(a.poll_event(), None);
     // The real ack still works afterwards.
     assert_eq!(a.handle_datagram(now + 5 * MS, b, &good), Ok(None));
-    assert_eq!(a.poll_event(), Some(Event::Acked { peer: b, id: 0 }));
-    assert_eq!(a.rtt(b).unwrap().srtt, 5 * MS);
+    assert_eq!(a.poll_event(), Some(Event::Acked { peer: id(1), id: 0 }));
+    assert_eq!(a.rtt(id(1)).unwrap().srtt, 5 * MS);
     assert_eq!(a.poll_timeout(), None);
 }
 
@@ -519,7 +524,7 @@ fn reliable_acks_for_other_sessions_are_ignored_and_forget_peer_drops_state() {
     let mut a = ReliableEndpoint::new(NodeId(1), 42, ReliableConfig::default());
     let b = addr(1);
     for i in 0..3 {
-        assert_eq!(a.send(now, b, ping(i)).unwrap(), i);
+        assert_eq!(a.send(now, id(1), b, ping(i)).unwrap(), i);
     }
     while a.poll_transmit().is_some() {}
     let stale_ack = Datagram::new(
@@ -536,14 +541,14 @@ fn reliable_acks_for_other_sessions_are_ignored_and_forget_peer_drops_state() {
     assert_eq!(a.stats().acks_ignored, 1);
     assert_eq!(a.stats().in_flight, 3);
 
-    a.forget_peer(b);
+    a.forget_peer(id(1));
     assert_eq!(a.poll_timeout(), None);
     assert_eq!(a.poll_transmit(), None);
     assert_eq!((a.stats().in_flight, a.stats().queued), (0, 0));
     a.handle_timeout(now + Duration::from_secs(100));
     assert_eq!(a.poll_event(), None, "no TimedOut for a forgotten peer");
     // Ids keep increasing: the peer's window for our session must not see id 0 again.
-    assert_eq!(a.send(now, b, ping(9)).unwrap(), 3);
+    assert_eq!(a.send(now, id(1), b, ping(9)).unwrap(), 3);
 }
 
 #[test]
@@ -561,8 +566,8 @@ fn reliable_oversize_message_is_refused_without_consuming_an_id() {
             })
             .collect(),
     };
-    assert!(a.send(now, addr(1), big).is_err());
-    assert_eq!(a.send(now, addr(1), ping(0)).unwrap(), 0);
+    assert!(a.send(now, id(1), addr(1), big).is_err());
+    assert_eq!(a.send(now, id(1), addr(1), ping(0)).unwrap(), 0);
     assert_eq!(a.stats().sent, 1);
 }
 
@@ -676,7 +681,7 @@ proptest! {
                 Step::Send(b) => {
                     let i = usize::from(b);
                     nonce += 1;
-                    let id = m.eps[i].send(m.now, addr(1 - i), ping(nonce)).unwrap();
+                    let id = m.eps[i].send(m.now, id(1 - i), addr(1 - i), ping(nonce)).unwrap();
                     prop_assert_eq!(id as usize, m.sent[i].len());
                     m.sent[i].push(nonce);
                 }
@@ -726,4 +731,46 @@ proptest! {
             prop_assert_eq!((s.in_flight, s.queued), (0, 0));
         }
     }
+}
+
+#[test]
+fn reliable_state_follows_a_peer_that_moves() {
+    let now = Instant::now();
+    let mut a = ReliableEndpoint::new(id(0), 42, ReliableConfig::default());
+    let (old, new) = (addr(1), addr(9));
+    for i in 0..2 {
+        a.send(now, id(1), old, ping(i)).unwrap();
+    }
+    let first: Vec<SocketAddr> = std::iter::from_fn(|| a.poll_transmit().map(|t| t.0)).collect();
+    assert_eq!(first, vec![old, old]);
+    // The peer (same id) acks message 0 from a new address: the ack counts, the RTT is its.
+    let ack = Datagram::new(
+        id(1),
+        Body::Ack {
+            session: 42,
+            ids: vec![0],
+        },
+    )
+    .encode()
+    .unwrap();
+    assert_eq!(a.handle_datagram(now + 3 * MS, new, &ack), Ok(None));
+    assert_eq!(a.poll_event(), Some(Event::Acked { peer: id(1), id: 0 }));
+    assert_eq!(a.rtt(id(1)).unwrap().samples, 1);
+    // Message 1's retransmission, and the acks of what it sends us, go to where it is now.
+    a.handle_timeout(a.poll_timeout().unwrap());
+    assert_eq!(a.poll_transmit().map(|t| t.0), Some(new));
+    let msg = Datagram::new(
+        id(1),
+        Body::Reliable {
+            session: 7,
+            id: 0,
+            msg: ping(5),
+        },
+    )
+    .encode()
+    .unwrap();
+    assert_eq!(a.handle_datagram(now + 4 * MS, new, &msg), Ok(None));
+    assert!(matches!(a.poll_event(), Some(Event::Message { sender, .. }) if sender == id(1)));
+    assert_eq!(a.poll_transmit().map(|t| t.0), Some(new), "the ack");
+    assert_eq!(a.stats().in_flight, 1);
 }

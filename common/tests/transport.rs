@@ -38,6 +38,7 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
     let (ta, mut ra, ja) = spawn(1, TransportConfig::default(), &shutdown).await;
     let (tb, mut rb, jb) = spawn(2, TransportConfig::default(), &shutdown).await;
     let (a, b) = (ta.local_addr(), tb.local_addr());
+    let (ia, ib) = (ta.local_id(), tb.local_id());
 
     // Garbage and another protocol version from a third socket, before and during the exchange.
     let rogue = UdpSocket::bind("127.0.0.1:0").await.unwrap();
@@ -65,12 +66,12 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
     let mut ids = HashSet::new();
     for i in 0..N {
         ids.insert(
-            ta.send_reliable(b, Message::Ping { nonce: i })
+            ta.send_reliable(ib, b, Message::Ping { nonce: i })
                 .await
                 .unwrap(),
         );
         if i.is_multiple_of(3) {
-            tb.send_reliable(a, Message::Pong { nonce: i })
+            tb.send_reliable(ia, a, Message::Pong { nonce: i })
                 .await
                 .unwrap();
         }
@@ -148,7 +149,7 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
     let sa = ta.stats().await.unwrap();
     assert_eq!(sa.reliable.acked, N);
     assert_eq!(sa.reliable.in_flight, 0);
-    let rtt = ta.rtt(b).await.unwrap().expect("sampled");
+    let rtt = ta.rtt(ib).await.unwrap().expect("sampled");
     assert!(
         rtt.samples > 0 && rtt.srtt < Duration::from_millis(500),
         "{rtt:?}"
@@ -168,7 +169,7 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
     timeout(Duration::from_secs(2), ja).await.unwrap().unwrap();
     timeout(Duration::from_secs(2), jb).await.unwrap().unwrap();
     assert_eq!(
-        ta.send_reliable(b, Message::Goodbye).await,
+        ta.send_reliable(ib, b, Message::Goodbye).await,
         Err(TransportError::Closed)
     );
     assert!(matches!(ta.stats().await, Err(TransportError::Closed)));
@@ -195,13 +196,16 @@ async fn dead_peer_times_out_and_the_loop_survives_icmp_errors() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let id = ta.send_reliable(dead, Message::Goodbye).await.unwrap();
+    let id = ta
+        .send_reliable(NodeId(99), dead, Message::Goodbye)
+        .await
+        .unwrap();
     match next(&mut ra).await {
-        Incoming::TimedOut { peer, id: got } => assert_eq!((peer, got), (dead, id)),
+        Incoming::TimedOut { peer, id: got } => assert_eq!((peer, got), (NodeId(99), id)),
         other => panic!("unexpected {other:?}"),
     }
     // Still alive and working.
-    ta.send_reliable(tb.local_addr(), Message::ListChannels)
+    ta.send_reliable(tb.local_id(), tb.local_addr(), Message::ListChannels)
         .await
         .unwrap();
     assert!(matches!(
@@ -231,7 +235,7 @@ async fn a_slow_reader_loses_nothing_and_cannot_deadlock_the_driver() {
     let (tb, mut rb, _jb) = spawn(2, small, &shutdown).await;
     const N: u64 = 100;
     for i in 0..N {
-        ta.send_reliable(tb.local_addr(), Message::Ping { nonce: i })
+        ta.send_reliable(tb.local_id(), tb.local_addr(), Message::Ping { nonce: i })
             .await
             .unwrap();
     }

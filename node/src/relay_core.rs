@@ -433,8 +433,8 @@ impl RelayCore {
             match self.peers.check(from, h.sender) {
                 Check::Known | Check::New => {}
                 Check::Moved(old) => {
+                    // Its state (reliable channel included) is keyed by its id: it follows.
                     debug!(peer = %h.sender, %old, new = %from, "peer moved");
-                    self.link.forget_peer(old);
                 }
                 Check::Replaced(old) => {
                     // A client restarted on the same address with a new id: its former self
@@ -442,7 +442,7 @@ impl RelayCore {
                     debug!(peer = %from, old = %old, new = %h.sender, "peer replaced");
                     let actions = self.subs.drop_peer(old);
                     self.apply(actions);
-                    self.link.forget_peer(from);
+                    self.link.forget_peer(old);
                 }
                 Check::Mismatch => {
                     self.stats.peer_mismatch += 1;
@@ -907,10 +907,7 @@ impl RelayCore {
                 self.heard(t, sender);
                 self.video(t, from, sender, packet);
             }
-            Incoming::TimedOut { peer: addr, .. } => {
-                let Some(peer) = self.peers.id(addr) else {
-                    return;
-                };
+            Incoming::TimedOut { peer, .. } => {
                 if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
                         self.routing.mark_dead(peer);
@@ -1674,7 +1671,7 @@ impl RelayCore {
             } else {
                 self.out_unreliable(p, msg);
             }
-            if let Some(r) = self.peers.addr(p).and_then(|a| self.link.rtt(a)) {
+            if let Some(r) = self.link.rtt(p) {
                 self.rtt_sample(p, r.srtt, r.rttvar);
             }
         }
@@ -1722,7 +1719,7 @@ impl RelayCore {
         let Some(a) = self.addr_of(to) else {
             return;
         };
-        if let Err(e) = self.link.send_reliable(self.t, a, msg) {
+        if let Err(e) = self.link.send_reliable(self.t, to, a, msg) {
             self.stats.malformed += 1;
             debug!(peer = %a, error = %e, "message cannot be encoded; not sent");
         }
@@ -1743,9 +1740,7 @@ impl RelayCore {
     }
 
     fn out_forget(&mut self, peer: PeerId) {
-        if let Some(a) = self.peers.addr(peer) {
-            self.link.forget_peer(a);
-        }
+        self.link.forget_peer(peer);
     }
 
     /// Forgets the address of a peer we keep no state about any more (not for overlay hosts
@@ -1884,7 +1879,7 @@ mod tests {
             let t = self.t;
             let peer = self.peers.get_mut(&from).expect("a known peer");
             if reliable {
-                peer.send_reliable(t, hop(4).addr, msg).unwrap();
+                peer.send_reliable(t, hop(4).id, hop(4).addr, msg).unwrap();
             } else {
                 peer.send_unreliable(hop(4).addr, msg).unwrap();
             }
@@ -2011,7 +2006,12 @@ mod tests {
         // An impostor at neighbour 2's address.
         let mut impostor = Link::new(common::NodeId(666), 1, ReliableConfig::default());
         impostor
-            .send_reliable(b.t, hop(4).addr, Message::Subscribe { channel: chan().id })
+            .send_reliable(
+                b.t,
+                hop(4).id,
+                hop(4).addr,
+                Message::Subscribe { channel: chan().id },
+            )
             .unwrap();
         while let Some((_, bytes)) = impostor.poll_transmit() {
             b.core.handle_datagram(b.t, hop(2).addr, &bytes);

@@ -406,6 +406,14 @@ impl Net {
         self.dead.insert(at);
     }
 
+    /// The host at `at` is reached at `to` from now on (a viewer behind a NAT that rebinds its
+    /// port): what it sends comes from `to`, datagrams still addressed to `at` vanish.
+    pub fn rebind(&mut self, at: SocketAddr, to: SocketAddr) {
+        if let Some(h) = self.hosts.remove(&at) {
+            self.hosts.insert(to, h);
+        }
+    }
+
     /// The link between `a` and `b` carries nothing while down (both directions).
     pub fn set_link(&mut self, a: SocketAddr, b: SocketAddr, up: bool) {
         if up {

@@ -215,6 +215,46 @@ fn a_viewer_moves_to_its_other_pop_when_its_pop_dies() {
     assert!(v.delivered_from(v.latest().unwrap().saturating_sub(200)) >= 190);
 }
 
+/// A viewer behind a NAT that rebinds its port mid-stream: its PoP knows it by id, so the
+/// subscription, its reliable state and its NACK budget follow it to the new address at its
+/// next datagram; nothing is resubscribed and the old address is not served any more.
+#[test]
+fn a_viewer_whose_address_changes_keeps_its_subscription() {
+    let mut net = square(4, 1);
+    start(&mut net);
+    let pop = addr("127.0.60.4");
+    let ch = common::wire::ChannelId::of_name(CH);
+    let before = net.relay(pop).unwrap().stats();
+    assert_eq!(before.subscribers[&ch], vec![viewer()]);
+    let moved: SocketAddr = "127.0.60.200:9001".parse().unwrap();
+    let t = net.now();
+    net.rebind(viewer(), moved);
+    net.reset_counts();
+    net.run_for(Duration::from_secs(3));
+    let to = |a| net.link_counts().get(&(pop, a)).map_or(0, |c| c.video);
+    println!(
+        "after the rebind: {} video datagrams to the old address (lost), {} to the new",
+        to(viewer()),
+        to(moved)
+    );
+    assert!(to(moved) >= 280, "the PoP sends to the new address");
+    let v = net.viewing(moved, CH);
+    let gap = v.gap_after(t, net.now());
+    report("viewer rebound to a new port", &v, gap);
+    let after = net.relay(pop).unwrap().stats();
+    assert_eq!(
+        after.subscribers[&ch],
+        vec![moved],
+        "the subscription followed the viewer (and the old address is not served)"
+    );
+    assert_eq!(after.subscribes_refused, before.subscribes_refused);
+    assert_eq!(after.peer_mismatch, 0);
+    assert_eq!(net.relay(pop).unwrap().link_stats().reliable.timed_out, 0);
+    assert!(gap <= Duration::from_millis(500), "gap {gap:?}");
+    assert_eq!(v.duplicates, 0);
+    assert!(v.delivered_from(v.latest().unwrap().saturating_sub(200)) >= 190);
+}
+
 fn lossy(spec: &str, seed: u64) -> Viewing {
     let mut net = square(seed, 1);
     net.impair_all(spec);

@@ -332,12 +332,13 @@ impl Client {
                                 page,
                                 pages,
                             },
+                        sender,
                         ..
                     } => {
                         assert!(page < pages);
                         if channels.iter().any(|c| c.id == ch && c.name == name) {
                             self.transport
-                                .send_reliable(self.pop, Message::Subscribe { channel: ch })
+                                .send_reliable(sender, self.pop, Message::Subscribe { channel: ch })
                                 .await
                                 .unwrap();
                             return t0.elapsed();
