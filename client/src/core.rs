@@ -252,13 +252,25 @@ pub enum Problem {
         /// What the up PoPs do offer.
         offered: Vec<String>,
     },
+    /// A PoP refused us (wrong viewer key), or proved another key than the one pinned; shown
+    /// while no PoP answers.
+    Refused {
+        /// The PoP.
+        pop: SocketAddr,
+        /// Why, in words.
+        why: String,
+        /// Since when.
+        since: Instant,
+    },
 }
 
 impl Problem {
     /// Since when it holds.
     pub fn since(&self) -> Instant {
         match self {
-            Problem::NoPop { since } | Problem::NotOffered { since, .. } => *since,
+            Problem::NoPop { since }
+            | Problem::NotOffered { since, .. }
+            | Problem::Refused { since, .. } => *since,
         }
     }
 }
@@ -347,6 +359,8 @@ pub struct ClientCore {
     /// Since when no PoP has been up (from the start until the first pong, and after every
     /// PoP went down); `None` while one is up. Refreshed on every timer.
     no_pop_since: Option<Instant>,
+    /// PoPs that refused us, why and since when (cleared when one answers).
+    refused: BTreeMap<SocketAddr, (String, Instant)>,
 }
 
 impl ClientCore {
@@ -395,6 +409,7 @@ impl ClientCore {
             output: VecDeque::new(),
             now,
             no_pop_since: Some(now),
+            refused: BTreeMap::new(),
         }
     }
 
@@ -414,9 +429,20 @@ impl ClientCore {
         self.output.pop_front()
     }
 
+    /// The configured PoPs.
+    pub fn pop_addrs(&self) -> Vec<SocketAddr> {
+        self.pops.iter().map(|p| p.addr).collect()
+    }
+
     /// Whether `addr` is one of the configured PoPs.
     pub fn is_pop(&self, addr: SocketAddr) -> bool {
         self.pops.iter().any(|p| p.addr == addr)
+    }
+
+    /// The PoP at `pop` refused us (`why`, in words); reported while no PoP answers, until it
+    /// answers.
+    pub fn refused(&mut self, now: Instant, pop: SocketAddr, why: String) {
+        self.refused.entry(pop).or_insert((why, now));
     }
 
     /// When [`handle_timeout`](Self::handle_timeout) must be called next.
@@ -578,6 +604,7 @@ impl ClientCore {
             return;
         }
         self.pings.remove(&nonce);
+        self.refused.remove(&from);
         let sample = now.saturating_duration_since(sent);
         let p = &mut self.pops[i];
         RttEstimator::sample(&mut p.rtt, sample);
@@ -837,7 +864,16 @@ impl ClientCore {
     pub fn problems(&self) -> Vec<Problem> {
         let mut out = Vec::new();
         if let Some(since) = self.no_pop_since {
-            out.push(Problem::NoPop { since });
+            if self.refused.is_empty() {
+                out.push(Problem::NoPop { since });
+            }
+            for (pop, (why, at)) in &self.refused {
+                out.push(Problem::Refused {
+                    pop: *pop,
+                    why: why.clone(),
+                    since: since.min(*at),
+                });
+            }
         }
         let any_list = self
             .pops

@@ -637,6 +637,7 @@ impl Engine {
                      offered: {offered})"
                 )
             }
+            Problem::Refused { pop, why, .. } => format!("PoP {pop}: {why}"),
         }
     }
 }

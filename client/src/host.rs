@@ -19,13 +19,14 @@ use bytes::Bytes;
 use common::link::{Incoming, Link, LinkStats};
 use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
+use common::secure::SecureEvent;
 use common::wire::ChannelId;
 use common::{NodeId, PeerId};
 use std::collections::HashMap;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// A video datagram that reached a stream (for the driver's arrival statistics).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -80,6 +81,19 @@ impl ClientHost {
         }
     }
 
+    /// This host with a session layer: every datagram to a PoP is sealed, after a handshake
+    /// with the PoP (its key pinned in `secure` with `add_pop`, or learned); what does not
+    /// authenticate is dropped.
+    pub fn with_secure(mut self, mut secure: common::secure::Secure) -> ClientHost {
+        for pop in self.core.pop_addrs() {
+            if secure.pop_key(pop).is_none() {
+                secure.add_pop(pop, None);
+            }
+        }
+        self.link.set_secure(secure);
+        self
+    }
+
     /// The protocol state (views, problems, play/stop).
     pub fn core(&self) -> &ClientCore {
         &self.core
@@ -109,8 +123,19 @@ impl ClientHost {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Option<Arrival> {
+        let Some(plain) = self.link.open(now, from, bytes) else {
+            self.drain_incoming(now);
+            self.drain_actions(now);
+            return None;
+        };
+        let bytes: &[u8] = &plain;
         if let Ok(h) = common::wire::decode_header(bytes) {
-            match self.peers.check(from, h.sender) {
+            let check = if self.link.is_secure() {
+                self.peers.check_authenticated(from, h.sender)
+            } else {
+                self.peers.check(from, h.sender)
+            };
+            match check {
                 Check::Known => {}
                 Check::New => {
                     self.peers.learn(h.sender, from);
@@ -144,7 +169,14 @@ impl ClientHost {
                 }
             }
         }
-        self.link.handle_datagram(now, from, bytes);
+        self.link.handle_plain(now, from, bytes);
+        let arrival = self.drain_incoming(now);
+        self.drain_actions(now);
+        arrival
+    }
+
+    /// Hands what the link decoded to the core; returns the video arrival, if any.
+    fn drain_incoming(&mut self, now: Instant) -> Option<Arrival> {
         let mut arrival = None;
         while let Some(item) = self.link.poll_incoming() {
             match item {
@@ -170,10 +202,42 @@ impl ClientHost {
                     }
                 }
                 Incoming::TimedOut { peer, .. } => self.timed_out(now, peer),
+                Incoming::Secure(ev) => self.secure_event(now, ev),
             }
         }
-        self.drain_actions(now);
         arrival
+    }
+
+    /// What the session layer says about a PoP.
+    fn secure_event(&mut self, now: Instant, ev: SecureEvent) {
+        match ev {
+            SecureEvent::AccessDenied { pop } => {
+                warn!(%pop, "access denied by the PoP: it requires a viewer key (--viewer-key) \
+                    and ours is missing or wrong");
+                self.core.refused(
+                    now,
+                    pop,
+                    "access denied: the PoP requires a viewer key (--viewer-key) and ours is \
+                     missing or wrong"
+                        .to_owned(),
+                );
+            }
+            SecureEvent::PopKeyMismatch { pop, pinned, got } => {
+                warn!(%pop, %pinned, %got, "the PoP's key is not the one pinned; refused");
+                self.core.refused(
+                    now,
+                    pop,
+                    format!(
+                        "the PoP proved key {got}, but {pinned} is pinned for it (--servers \
+                         ip#key); refused. If its key really changed, update the pin"
+                    ),
+                );
+            }
+            SecureEvent::PopKey { pop, key } => {
+                info!(%pop, %key, "PoP key learned (pin it with --servers {}#{key})", pop.ip());
+            }
+            SecureEvent::Up { .. } => {}
+        }
     }
 
     /// The core's name of the PoP `sender` (its configured address), or `from` for a sender
@@ -194,8 +258,10 @@ impl ClientHost {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.link.handle_timeout(now);
         while let Some(item) = self.link.poll_incoming() {
-            if let Incoming::TimedOut { peer, .. } = item {
-                self.timed_out(now, peer);
+            match item {
+                Incoming::TimedOut { peer, .. } => self.timed_out(now, peer),
+                Incoming::Secure(ev) => self.secure_event(now, ev),
+                _ => {}
             }
         }
         if now >= self.core.poll_timeout() {
@@ -240,8 +306,12 @@ impl ClientHost {
         while let Some(a) = self.core.poll_action() {
             match a {
                 Action::SendUnreliable { to, msg } => {
-                    let at = self.ids.get(&to).and_then(|&id| self.peers.addr(id));
-                    if let Err(e) = self.link.send_unreliable(at.unwrap_or(to), msg) {
+                    // Before its first datagram the PoP's id is unknown: the session layer
+                    // finds it by its configured address.
+                    let id = self.ids.get(&to).copied();
+                    let at = id.and_then(|id| self.peers.addr(id)).unwrap_or(to);
+                    let id = id.unwrap_or(NodeId(0));
+                    if let Err(e) = self.link.send_unreliable(now, id, at, msg) {
                         debug!(%to, error = %e, "cannot encode");
                     }
                 }
@@ -255,7 +325,7 @@ impl ClientHost {
                         }
                         None => {
                             debug!(pop = %to, "PoP not heard from yet; sent unreliably");
-                            self.link.send_unreliable(to, msg)
+                            self.link.send_unreliable(now, NodeId(0), to, msg)
                         }
                     };
                     if let Err(e) = sent {

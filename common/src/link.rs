@@ -8,11 +8,20 @@
 //! driver (the tokio [`Transport`](crate::transport::Transport), the relay's driver, or a
 //! simulation) moves datagrams between it and the network. Datagrams of another protocol
 //! version are dropped with one warning per peer; malformed ones are dropped and counted.
+//!
+//! With a session layer ([`Link::with_secure`], the default of every daemon) each datagram is
+//! sealed for its peer on the way out and must authenticate on the way in
+//! ([`Link::open`]: handshakes are answered there, anything else that does not authenticate
+//! is dropped and counted by reason); the sender id of what comes out is then the
+//! authenticated peer. Without one (tests, the benchmark's plaintext runs) datagrams are the
+//! version-1 format as they are.
 
 use crate::id::{NodeId, PeerId};
 use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
+use crate::secure::{Secure, SecureEvent, SecureStats};
 use crate::wire::{Body, Datagram, Message, OncePerPeer, WireError, PROTOCOL_VERSION};
 use bytes::Bytes;
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -42,6 +51,8 @@ pub enum Incoming {
         /// The packet.
         packet: crate::wire::VideoPacket,
     },
+    /// Something the session layer reports (a session up, a PoP's key, access denied).
+    Secure(SecureEvent),
     /// A reliable message to `peer` was never acknowledged (see [`Event::TimedOut`]).
     TimedOut {
         /// The peer.
@@ -60,6 +71,8 @@ pub struct LinkStats {
     pub datagrams_in: u64,
     /// Datagrams handed out by [`Link::poll_transmit`].
     pub datagrams_out: u64,
+    /// The session layer's counters (zero without one).
+    pub secure: SecureStats,
 }
 
 /// The decoding and reliable-delivery state of one host (all peers). See the module docs.
@@ -69,6 +82,10 @@ pub struct Link {
     other_version: OncePerPeer,
     incoming: VecDeque<Incoming>,
     transmit: VecDeque<(SocketAddr, Bytes)>,
+    secure: Option<Secure>,
+    /// The latest time we were given (sealing needs one; the reliable channel's output is
+    /// collected at the next call that brings a time).
+    now: Option<Instant>,
     stats: LinkStats,
 }
 
@@ -81,8 +98,57 @@ impl Link {
             other_version: OncePerPeer::default(),
             incoming: VecDeque::new(),
             transmit: VecDeque::new(),
+            secure: None,
+            now: None,
             stats: LinkStats::default(),
         }
+    }
+
+    /// This link with a session layer: every datagram is sealed for its peer and must
+    /// authenticate (see the module docs).
+    pub fn with_secure(mut self, secure: Secure) -> Link {
+        self.secure = Some(secure);
+        self
+    }
+
+    /// Puts a session layer under this link (before any traffic).
+    pub fn set_secure(&mut self, secure: Secure) {
+        self.secure = Some(secure);
+    }
+
+    /// The session layer, if any.
+    pub fn secure(&self) -> Option<&Secure> {
+        self.secure.as_ref()
+    }
+
+    /// The session layer, if any (to add members or PoPs).
+    pub fn secure_mut(&mut self) -> Option<&mut Secure> {
+        self.secure.as_mut()
+    }
+
+    /// Whether datagrams are sealed and authenticated.
+    pub fn is_secure(&self) -> bool {
+        self.secure.is_some()
+    }
+
+    /// Opens a received datagram: with a session layer, authenticates and decrypts it (a
+    /// handshake is answered through [`poll_transmit`](Self::poll_transmit), what does not
+    /// authenticate is dropped and counted) and returns the version-1 datagram inside, whose
+    /// sender is the authenticated peer; without one, returns the bytes as they are. Feed what
+    /// it returns to [`handle_plain`](Self::handle_plain) (after checking the sender).
+    pub fn open<'a>(
+        &mut self,
+        now: Instant,
+        from: SocketAddr,
+        bytes: &'a [u8],
+    ) -> Option<Cow<'a, [u8]>> {
+        let Some(sec) = self.secure.as_mut() else {
+            return Some(Cow::Borrowed(bytes));
+        };
+        self.stats.datagrams_in += 1;
+        let opened = sec.handle_datagram(now, from, bytes);
+        self.collect_at(now);
+        opened.map(|o| Cow::Owned(Vec::from(o.plaintext)))
     }
 
     /// Our node id (the sender of every datagram).
@@ -95,11 +161,21 @@ impl Link {
         self.endpoint.session()
     }
 
-    /// Feeds one received datagram. What the application must handle is queued for
+    /// Feeds one received datagram: [`open`](Self::open), then
+    /// [`handle_plain`](Self::handle_plain).
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if let Some(plain) = self.open(now, from, bytes) {
+            self.handle_plain(now, from, &plain);
+        }
+    }
+
+    /// Feeds one opened (version-1) datagram. What the application must handle is queued for
     /// [`poll_incoming`](Self::poll_incoming); acks it calls for, for
     /// [`poll_transmit`](Self::poll_transmit).
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
-        self.stats.datagrams_in += 1;
+    pub fn handle_plain(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+        if self.secure.is_none() {
+            self.stats.datagrams_in += 1;
+        }
         match self.endpoint.handle_datagram(now, from, bytes) {
             Ok(None) => {}
             Ok(Some(d)) => {
@@ -131,18 +207,26 @@ impl Link {
                 debug!(peer = %from, len = bytes.len(), error = %e, "malformed datagram dropped")
             }
         }
-        self.collect();
+        self.collect_at(now);
     }
 
-    /// Fires the reliable channel's due retransmissions and timeouts.
+    /// Fires the reliable channel's due retransmissions and timeouts, and the session
+    /// layer's handshake retries and expiries.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.endpoint.handle_timeout(now);
-        self.collect();
+        if let Some(s) = self.secure.as_mut() {
+            s.handle_timeout(now);
+        }
+        self.collect_at(now);
     }
 
-    /// The reliable channel's next deadline (`None`: nothing in flight).
+    /// The next deadline of the reliable channel or the session layer (`None`: nothing).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        self.endpoint.poll_timeout()
+        let r = self.endpoint.poll_timeout();
+        match (r, self.secure.as_ref().and_then(Secure::poll_timeout)) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Sends `msg` reliably to `peer` at `addr`; returns its message id (named again by
@@ -156,21 +240,34 @@ impl Link {
         msg: Message,
     ) -> Result<u64, WireError> {
         let id = self.endpoint.send(now, peer, addr, msg)?;
-        self.collect();
+        self.collect_at(now);
         Ok(id)
     }
 
-    /// Sends `msg` once, without acknowledgement.
-    pub fn send_unreliable(&mut self, peer: SocketAddr, msg: Message) -> Result<(), WireError> {
+    /// Sends `msg` once to `peer` at `addr`, without acknowledgement.
+    pub fn send_unreliable(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        addr: SocketAddr,
+        msg: Message,
+    ) -> Result<(), WireError> {
         let bytes = Datagram::new(self.local(), Body::Unreliable(msg)).encode()?;
-        self.send_bytes(peer, bytes);
+        self.send_bytes(now, peer, addr, bytes);
         Ok(())
     }
 
-    /// Sends an already encoded datagram (video is encoded once for every subscriber).
-    pub fn send_bytes(&mut self, peer: SocketAddr, bytes: Bytes) {
-        self.collect();
-        self.transmit.push_back((peer, bytes));
+    /// Sends an already encoded datagram to `peer` at `addr` (video is encoded once for every
+    /// subscriber; with a session layer it is then sealed per peer).
+    pub fn send_bytes(&mut self, now: Instant, peer: PeerId, addr: SocketAddr, bytes: Bytes) {
+        self.collect_at(now);
+        match self.secure.as_mut() {
+            Some(s) => {
+                s.send(now, peer, addr, bytes);
+                self.collect_secure();
+            }
+            None => self.transmit.push_back((addr, bytes)),
+        }
     }
 
     /// The RTT estimate of `peer` (`None` before the first sample).
@@ -203,6 +300,7 @@ impl Link {
     }
 
     /// The datagram [`poll_transmit`](Self::poll_transmit) would return next, left queued.
+    /// (Reliable-channel output waiting to be sealed is sealed first.)
     pub fn peek_transmit(&mut self) -> Option<(SocketAddr, &Bytes)> {
         self.collect();
         self.transmit.front().map(|(a, b)| (*a, b))
@@ -212,15 +310,47 @@ impl Link {
     pub fn stats(&self) -> LinkStats {
         let mut s = self.stats;
         s.reliable = self.endpoint.stats();
+        if let Some(sec) = &self.secure {
+            s.secure = sec.stats();
+        }
         s
     }
 
-    /// Moves the endpoint's transmits (data, retransmissions, acks) and events into our
-    /// queues, keeping the order in which they were decided.
-    fn collect(&mut self) {
-        while let Some(t) = self.endpoint.poll_transmit() {
+    /// [`collect`](Self::collect), sealing at `now`.
+    fn collect_at(&mut self, now: Instant) {
+        self.now = Some(now);
+        self.collect();
+    }
+
+    /// Moves the session layer's datagrams (sealed data, handshakes) and events into our
+    /// queues.
+    fn collect_secure(&mut self) {
+        let Some(s) = self.secure.as_mut() else {
+            return;
+        };
+        while let Some(t) = s.poll_transmit() {
             self.transmit.push_back(t);
         }
+        while let Some(ev) = s.poll_event() {
+            self.incoming.push_back(Incoming::Secure(ev));
+        }
+    }
+
+    /// Moves the endpoint's transmits (data, retransmissions, acks; sealed when there is a
+    /// session layer) and events into our queues, keeping the order in which they were
+    /// decided.
+    fn collect(&mut self) {
+        while let Some((peer, addr, bytes)) = self.endpoint.poll_transmit_to() {
+            match self.secure.as_mut() {
+                // Every call that produces output brings a time first; never in clear.
+                Some(s) => match self.now {
+                    Some(now) => s.send(now, peer, addr, bytes),
+                    None => debug_assert!(false, "sealing needs a time"),
+                },
+                None => self.transmit.push_back((addr, bytes)),
+            }
+        }
+        self.collect_secure();
         while let Some(ev) = self.endpoint.poll_event() {
             let item = match ev {
                 Event::Message {
@@ -276,7 +406,7 @@ mod tests {
         let id = a
             .send_reliable(t0, NodeId(2), addr(2), Message::ListChannels)
             .unwrap();
-        a.send_unreliable(addr(2), Message::Ping { nonce: 5 })
+        a.send_unreliable(t0, NodeId(2), addr(2), Message::Ping { nonce: 5 })
             .unwrap();
         // Delivered 10 ms later, answered at once.
         let t1 = t0 + Duration::from_millis(10);

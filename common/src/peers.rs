@@ -135,6 +135,34 @@ impl PeerTable {
         }
     }
 
+    /// [`check`](Self::check) for a sender whose id the session layer has authenticated (its
+    /// key): the address is only where it is now, so a known id, pinned or not, that comes
+    /// from a new address has moved (the table follows it and keeps its pin), and a new id at
+    /// the address of an unpinned one replaced it (a restarted viewer). Never a mismatch.
+    pub fn check_authenticated(&mut self, from: SocketAddr, sender: PeerId) -> Check {
+        let at_addr = self.by_addr.get(&from).copied();
+        let of_id = self.by_id.get(&sender).copied();
+        match (at_addr, of_id) {
+            (Some(id), _) if id == sender => Check::Known,
+            (_, Some(e)) => {
+                self.stats.moved += 1;
+                self.insert(sender, from, e.pinned);
+                Check::Moved(e.addr)
+            }
+            (Some(id), None) => {
+                if self.by_id.get(&id).is_some_and(|e| e.pinned) {
+                    // Another member's address: it keeps it until it is heard from elsewhere.
+                    return Check::New;
+                }
+                self.by_id.remove(&id);
+                self.stats.replaced += 1;
+                self.insert(sender, from, false);
+                Check::Replaced(id)
+            }
+            (None, None) => Check::New,
+        }
+    }
+
     /// Where `id` is (`None`: unknown).
     pub fn addr(&self, id: PeerId) -> Option<SocketAddr> {
         self.by_id.get(&id).map(|e| e.addr)
@@ -255,5 +283,28 @@ mod tests {
         t.forget(NodeId(3));
         assert_eq!(t.addr(NodeId(3)), None);
         assert_eq!(t.id(a(3)), None);
+    }
+
+    #[test]
+    fn authenticated_peers_move_with_their_pin_and_replace_unpinned_ones() {
+        let a = |n: u8| SocketAddr::from(([127, 0, 0, n], 8010));
+        let mut t = PeerTable::new();
+        t.pin(NodeId(1), a(1));
+        // A member (authenticated) from a new address: followed, still pinned.
+        assert_eq!(t.check_authenticated(a(9), NodeId(1)), Check::Moved(a(1)));
+        assert_eq!(t.addr(NodeId(1)), Some(a(9)));
+        t.learn(NodeId(1), a(10));
+        assert_eq!(t.addr(NodeId(1)), Some(a(9)), "still pinned");
+        // A viewer, then another id at its address (it restarted).
+        assert_eq!(t.check_authenticated(a(20), NodeId(7)), Check::New);
+        t.learn(NodeId(7), a(20));
+        assert_eq!(
+            t.check_authenticated(a(20), NodeId(8)),
+            Check::Replaced(NodeId(7))
+        );
+        assert_eq!(t.id(a(20)), Some(NodeId(8)));
+        // Never a mismatch, even at a pinned address.
+        assert_eq!(t.check_authenticated(a(9), NodeId(5)), Check::New);
+        assert_eq!(t.id(a(9)), Some(NodeId(1)));
     }
 }

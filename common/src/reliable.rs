@@ -609,6 +609,12 @@ impl ReliableEndpoint {
     /// after every `send`, `handle_datagram` and `handle_timeout`. Each goes to the peer's
     /// current address.
     pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
+        self.poll_transmit_to().map(|(_, a, b)| (a, b))
+    }
+
+    /// [`poll_transmit`](Self::poll_transmit) with the peer each datagram is for (the session
+    /// layer seals it for that peer).
+    pub fn poll_transmit_to(&mut self) -> Option<(PeerId, SocketAddr, Bytes)> {
         while let Some(&peer) = self.ack_order.front() {
             let Some(p) = self.peers.get_mut(&peer) else {
                 self.ack_order.pop_front();
@@ -636,7 +642,7 @@ impl ReliableEndpoint {
             match ack.encode() {
                 Ok(bytes) => {
                     self.stats.acks_sent += 1;
-                    return Some((addr, bytes));
+                    return Some((peer, addr, bytes));
                 }
                 // Cannot happen (ACK_IDS varints fit a datagram); never panic anyway.
                 Err(e) => debug!(%peer, error = %e, "ack not encodable, dropped"),
@@ -644,7 +650,7 @@ impl ReliableEndpoint {
         }
         while let Some((peer, bytes)) = self.transmit.pop_front() {
             if let Some(addr) = self.peers.get(&peer).and_then(|p| p.addr) {
-                return Some((addr, bytes));
+                return Some((peer, addr, bytes));
             }
         }
         None

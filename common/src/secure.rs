@@ -195,10 +195,10 @@ impl fmt::Display for Reason {
 }
 
 /// Counters of a [`Secure`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct SecureStats {
-    /// Dropped datagrams by reason.
-    pub rejected: HashMap<Reason, u64>,
+    /// Dropped datagrams by reason (indexed by `Reason as usize`, see [`Reason::ALL`]).
+    pub rejected: [u64; Reason::ALL.len()],
     /// Datagrams opened (authenticated), keepalives included.
     pub opened: u64,
     /// Datagrams sealed.
@@ -218,12 +218,21 @@ pub struct SecureStats {
 impl SecureStats {
     /// Datagrams dropped for `r`.
     pub fn rejected(&self, r: Reason) -> u64 {
-        self.rejected.get(&r).copied().unwrap_or(0)
+        self.rejected[r as usize]
     }
 
     /// All datagrams dropped.
     pub fn rejected_total(&self) -> u64 {
-        self.rejected.values().sum()
+        self.rejected.iter().sum()
+    }
+
+    /// The non-zero counts, by reason.
+    pub fn rejected_by_reason(&self) -> Vec<(Reason, u64)> {
+        Reason::ALL
+            .iter()
+            .map(|&r| (r, self.rejected(r)))
+            .filter(|(_, n)| *n > 0)
+            .collect()
     }
 }
 
@@ -527,6 +536,26 @@ impl Secure {
         self.member_ids.insert(key, id);
     }
 
+    /// Replaces the member directory with `members` (their sessions stay unless their key
+    /// changed or they left).
+    pub fn set_members(&mut self, members: &[(PeerId, PublicKey)]) {
+        let keep: HashSet<PeerId> = members.iter().map(|(id, _)| *id).collect();
+        let gone: Vec<PeerId> = self
+            .member_keys
+            .keys()
+            .filter(|id| !keep.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            self.remove_member(id);
+        }
+        for &(id, key) in members {
+            if Some(key) != self.public_key() {
+                self.set_member(id, key);
+            }
+        }
+    }
+
     /// No longer a member: its sessions end.
     pub fn remove_member(&mut self, id: PeerId) {
         if let Some(k) = self.member_keys.remove(&id) {
@@ -773,7 +802,7 @@ impl Secure {
     }
 
     fn reject(&mut self, from: SocketAddr, r: Reason) {
-        *self.stats.rejected.entry(r).or_default() += 1;
+        self.stats.rejected[r as usize] += 1;
         if self.logged.len() >= 4096 {
             self.logged.clear();
         }
@@ -1315,8 +1344,8 @@ impl Secure {
     }
 
     /// The counters.
-    pub fn stats(&self) -> &SecureStats {
-        &self.stats
+    pub fn stats(&self) -> SecureStats {
+        self.stats
     }
 
     /// Whether a session with member `id` is up.

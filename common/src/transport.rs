@@ -339,7 +339,8 @@ impl Driver {
             } => {
                 let _ = reply.send(self.link.send_reliable(t, peer, addr, msg));
             }
-            Command::SendBytes { peer, bytes } => self.link.send_bytes(peer, bytes),
+            // A plaintext link: the peer id would only pick a session.
+            Command::SendBytes { peer, bytes } => self.link.send_bytes(t, NodeId(0), peer, bytes),
             Command::Rtt { peer, reply } => {
                 let _ = reply.send(self.link.rtt(peer));
             }

@@ -154,7 +154,7 @@ fn replays_bit_flips_garbage_and_forgeries_are_dropped_and_counted_without_answe
     assert!(b.sec.poll_transmit().is_none(), "nothing is answered");
     assert_eq!(b.got.len(), 1, "nothing more was accepted");
     let s = b.sec.stats();
-    println!("rejected: {:?}", s.rejected);
+    println!("rejected: {:?}", s.rejected_by_reason());
     assert_eq!(
         s.reply_bytes,
         wire[1].2.len() as u64,

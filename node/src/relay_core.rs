@@ -20,6 +20,7 @@ use crate::subscriptions::{SubAction, Subscriptions, Upstream};
 use bytes::Bytes;
 use common::failure::FailureConfig;
 use common::feed::{Feed, Role};
+use common::keys::PublicKey;
 use common::link::Incoming;
 use common::link::Link;
 use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
@@ -231,6 +232,9 @@ pub enum Command {
     },
     /// The bootstrapper pushed a new neighbour list ([`RelayCore::set_neighbours`]).
     SetNeighbours(Vec<PathHop>),
+    /// The overlay's members and their static keys (from the bootstrapper): who may open a
+    /// session with us, and whom we can open one with. Replaces the previous list.
+    SetMembers(Vec<(PeerId, PublicKey)>),
 }
 
 /// A catastrophic fallback in force for a channel.
@@ -427,10 +431,22 @@ impl RelayCore {
     /// Feeds one datagram received from `from` at `now`.
     pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
         self.t = now;
+        // With a session layer, only what authenticates comes out (its sender is the
+        // authenticated peer); handshakes are answered inside.
+        let Some(plain) = self.link.open(now, from, bytes) else {
+            self.drain_link();
+            return;
+        };
         // The sender id is checked against its address before anything is decoded further
-        // (a datagram whose header does not decode is counted by the link).
-        if let Ok(h) = common::wire::decode_header(bytes) {
-            match self.peers.check(from, h.sender) {
+        // (a datagram whose header does not decode is counted by the link). An authenticated
+        // peer may come from anywhere (its address is only where it is now).
+        if let Ok(h) = common::wire::decode_header(&plain) {
+            let check = if self.link.is_secure() {
+                self.peers.check_authenticated(from, h.sender)
+            } else {
+                self.peers.check(from, h.sender)
+            };
+            match check {
                 Check::Known | Check::New => {}
                 Check::Moved(old) => {
                     // Its state (reliable channel included) is keyed by its id: it follows.
@@ -454,7 +470,7 @@ impl RelayCore {
                 }
             }
         }
-        self.link.handle_datagram(now, from, bytes);
+        self.link.handle_plain(now, from, &plain);
         self.drain_link();
     }
 
@@ -518,7 +534,20 @@ impl RelayCore {
                 keyframe,
             } => self.local_video(now, channel, payload, keyframe),
             Command::SetNeighbours(n) => self.set_neighbours(now, n),
+            Command::SetMembers(m) => {
+                if let Some(s) = self.link.secure_mut() {
+                    s.set_members(&m);
+                }
+            }
         }
+        self.drain_link();
+    }
+
+    /// This relay with a session layer (see `common::secure`): from now on every datagram is
+    /// sealed and must authenticate; members come with [`Command::SetMembers`].
+    pub fn with_secure(mut self, secure: common::secure::Secure) -> RelayCore {
+        self.link.set_secure(secure);
+        self
     }
 
     /// The bootstrapper pushed a new neighbour list (the topology was edited): a new
@@ -907,6 +936,7 @@ impl RelayCore {
                 self.heard(t, sender);
                 self.video(t, from, sender, packet);
             }
+            Incoming::Secure(ev) => debug!(?ev, "session layer"),
             Incoming::TimedOut { peer, .. } => {
                 if self.routing.is_neighbour(peer) || self.feeding_hosts().contains(&peer) {
                     if self.routing.is_alive(peer) {
@@ -994,9 +1024,9 @@ impl RelayCore {
                 self.apply(actions);
                 self.forget_if_unused(from);
             }
-            Message::ListChannels => self.list_channels(addr),
+            Message::ListChannels => self.list_channels(from, addr),
             Message::Ping { nonce } => {
-                self.reply(addr, Message::Pong { nonce });
+                self.reply(from, addr, Message::Pong { nonce });
             }
             Message::Pong { .. } => {}
             Message::Goodbye => {
@@ -1031,7 +1061,7 @@ impl RelayCore {
             match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(fwd))).encode() {
                 Ok(bytes) => {
                     for to in verdict.to {
-                        self.link.send_bytes(to, bytes.clone());
+                        self.out_bytes(to, bytes.clone());
                     }
                 }
                 Err(e) => {
@@ -1071,7 +1101,7 @@ impl RelayCore {
         self.subs.is_watched(channel) && self.subs.upstream(channel).is_none()
     }
 
-    fn list_channels(&mut self, to: SocketAddr) {
+    fn list_channels(&mut self, peer: PeerId, to: SocketAddr) {
         let mut all: BTreeMap<ChannelId, String> = BTreeMap::new();
         for c in &self.local {
             all.insert(c.id, c.name.clone());
@@ -1101,7 +1131,7 @@ impl RelayCore {
                 pages: n,
                 channels: page.to_vec(),
             };
-            self.reply(to, msg);
+            self.reply(peer, to, msg);
         }
     }
 
@@ -1133,7 +1163,7 @@ impl RelayCore {
                         self.unwanted.clear();
                     }
                     self.unwanted.insert((ch, from), t);
-                    self.reply(addr, Message::Unsubscribe { channel: ch });
+                    self.reply(from, addr, Message::Unsubscribe { channel: ch });
                 }
             }
             return;
@@ -1634,10 +1664,9 @@ impl RelayCore {
         match Datagram::new(self.me.id, Body::Unreliable(Message::Flood(flood))).encode() {
             Ok(bytes) => {
                 self.stats.floods_originated += 1;
-                let to: Vec<SocketAddr> =
-                    self.routing.neighbours().iter().map(|n| n.addr).collect();
+                let to: Vec<PeerId> = self.routing.neighbours().iter().map(|n| n.id).collect();
                 for n in to {
-                    self.link.send_bytes(n, bytes.clone());
+                    self.out_bytes(n, bytes.clone());
                 }
             }
             Err(e) => {
@@ -1711,7 +1740,7 @@ impl RelayCore {
 
     fn out_bytes(&mut self, to: PeerId, bytes: Bytes) {
         if let Some(a) = self.addr_of(to) {
-            self.link.send_bytes(a, bytes);
+            self.link.send_bytes(self.t, to, a, bytes);
         }
     }
 
@@ -1727,13 +1756,13 @@ impl RelayCore {
 
     fn out_unreliable(&mut self, to: PeerId, msg: Message) {
         if let Some(a) = self.addr_of(to) {
-            self.reply(a, msg);
+            self.reply(to, a, msg);
         }
     }
 
     /// Sends `msg` once to an address (answers that keep no state: pongs, channel lists).
-    fn reply(&mut self, to: SocketAddr, msg: Message) {
-        if let Err(e) = self.link.send_unreliable(to, msg) {
+    fn reply(&mut self, peer: PeerId, to: SocketAddr, msg: Message) {
+        if let Err(e) = self.link.send_unreliable(self.t, peer, to, msg) {
             self.stats.malformed += 1;
             debug!(peer = %to, error = %e, "message cannot be encoded; not sent");
         }
@@ -1881,7 +1910,8 @@ mod tests {
             if reliable {
                 peer.send_reliable(t, hop(4).id, hop(4).addr, msg).unwrap();
             } else {
-                peer.send_unreliable(hop(4).addr, msg).unwrap();
+                peer.send_unreliable(t, hop(4).id, hop(4).addr, msg)
+                    .unwrap();
             }
             let out: Vec<Bytes> =
                 std::iter::from_fn(|| peer.poll_transmit().map(|(_, b)| b)).collect();

@@ -21,7 +21,6 @@ use common::failure::{FailureConfig, FailureDetector};
 use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
 use common::{NodeId, PeerId};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 /// The cost of a link whose RTT has not been measured yet (`DEFAULT_LINK_COST` in the protocol).
@@ -101,7 +100,7 @@ pub struct FloodVerdict {
     /// (duplicate, loop, malformed, path full).
     pub forward: Option<Flood>,
     /// Where to send `forward`: every neighbour except the sender and those on the path.
-    pub to: Vec<SocketAddr>,
+    pub to: Vec<PeerId>,
 }
 
 /// Flood counters of a [`RoutingTable`].
@@ -374,11 +373,11 @@ impl RoutingTable {
             self.stats.path_full += 1;
             return FloodVerdict::default();
         }
-        let to: Vec<SocketAddr> = self
+        let to: Vec<PeerId> = self
             .neighbours
             .iter()
             .filter(|n| n.id != from && !flood.path.iter().any(|h| h.id == n.id))
-            .map(|n| n.addr)
+            .map(|n| n.id)
             .collect();
         if to.is_empty() {
             return FloodVerdict::default();
@@ -780,7 +779,7 @@ mod tests {
         let fwd = v.forward.expect("forwarded");
         assert_eq!(fwd.cost_us, 300);
         assert_eq!(fwd.path, vec![hop(1), hop(2)]);
-        assert_eq!(v.to, vec![hop(3).addr, hop(4).addr]);
+        assert_eq!(v.to, vec![hop(3).id, hop(4).id]);
         // Same round again via 3 (path 1,3): route recorded, not forwarded.
         let mut f3 = f.clone();
         f3.path.push(hop(3));

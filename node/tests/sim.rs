@@ -109,6 +109,8 @@ impl Sim {
             }
             floods.push((*addr, origin.next_flood(channels, 0)));
         }
+        let addr_of: std::collections::HashMap<NodeId, SocketAddr> =
+            self.tables.iter().map(|(a, t)| (t.me().id, *a)).collect();
         for (addr, flood) in floods {
             let mut queue: VecDeque<(SocketAddr, SocketAddr, NodeId, Flood)> = VecDeque::new();
             let me = self.tables[&addr].me();
@@ -128,7 +130,7 @@ impl Sim {
                 let me = table.me();
                 if let Some(fwd) = v.forward {
                     for t in v.to {
-                        queue.push_back((me.addr, t, me.id, fwd.clone()));
+                        queue.push_back((me.addr, addr_of[&t], me.id, fwd.clone()));
                     }
                 }
             }

@@ -26,9 +26,11 @@ use bytes::Bytes;
 use client::core::CoreConfig;
 use client::host::ClientHost;
 use common::impair::{ImpairConfig, Impairment};
+use common::keys::{KeyPair, PublicKey, Secret};
 use common::reliable::ReliableConfig;
+use common::secure::{Secure, SecureConfig};
 use common::wire::{Body, ChannelId, ChannelInfo, Datagram, PathHop};
-use common::NodeId;
+use common::{NodeId, PeerId};
 use node::{RelayCommand, RelayConfig, RelayCore, RelayEvent};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -231,6 +233,13 @@ pub struct Net {
     counts: BTreeMap<(SocketAddr, SocketAddr), LinkCount>,
     /// Count datagrams per link (decodes every datagram once more; on by default).
     pub count_links: bool,
+    /// Whether hosts seal and authenticate every datagram, as the daemons do (the network
+    /// key and the member directory are the harness's).
+    secure: bool,
+    network: Secret,
+    members: Vec<(PeerId, PublicKey)>,
+    /// Smallest source chunk (for telling sealed video by size).
+    video_min: usize,
 }
 
 fn pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -242,8 +251,18 @@ fn pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
 }
 
 impl Net {
-    /// An empty network; `seed` seeds every host's randomness and impairment.
+    /// An empty network of hosts that authenticate and encrypt every datagram (as the daemons
+    /// do); `seed` seeds every host's randomness and impairment.
     pub fn new(seed: u64) -> Net {
+        Net::with_security(seed, true)
+    }
+
+    /// An empty network of plaintext hosts (the benchmark's comparison).
+    pub fn plaintext(seed: u64) -> Net {
+        Net::with_security(seed, false)
+    }
+
+    fn with_security(seed: u64, secure: bool) -> Net {
         let now = Instant::now();
         Net {
             now,
@@ -257,6 +276,10 @@ impl Net {
             down: BTreeSet::new(),
             counts: BTreeMap::new(),
             count_links: true,
+            secure,
+            network: Secret::random(),
+            members: Vec::new(),
+            video_min: usize::MAX,
         }
     }
 
@@ -279,7 +302,17 @@ impl Net {
         let me = hop(ip);
         let n: Vec<PathHop> = neighbours.iter().map(|n| hop(n)).collect();
         let seed = self.host_seed(me.addr);
-        let core = RelayCore::new(me, &n, cfg, self.now, seed);
+        let mut core = RelayCore::new(me, &n, cfg, self.now, seed);
+        if self.secure {
+            let keys = KeyPair::generate();
+            self.members.push((me.id, keys.public));
+            core = core.with_secure(Secure::new(SecureConfig::member(
+                keys,
+                self.network.clone(),
+                1,
+                seed,
+            )));
+        }
         self.hosts.insert(
             me.addr,
             Host {
@@ -290,6 +323,21 @@ impl Net {
                 shim: None,
             },
         );
+        if self.secure {
+            // Every member learns the new one (what the bootstrapper hands out).
+            let now = self.now;
+            let members = self.members.clone();
+            let relays: Vec<SocketAddr> = self.hosts.keys().copied().collect();
+            for a in relays {
+                if let Some(Host {
+                    kind: Kind::Relay { core, .. },
+                    ..
+                }) = self.hosts.get_mut(&a)
+                {
+                    core.handle_command(now, RelayCommand::SetMembers(members.clone()));
+                }
+            }
+        }
     }
 
     /// A server origin at `ip`: a relay announcing `channels`, each fed by a synthetic source
@@ -315,6 +363,7 @@ impl Net {
             now,
             RelayCommand::SetLocal(channels.iter().map(|c| channel(c)).collect()),
         );
+        self.video_min = self.video_min.min(source.len.max(16));
         for c in channels {
             sources.push(Source {
                 channel: ChannelId::of_name(c),
@@ -332,7 +381,7 @@ impl Net {
     pub fn add_viewer(&mut self, at: SocketAddr, pops: &[&str], cfg: CoreConfig) {
         let pops: Vec<SocketAddr> = pops.iter().map(|p| addr(p)).collect();
         let seed = self.host_seed(at);
-        let host = ClientHost::new(
+        let mut host = ClientHost::new(
             cfg,
             &pops,
             NodeId(seed | 1),
@@ -340,6 +389,9 @@ impl Net {
             ReliableConfig::default(),
             self.now,
         );
+        if self.secure {
+            host = host.with_secure(Secure::new(SecureConfig::viewer(None, seed)));
+        }
         self.hosts.insert(
             at,
             Host {
@@ -670,7 +722,13 @@ impl Net {
 
     fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Bytes) {
         if self.count_links {
-            let video = matches!(Datagram::decode(&bytes).map(|d| d.body), Ok(Body::Video(_)));
+            // Sealed datagrams cannot be read here: video is told by its size (a source's
+            // chunk is larger than any control message of the scenarios).
+            let video = if self.secure {
+                bytes.len() >= common::secure::OVERHEAD + self.video_min
+            } else {
+                matches!(Datagram::decode(&bytes).map(|d| d.body), Ok(Body::Video(_)))
+            };
             let c = self.counts.entry((from, to)).or_default();
             if video {
                 c.video += 1;
