@@ -5,21 +5,29 @@
 //! not in the topology. The topology is watched: a valid edit applies to later requests, an
 //! invalid one is logged and the previous topology stays in force.
 //!
+//! Security: every exchange is a Noise handshake under the network key (see
+//! `common::bootstrap`): a host without the network key gets nothing. The handshake proves the
+//! host's static key; the bootstrapper registers it for the host's address (first use) and
+//! hands every host the keys of the members ([`answer`]), so hosts authenticate each other.
+//! A host whose key differs from the one pinned in the topology (`[keys]`), or from the one
+//! its address registered before, is refused with a message naming both keys.
+//!
 //! Robustness: every connection has one deadline for the whole exchange ([`Config::io_timeout`],
 //! 5 s), so a client that sends a byte a second, or nothing, is dropped; frames are size-capped;
 //! connections beyond [`Config::max_connections`] are closed at once rather than starving the
 //! process of file descriptors; none of this blocks the accept loop.
 
-use common::bootstrap::{read_frame, write_frame, FrameError, IO_TIMEOUT, WATCH_HOLD};
+use common::bootstrap::{server_accept, server_answer, FrameError, IO_TIMEOUT, WATCH_HOLD};
+use common::keys::{PublicKey, Secret};
 use common::topology::Topology;
-use common::wire::{
-    BootstrapRequest, BootstrapResponse, Header, PathHop, DEFAULT_PORT, MAX_FRAME_LEN,
-};
+use common::wire::{BootstrapRequest, BootstrapResponse, Member, PathHop, DEFAULT_PORT};
 use common::NodeId;
 use notify::{RecursiveMode, Watcher};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
@@ -41,16 +49,84 @@ pub struct Config {
     /// not change; then it is answered unchanged and the host asks again. Must stay below the
     /// hosts' own wait ([`WATCH_HOLD`] + [`IO_TIMEOUT`]).
     pub watch_hold: Duration,
+    /// The network key: only hosts that hold it are answered.
+    pub network: Secret,
 }
 
-impl Default for Config {
-    fn default() -> Self {
+impl Config {
+    /// Defaults with the network key `network`.
+    pub fn new(network: Secret) -> Config {
         Config {
             io_timeout: IO_TIMEOUT,
             max_connections: 4096,
             overlay_port: DEFAULT_PORT,
             watch_hold: WATCH_HOLD,
+            network,
         }
+    }
+}
+
+/// The static keys hosts registered (address → key, first use), and a counter that moves on
+/// every new registration (held `Watch`es then answer with the new member list).
+#[derive(Debug)]
+pub struct Registry {
+    keys: Mutex<HashMap<IpAddr, PublicKey>>,
+    version: watch::Sender<u64>,
+}
+
+impl Default for Registry {
+    fn default() -> Self {
+        Registry {
+            keys: Mutex::new(HashMap::new()),
+            version: watch::channel(0).0,
+        }
+    }
+}
+
+impl Registry {
+    /// Registers `key` for `ip` under `topology`, or says why it is refused: it differs from
+    /// the key the topology pins for `ip`, or from the one `ip` registered before (unless the
+    /// topology now pins the new one).
+    pub fn register(&self, topology: &Topology, ip: IpAddr, key: PublicKey) -> Result<(), String> {
+        let pinned = topology.pinned_key(ip);
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match (pinned, keys.get(&ip)) {
+            (Some(p), _) if p != key => {
+                return Err(format!(
+                    "{ip} presents key {key}, but the topology pins {p} for it: refused (if \
+                     this host's key really changed, update its entry in the topology's [keys])"
+                ))
+            }
+            (None, Some(&old)) if old != key => {
+                return Err(format!(
+                    "{ip} presents key {key}, but registered key {old} earlier: refused (if \
+                     this host's key really changed, pin the new key in the topology's [keys], \
+                     or restart the bootstrapper)"
+                ))
+            }
+            _ => {}
+        }
+        if keys.insert(ip, key) != Some(key) {
+            drop(keys);
+            info!(%ip, %key, "host key registered");
+            self.version.send_modify(|v| *v += 1);
+        }
+        Ok(())
+    }
+
+    /// The key of `ip`: pinned by the topology, else registered.
+    pub fn key(&self, topology: &Topology, ip: IpAddr) -> Option<PublicKey> {
+        topology.pinned_key(ip).or_else(|| {
+            self.keys
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&ip)
+                .copied()
+        })
+    }
+
+    fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
     }
 }
 
@@ -155,8 +231,14 @@ pub fn watch_topology(
     Ok((rx, TopologyWatch { _watcher: watcher }))
 }
 
-/// The answer for a host at `ip` under `topology`.
-pub fn answer(topology: &Topology, ip: IpAddr, overlay_port: u16) -> BootstrapResponse {
+/// The answer for a host at `ip` under `topology`: its id, its neighbours, and every member
+/// whose key is known.
+pub fn answer(
+    topology: &Topology,
+    registry: &Registry,
+    ip: IpAddr,
+    overlay_port: u16,
+) -> BootstrapResponse {
     match topology.neighbours(ip) {
         Some(neighbours) => BootstrapResponse::Neighbours {
             id: NodeId::for_ip(ip),
@@ -166,6 +248,15 @@ pub fn answer(topology: &Topology, ip: IpAddr, overlay_port: u16) -> BootstrapRe
                 .map(|&n| PathHop {
                     id: NodeId::for_ip(n),
                     addr: SocketAddr::new(n, overlay_port),
+                })
+                .collect(),
+            members: topology
+                .hosts()
+                .filter_map(|h| {
+                    registry.key(topology, h).map(|key| Member {
+                        id: NodeId::for_ip(h),
+                        key,
+                    })
                 })
                 .collect(),
         },
@@ -189,6 +280,7 @@ pub async fn run(
     let local = listener.local_addr()?;
     info!(%local, "bootstrapper listening");
     let slots = Arc::new(Semaphore::new(config.max_connections));
+    let registry = Arc::new(Registry::default());
     let tasks = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -213,11 +305,16 @@ pub async fn run(
         let topo = topology.clone();
         let cfg = config.clone();
         let stop = shutdown.clone();
+        let reg = registry.clone();
         let span = tracing::info_span!("conn", %peer);
         tasks.spawn(
             async move {
-                if let Err(e) = serve(stream, peer, topo, &cfg, stop).await {
-                    debug!(error = %e, "exchange failed");
+                match serve(stream, peer, topo, &reg, &cfg, stop).await {
+                    Err(ServeError::Frame(FrameError::Auth(why))) => {
+                        warn!("authentication failed from {peer}: {why}; not answered")
+                    }
+                    Err(e) => debug!(error = %e, "exchange failed"),
+                    Ok(()) => {}
                 }
                 drop(permit);
             }
@@ -248,18 +345,33 @@ async fn serve(
     mut stream: TcpStream,
     peer: SocketAddr,
     mut topology: watch::Receiver<Arc<Topology>>,
+    registry: &Registry,
     cfg: &Config,
     shutdown: CancellationToken,
 ) -> Result<(), ServeError> {
     let deadline = |d| ServeError::Timeout(d);
-    let (_, request): (Header, BootstrapRequest) =
-        tokio::time::timeout(cfg.io_timeout, read_frame(&mut stream, MAX_FRAME_LEN))
+    let (key, request, mut session) =
+        tokio::time::timeout(cfg.io_timeout, server_accept(&mut stream, &cfg.network))
             .await
             .map_err(|_| deadline(cfg.io_timeout))??;
     let ip = canonical_ip(peer.ip());
-    let current = |t: &watch::Receiver<Arc<Topology>>| answer(&t.borrow(), ip, cfg.overlay_port);
-    let response = match request {
-        BootstrapRequest::Neighbours => {
+    let mut registrations = registry.subscribe();
+    let refusal = {
+        let t = topology.borrow();
+        if t.neighbours(ip).is_some() {
+            registry.register(&t, ip, key).err()
+        } else {
+            None
+        }
+    };
+    let current =
+        |t: &watch::Receiver<Arc<Topology>>| answer(&t.borrow(), registry, ip, cfg.overlay_port);
+    let response = match (refusal, request) {
+        (Some(reason), _) => {
+            warn!(%ip, "refused: {reason}");
+            BootstrapResponse::Refused { reason }
+        }
+        (None, BootstrapRequest::Neighbours) => {
             let r = current(&topology);
             match &r {
                 BootstrapResponse::Neighbours { neighbours, .. } => {
@@ -269,8 +381,9 @@ async fn serve(
             }
             r
         }
-        BootstrapRequest::Watch { known } => {
+        (None, BootstrapRequest::Watch { known }) => {
             topology.mark_unchanged();
+            registrations.mark_unchanged();
             let mut r = current(&topology);
             let hold = tokio::time::sleep(cfg.watch_hold);
             tokio::pin!(hold);
@@ -279,6 +392,12 @@ async fn serve(
                     _ = shutdown.cancelled() => break,
                     _ = &mut hold => break,
                     changed = topology.changed() => {
+                        if changed.is_err() {
+                            break;
+                        }
+                        r = current(&topology);
+                    }
+                    changed = registrations.changed() => {
                         if changed.is_err() {
                             break;
                         }
@@ -300,7 +419,7 @@ async fn serve(
         }
     };
     let write = async {
-        write_frame(&mut stream, &Header::new(NodeId(0)), &response).await?;
+        server_answer(&mut stream, &mut session, &response).await?;
         use tokio::io::AsyncWriteExt;
         let _ = stream.shutdown().await;
         Ok::<_, FrameError>(())

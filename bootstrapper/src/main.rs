@@ -38,6 +38,11 @@ struct Args {
     /// Most connections served at once.
     #[arg(long, default_value_t = 4096)]
     max_connections: usize,
+    /// The network key, the same file as on every host (created on first use; hosts started
+    /// on this machine find it at the same default path). Default: network.key in the key
+    /// directory ($PESSI_KEY_DIR, else ~/.config/pessi-streamer).
+    #[arg(long, env = "PESSI_NETWORK_KEY", value_name = "FILE")]
+    network_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -71,11 +76,22 @@ async fn async_main(args: Args) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("cannot listen on {addr}"))?;
+    let net_path = args
+        .network_key
+        .clone()
+        .unwrap_or_else(common::keys::default_network_key);
+    let (network, created) = common::keys::load_or_create(&net_path)?;
+    if created {
+        tracing::warn!(file = %net_path.display(),
+            "network key created: copy this file to every host of the overlay (--network-key)");
+    } else {
+        tracing::info!(file = %net_path.display(), "network key");
+    }
     let config = bootstrapper::Config {
         io_timeout: args.io_timeout,
         max_connections: args.max_connections,
         overlay_port: args.overlay_port,
-        ..Default::default()
+        ..bootstrapper::Config::new(network)
     };
     bootstrapper::run(listener, topology, config, shutdown)
         .await

@@ -2,7 +2,8 @@
 //! its own 127.0.N.x block so they run in parallel), and the real binary for start-up failures.
 
 use bootstrapper::{watch_topology, Config};
-use common::bootstrap::{fetch_neighbours, FetchError};
+use common::bootstrap::{FetchError, HostKeys, Neighbours};
+use common::keys::{KeyPair, Secret};
 use common::topology::Topology;
 use common::NodeId;
 use std::io::Write;
@@ -17,6 +18,29 @@ use tokio_util::sync::CancellationToken;
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
+}
+
+/// The tests' network key.
+fn net() -> Secret {
+    Secret([5; 32])
+}
+
+/// The keys of the host at `ip` (a fixed key pair per address).
+fn keys(ip: IpAddr) -> HostKeys {
+    let mut k = [1u8; 32];
+    let s = ip.to_string();
+    for (i, b) in s.bytes().enumerate() {
+        k[i % 32] ^= b.wrapping_mul(i as u8 + 7);
+    }
+    HostKeys {
+        identity: KeyPair::from_private(Secret(k)),
+        network: net(),
+    }
+}
+
+/// Asks as the host at `me`, with its keys.
+async fn fetch_neighbours(b: SocketAddr, me: IpAddr) -> Result<Neighbours, FetchError> {
+    common::bootstrap::fetch_neighbours(b, me, &keys(me)).await
 }
 
 /// Chain a – b – c on block `127.0.<net>.x`.
@@ -53,7 +77,7 @@ async fn start(
     let task = tokio::spawn(bootstrapper::run(
         listener,
         topology,
-        Config::default(),
+        Config::new(self::net()),
         shutdown.clone(),
     ));
     Running {
@@ -140,20 +164,37 @@ async fn unknown_address_is_refused_clearly() {
 #[tokio::test]
 async fn request_split_into_single_bytes_is_answered() {
     let b = start_static(33).await;
-    let mut s = connect_from(ip("127.0.33.3"), b.addr).await;
+    let me = ip("127.0.33.3");
+    let s = connect_from(me, b.addr).await;
     s.set_nodelay(true).unwrap();
-    for byte in request_frame() {
-        s.write_all(&[byte]).await.unwrap();
-        s.flush().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let (answer, closed) = read_to_close(&mut s, Duration::from_secs(5)).await;
-    assert!(closed);
-    let mut r: &[u8] = &answer;
-    let (_, resp): (_, common::wire::BootstrapResponse) =
-        common::bootstrap::read_frame(&mut r, common::wire::MAX_FRAME_LEN)
-            .await
-            .unwrap();
+    // The host's side runs on one end of a pipe; its bytes reach the bootstrapper one at a
+    // time (5 ms apart), the answers come back as they are.
+    let (mut ours, theirs) = tokio::io::duplex(1 << 16);
+    let (mut tcp_r, mut tcp_w) = s.into_split();
+    let (mut pipe_r, mut pipe_w) = tokio::io::split(theirs);
+    tokio::spawn(async move {
+        let mut byte = [0u8; 1];
+        while pipe_r.read_exact(&mut byte).await.is_ok() {
+            if tcp_w.write_all(&byte).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut tcp_r, &mut pipe_w).await;
+    });
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::bootstrap::client_exchange(
+            &mut ours,
+            &keys(me),
+            &common::wire::BootstrapRequest::Neighbours,
+        ),
+    )
+    .await
+    .unwrap()
+    .unwrap();
     match resp {
         common::wire::BootstrapResponse::Neighbours { id, neighbours, .. } => {
             assert_eq!(id, NodeId::for_ip(ip("127.0.33.3")));
@@ -323,14 +364,17 @@ async fn a_watch_is_answered_when_an_edit_changes_the_hosts_neighbours() {
     let addr = listener.local_addr().unwrap();
     let cfg = Config {
         watch_hold: Duration::from_millis(300),
-        ..Config::default()
+        ..Config::new(net())
     };
     let task = tokio::spawn(bootstrapper::run(listener, rx, cfg, shutdown.clone()));
     let (h1, h3) = (ip("127.0.38.1"), ip("127.0.38.3"));
-    let n1: Neighbours = fetch_neighbours(addr, h1).await.unwrap();
+    fetch_neighbours(addr, h1).await.unwrap();
     let n3: Neighbours = fetch_neighbours(addr, h3).await.unwrap();
-    let mut up1 = watch_neighbours(addr, h1, &n1, shutdown.clone());
-    let mut up3 = watch_neighbours(addr, h3, &n3, shutdown.clone());
+    // Asked again after .3 registered its key (which changed .1's member list).
+    let n1: Neighbours = fetch_neighbours(addr, h1).await.unwrap();
+    assert_eq!(n1.members.len(), 2);
+    let mut up1 = watch_neighbours(addr, h1, keys(h1), &n1, shutdown.clone());
+    let mut up3 = watch_neighbours(addr, h3, keys(h3), &n3, shutdown.clone());
     // Several hold periods pass: nothing is pushed (unchanged answers are not news).
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(up1.try_recv().is_err() && up3.try_recv().is_err());
@@ -343,8 +387,9 @@ async fn a_watch_is_answered_when_an_edit_changes_the_hosts_neighbours() {
          \"127.0.38.3\" = [\"127.0.38.2\", \"127.0.38.4\"]\n\
          \"127.0.38.4\" = [\"127.0.38.1\", \"127.0.38.3\"]\n",
     );
-    let addrs =
-        |v: Vec<common::wire::PathHop>| -> Vec<IpAddr> { v.iter().map(|h| h.addr.ip()).collect() };
+    let addrs = |v: (Vec<common::wire::PathHop>, Vec<common::wire::Member>)| -> Vec<IpAddr> {
+        v.0.iter().map(|h| h.addr.ip()).collect()
+    };
     let got = tokio::time::timeout(Duration::from_secs(10), up3.recv())
         .await
         .unwrap()
@@ -374,6 +419,56 @@ async fn a_watch_is_answered_when_an_edit_changes_the_hosts_neighbours() {
     assert!(up1.try_recv().is_err());
     shutdown.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The network key gates everything: a host with another one gets no answer (the handshake
+/// fails); a host presenting another key than the one pinned in the topology, or than the one
+/// its address registered, is refused with both keys named; the members' keys are handed out.
+#[tokio::test]
+async fn keys_are_checked_registered_and_handed_out() {
+    let net_no = 40;
+    let (a, b2, c) = (ip("127.0.40.1"), ip("127.0.40.2"), ip("127.0.40.3"));
+    let mut topo = Topology::parse(&chain_toml(net_no)).unwrap().0;
+    topo.pin_key(c, keys(c).identity.public);
+    let (_tx, rx) = watch::channel(Arc::new(topo));
+    std::mem::forget(_tx);
+    let b = start(net_no, rx, CancellationToken::new()).await;
+    // Another network key: the handshake fails, nothing is answered.
+    let stranger = HostKeys {
+        network: Secret([6; 32]),
+        ..keys(a)
+    };
+    let e = common::bootstrap::fetch_neighbours(b.addr, a, &stranger)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, FetchError::Frame { .. }), "{e}");
+    // .1 registers; .3 is pinned: both are members, .2 not yet.
+    let n = fetch_neighbours(b.addr, a).await.unwrap();
+    let ids: Vec<NodeId> = n.members.iter().map(|m| m.id).collect();
+    assert_eq!(ids, [NodeId::for_ip(a), NodeId::for_ip(c)]);
+    assert_eq!(n.members[0].key, keys(a).identity.public);
+    // .1 with a new key: refused, naming both.
+    let changed = HostKeys {
+        identity: KeyPair::from_private(Secret([42; 32])),
+        network: net(),
+    };
+    match common::bootstrap::fetch_neighbours(b.addr, a, &changed).await {
+        Err(FetchError::Refused(r)) => assert!(
+            r.contains(&changed.identity.public.to_string())
+                && r.contains(&keys(a).identity.public.to_string())
+                && r.contains("registered"),
+            "{r}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    // .3 with a key that is not its pin: refused.
+    match common::bootstrap::fetch_neighbours(b.addr, c, &changed).await {
+        Err(FetchError::Refused(r)) => assert!(r.contains("pins"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    // The rest still works.
+    assert_eq!(fetch_neighbours(b.addr, b2).await.unwrap().members.len(), 3);
+    b.stop().await;
 }
 
 fn bin() -> &'static str {
@@ -425,8 +520,11 @@ fn malformed_topology_at_start_exits_nonzero_naming_the_line() {
 #[test]
 fn the_binary_serves_the_default_topology_and_stops_on_sigterm() {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    // Its network key at the default path of a fresh key directory (as on a new machine).
+    let dir = tempfile::tempdir().unwrap();
     let mut child = std::process::Command::new(bin())
         .current_dir(root)
+        .env("PESSI_KEY_DIR", dir.path())
         .args(["--bind-ip", "127.0.39.250", "--port", "18010"])
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -438,7 +536,16 @@ fn the_binary_serves_the_default_topology_and_stops_on_sigterm() {
     // 127.0.0.2 is in topologies/neighbours.toml; retry while the binary starts.
     let got = rt.block_on(async {
         for _ in 0..100 {
-            match fetch_neighbours("127.0.39.250:18010".parse().unwrap(), ip("127.0.0.2")).await {
+            let Ok(network) = common::keys::load(&dir.path().join("network.key")) else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let k = HostKeys {
+                network,
+                ..keys(ip("127.0.0.2"))
+            };
+            let at = "127.0.39.250:18010".parse().unwrap();
+            match common::bootstrap::fetch_neighbours(at, ip("127.0.0.2"), &k).await {
                 Ok(n) => return Some(n),
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

@@ -15,9 +15,19 @@ use std::time::Duration;
 #[command(version)]
 pub struct Args {
     /// Points of presence (overlay nodes), comma-separated: IPs, host names or `host:port`
-    /// (e.g. `10.0.0.5,relay2.lan:8010,[fd00::5]:8010`); `--port` is the default port.
+    /// (e.g. `10.0.0.5,relay2.lan:8010,[fd00::5]:8010`); `--port` is the default port. Append
+    /// `#KEY` (the PoP's public key, 64 hex digits, as its log prints) to pin it: a PoP that
+    /// proves another key is refused. Without a pin, the key is learned at the first
+    /// handshake and held for the session.
     #[arg(long, value_delimiter = ',', required = true)]
     pub servers: Vec<String>,
+    /// The viewer secret (a key file) of PoPs that admit only viewers who present it (their
+    /// --viewer-key). Without it, only open PoPs admit us ("access denied" otherwise).
+    #[arg(long, env = "PESSI_VIEWER_KEY", value_name = "FILE")]
+    pub viewer_key: Option<PathBuf>,
+    /// Benchmark only: talk to PoPs in clear.
+    #[arg(long, hide = true)]
+    pub bench_plaintext: bool,
     /// UDP port of the overlay (for `--servers` entries without a port).
     #[arg(long, default_value_t = DEFAULT_PORT)]
     pub port: u16,
@@ -110,6 +120,9 @@ pub enum ArgsError {
     /// `--duration`.
     #[error("invalid --duration {0}: must be a positive number of seconds")]
     Duration(f64),
+    /// `--viewer-key`.
+    #[error("--viewer-key: {0}")]
+    ViewerKey(String),
     /// A `--servers` entry.
     #[error("invalid --servers entry {entry:?}: {reason}")]
     Server {
@@ -196,14 +209,39 @@ impl Args {
                 streams.push(s.clone());
             }
         }
-        let pops = self
-            .servers
-            .iter()
-            .map(|s| resolve_server(s, self.port))
-            .collect::<Result<Vec<_>, _>>()?;
+        let mut pops = Vec::new();
+        let mut pinned = Vec::new();
+        for s in &self.servers {
+            let (host, key) = match s.rsplit_once('#') {
+                Some((h, k)) => (
+                    h,
+                    Some(
+                        common::keys::PublicKey::parse(k).map_err(|_| ArgsError::Server {
+                            entry: s.clone(),
+                            reason: format!("{k:?} after '#' is not a public key (64 hex digits)"),
+                        })?,
+                    ),
+                ),
+                None => (s.as_str(), None),
+            };
+            let a = resolve_server(host, self.port)?;
+            pops.push(a);
+            if let Some(k) = key {
+                pinned.push((a, k));
+            }
+        }
+        let viewer_secret = match &self.viewer_key {
+            Some(p) => {
+                Some(common::keys::load(p).map_err(|e| ArgsError::ViewerKey(e.to_string()))?)
+            }
+            None => None,
+        };
         Ok(EngineConfig {
             bind: self.bind.unwrap_or_else(|| default_bind(&pops)),
             pops,
+            pinned,
+            viewer_secret,
+            plaintext: self.bench_plaintext,
             give_up: (!self.give_up.is_zero()).then_some(self.give_up),
             impair,
             player: self.video_player,

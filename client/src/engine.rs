@@ -11,6 +11,7 @@ use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
 use common::port::{Direct, Port, SendShim};
 use common::reliable::ReliableConfig;
+use common::secure::{Secure, SecureConfig};
 use common::wire::ChannelId;
 use common::NodeId;
 use std::collections::{BTreeSet, HashMap};
@@ -29,6 +30,12 @@ use tracing::{debug, info, warn};
 pub struct EngineConfig {
     /// The PoPs (`--servers` × `--port`).
     pub pops: Vec<SocketAddr>,
+    /// PoP keys pinned with `--servers IP#KEY`.
+    pub pinned: Vec<(SocketAddr, common::keys::PublicKey)>,
+    /// The viewer secret to present (`--viewer-key`).
+    pub viewer_secret: Option<common::keys::Secret>,
+    /// Benchmark only: no session layer.
+    pub plaintext: bool,
     /// Local UDP address.
     pub bind: SocketAddr,
     /// Give up (the summary's `failure`) when a [`Problem`] lasts this long; `None`: never
@@ -231,14 +238,26 @@ pub async fn run(
     let (exits_tx, mut exits_rx) = mpsc::unbounded_channel();
     let mut e = Engine {
         player_args,
-        host: ClientHost::new(
-            cfg.core.clone(),
-            &cfg.pops,
-            NodeId::random(),
-            common::rng::Rng::from_entropy().next_u64(),
-            ReliableConfig::default(),
-            start,
-        ),
+        host: {
+            let seed = common::rng::Rng::from_entropy().next_u64();
+            let host = ClientHost::new(
+                cfg.core.clone(),
+                &cfg.pops,
+                NodeId::random(),
+                seed,
+                ReliableConfig::default(),
+                start,
+            );
+            if cfg.plaintext {
+                host
+            } else {
+                let mut sec = Secure::new(SecureConfig::viewer(cfg.viewer_secret.clone(), seed));
+                for (pop, key) in &cfg.pinned {
+                    sec.add_pop(*pop, Some(*key));
+                }
+                host.with_secure(sec)
+            }
+        },
         cfg,
         port,
         stats,

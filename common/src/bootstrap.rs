@@ -1,15 +1,25 @@
 //! The bootstrap protocol's framing and its client side ([`fetch_neighbours`]).
 //!
 //! A server or node opens a TCP connection *from its own overlay IP* to the bootstrapper,
-//! sends one [`BootstrapRequest`] frame and reads one [`BootstrapResponse`] frame. A frame is a
-//! 4-byte big-endian length followed by a wire header and a bincode body (see [`crate::wire`]).
-//! Lengths above [`MAX_FRAME_LEN`] are refused before anything is allocated.
+//! sends one [`BootstrapRequest`] and reads one [`BootstrapResponse`]. A frame is a 4-byte
+//! big-endian length and its content; lengths above [`MAX_FRAME_LEN`] are refused before
+//! anything is allocated.
+//!
+//! The exchange is authenticated and encrypted with the network key: a Noise
+//! `XNpsk3_25519_ChaChaPoly_BLAKE2s` handshake (three frames: the host's ephemeral key, the
+//! bootstrapper's, then the host's static key and the request, under the network key as PSK),
+//! and the answer as one Noise transport message. So the bootstrapper learns the host's static
+//! key with proof that the host holds it (it registers it for the host's address, and hands
+//! it to the others as a [`Member`]), and neither side accepts anything from outside the
+//! network: a wrong network key fails the handshake ([`FrameError::Auth`]). The request and
+//! answer inside are a wire header and a bincode body (see [`crate::wire`]).
 
 use crate::id::NodeId;
+use crate::keys::{KeyPair, PublicKey, Secret};
 use crate::rng::Rng;
 use crate::wire::{
-    decode_as, encode_with_limit, BootstrapRequest, BootstrapResponse, Header, PathHop, WireError,
-    MAX_FRAME_LEN,
+    decode_as, encode_with_limit, BootstrapRequest, BootstrapResponse, Header, Member, PathHop,
+    WireError, MAX_FRAME_LEN,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -40,6 +50,142 @@ pub enum FrameError {
     /// The frame did not decode.
     #[error("malformed frame: {0}")]
     Wire(#[from] WireError),
+    /// The handshake or a message did not authenticate.
+    #[error("authentication failed: {0}")]
+    Auth(&'static str),
+}
+
+/// What a host proves itself with to the bootstrapper and the overlay: its static key pair
+/// and the network key.
+#[derive(Debug, Clone)]
+pub struct HostKeys {
+    /// The host's static key pair.
+    pub identity: KeyPair,
+    /// The network key (shared by members and the bootstrapper).
+    pub network: Secret,
+}
+
+const BOOT_PATTERN: &str = "Noise_XNpsk3_25519_ChaChaPoly_BLAKE2s";
+const BOOT_PROLOGUE: &[u8] = b"pessi-streamer v2 bootstrap";
+/// Largest Noise message (the spec's limit); a payload is 16 bytes less.
+const NOISE_MAX: usize = 65535;
+
+async fn write_raw<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> Result<(), FrameError> {
+    let mut out = Vec::with_capacity(4 + bytes.len());
+    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
+    out.extend_from_slice(bytes);
+    w.write_all(&out).await?;
+    w.flush().await?;
+    Ok(())
+}
+
+async fn read_raw<R: AsyncRead + Unpin>(r: &mut R, max_len: usize) -> Result<Vec<u8>, FrameError> {
+    let mut len = [0u8; 4];
+    r.read_exact(&mut len).await?;
+    let size = u32::from_be_bytes(len) as usize;
+    if size > max_len {
+        return Err(FrameError::TooLarge {
+            size,
+            limit: max_len,
+        });
+    }
+    let mut buf = vec![0u8; size];
+    r.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+fn noise(e: snow::Error) -> FrameError {
+    match e {
+        snow::Error::Decrypt => FrameError::Auth("wrong network key?"),
+        _ => FrameError::Auth("malformed handshake"),
+    }
+}
+
+/// The host's side of one secured exchange on `s`: handshake, request, answer.
+pub async fn client_exchange<S>(
+    s: &mut S,
+    keys: &HostKeys,
+    request: &BootstrapRequest,
+) -> Result<BootstrapResponse, FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hs = snow::Builder::new(BOOT_PATTERN.parse().expect("valid"))
+        .prologue(BOOT_PROLOGUE)
+        .and_then(|b| b.local_private_key(&keys.identity.private.0))
+        .and_then(|b| b.psk(3, &keys.network.0))
+        .and_then(|b| b.build_initiator())
+        .map_err(noise)?;
+    let mut buf = vec![0u8; NOISE_MAX];
+    let n = hs.write_message(&[], &mut buf).map_err(noise)?;
+    write_raw(s, &buf[..n]).await?;
+    let msg2 = read_raw(s, 1024).await?;
+    let mut payload = vec![0u8; NOISE_MAX];
+    hs.read_message(&msg2, &mut payload).map_err(noise)?;
+    let req = encode_with_limit(&Header::new(NodeId(0)), request, NOISE_MAX - 16)?;
+    let n = hs.write_message(&req, &mut buf).map_err(noise)?;
+    write_raw(s, &buf[..n]).await?;
+    let mut transport = hs.into_transport_mode().map_err(noise)?;
+    // The bootstrapper verifies the network key in our last handshake message and closes the
+    // connection without a word if it is not its own.
+    let answer = read_raw(s, MAX_FRAME_LEN).await.map_err(|e| match e {
+        FrameError::Io(io) if io.kind() == io::ErrorKind::UnexpectedEof => FrameError::Auth(
+            "the bootstrapper closed the connection at our key: wrong network key?",
+        ),
+        other => other,
+    })?;
+    let n = transport
+        .read_message(&answer, &mut payload)
+        .map_err(|_| FrameError::Auth("the bootstrapper's answer does not authenticate"))?;
+    let (_, resp): (Header, BootstrapResponse) = decode_as(&payload[..n])?;
+    Ok(resp)
+}
+
+/// The bootstrapper's side of a secured exchange, up to the request: returns the host's
+/// static key (proven), its request, and the session to answer on ([`server_answer`]).
+pub async fn server_accept<S>(
+    s: &mut S,
+    network: &Secret,
+) -> Result<(PublicKey, BootstrapRequest, snow::TransportState), FrameError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut hs = snow::Builder::new(BOOT_PATTERN.parse().expect("valid"))
+        .prologue(BOOT_PROLOGUE)
+        .and_then(|b| b.psk(3, &network.0))
+        .and_then(|b| b.build_responder())
+        .map_err(noise)?;
+    let mut payload = vec![0u8; NOISE_MAX];
+    let msg1 = read_raw(s, 1024).await?;
+    hs.read_message(&msg1, &mut payload).map_err(noise)?;
+    let mut buf = vec![0u8; 1024];
+    let n = hs.write_message(&[], &mut buf).map_err(noise)?;
+    write_raw(s, &buf[..n]).await?;
+    let msg3 = read_raw(s, MAX_FRAME_LEN).await?;
+    let n = hs.read_message(&msg3, &mut payload).map_err(noise)?;
+    let key = hs
+        .get_remote_static()
+        .and_then(|k| <[u8; 32]>::try_from(k).ok())
+        .map(PublicKey)
+        .ok_or(FrameError::Auth("no static key"))?;
+    let (_, request): (Header, BootstrapRequest) = decode_as(&payload[..n])?;
+    let transport = hs.into_transport_mode().map_err(noise)?;
+    Ok((key, request, transport))
+}
+
+/// The bootstrapper's answer on a session from [`server_accept`].
+pub async fn server_answer<S>(
+    s: &mut S,
+    transport: &mut snow::TransportState,
+    response: &BootstrapResponse,
+) -> Result<(), FrameError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let plain = encode_with_limit(&Header::new(NodeId(0)), response, NOISE_MAX - 16)?;
+    let mut buf = vec![0u8; NOISE_MAX];
+    let n = transport.write_message(&plain, &mut buf).map_err(noise)?;
+    write_raw(s, &buf[..n]).await
 }
 
 /// Writes one frame: length prefix, header, body.
@@ -87,6 +233,8 @@ pub struct Neighbours {
     pub addr: SocketAddr,
     /// Our neighbours and their overlay addresses.
     pub neighbours: Vec<PathHop>,
+    /// The members whose keys are known (neighbours included once they registered).
+    pub members: Vec<Member>,
 }
 
 /// Why [`fetch_neighbours`] failed.
@@ -128,6 +276,17 @@ pub enum FetchError {
 }
 
 impl FetchError {
+    /// Whether the bootstrapper did not accept our network key (or we not its).
+    pub fn is_auth(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Frame {
+                source: FrameError::Auth(_),
+                ..
+            }
+        )
+    }
+
     /// Whether trying again later may help (network trouble), as opposed to a definite answer.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -141,10 +300,12 @@ impl FetchError {
 pub async fn fetch_neighbours(
     bootstrapper: SocketAddr,
     local_ip: IpAddr,
+    keys: &HostKeys,
 ) -> Result<Neighbours, FetchError> {
     match exchange(
         bootstrapper,
         local_ip,
+        keys,
         &BootstrapRequest::Neighbours,
         IO_TIMEOUT,
     )
@@ -154,10 +315,12 @@ pub async fn fetch_neighbours(
             id,
             addr,
             neighbours,
+            members,
         } => Ok(Neighbours {
             id,
             addr,
             neighbours,
+            members,
         }),
         BootstrapResponse::Refused { reason } => Err(FetchError::Refused(reason)),
     }
@@ -167,6 +330,7 @@ pub async fn fetch_neighbours(
 async fn exchange(
     bootstrapper: SocketAddr,
     local_ip: IpAddr,
+    keys: &HostKeys,
     request: &BootstrapRequest,
     deadline: Duration,
 ) -> Result<BootstrapResponse, FetchError> {
@@ -197,13 +361,9 @@ async fn exchange(
             addr: bootstrapper,
             source,
         };
-        write_frame(&mut stream, &Header::new(NodeId(0)), request)
+        client_exchange(&mut stream, keys, request)
             .await
-            .map_err(frame_err)?;
-        let (_, resp): (Header, BootstrapResponse) = read_frame(&mut stream, MAX_FRAME_LEN)
-            .await
-            .map_err(frame_err)?;
-        Ok(resp)
+            .map_err(frame_err)
     };
     tokio::time::timeout(deadline, exchange)
         .await
@@ -222,6 +382,7 @@ impl Neighbours {
             id: self.id,
             addr: self.addr,
             neighbours: self.neighbours.clone(),
+            members: self.members.clone(),
         }
     }
 }
@@ -235,12 +396,13 @@ impl Neighbours {
 pub fn watch_neighbours(
     bootstrapper: SocketAddr,
     local_ip: IpAddr,
+    keys: HostKeys,
     initial: &Neighbours,
     shutdown: CancellationToken,
-) -> tokio::sync::mpsc::Receiver<Vec<PathHop>> {
+) -> tokio::sync::mpsc::Receiver<(Vec<PathHop>, Vec<Member>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut known = initial.to_response().digest();
-    let mut current = initial.neighbours.clone();
+    let mut current = (initial.neighbours.clone(), initial.members.clone());
     tokio::spawn(async move {
         let new_backoff = || {
             Backoff::new(
@@ -256,7 +418,7 @@ pub fn watch_neighbours(
             let started = tokio::time::Instant::now();
             let r = tokio::select! {
                 _ = shutdown.cancelled() => return,
-                r = exchange(bootstrapper, local_ip, &request, WATCH_HOLD + IO_TIMEOUT) => r,
+                r = exchange(bootstrapper, local_ip, &keys, &request, WATCH_HOLD + IO_TIMEOUT) => r,
             };
             let wait = match r {
                 Ok(resp) => {
@@ -269,10 +431,14 @@ pub fn watch_neighbours(
                     let unchanged = digest == known;
                     known = digest;
                     let next = match resp {
-                        BootstrapResponse::Neighbours { neighbours, .. } => neighbours,
+                        BootstrapResponse::Neighbours {
+                            neighbours,
+                            members,
+                            ..
+                        } => (neighbours, members),
                         BootstrapResponse::Refused { reason } => {
                             tracing::warn!(%bootstrapper, "the topology no longer lists us: {reason}");
-                            Vec::new()
+                            (Vec::new(), current.1.clone())
                         }
                     };
                     if next != current {
@@ -310,10 +476,12 @@ pub fn watch_neighbours(
 }
 
 /// Like [`fetch_neighbours`], retrying transient failures with jittered exponential backoff
-/// (0.5 s doubling to a 30 s cap) until it succeeds, is refused, or `shutdown` fires.
+/// (0.5 s doubling to a 30 s cap) until it succeeds, is refused, or `shutdown` fires. Three
+/// authentication failures in a row (a wrong network key) end it with that error.
 pub async fn fetch_neighbours_retrying(
     bootstrapper: SocketAddr,
     local_ip: IpAddr,
+    keys: &HostKeys,
     shutdown: &CancellationToken,
 ) -> Result<Neighbours, FetchError> {
     let mut backoff = Backoff::new(
@@ -321,12 +489,24 @@ pub async fn fetch_neighbours_retrying(
         Duration::from_secs(30),
         Rng::from_entropy(),
     );
+    let mut auth_failures = 0;
     loop {
         let attempt = tokio::select! {
             _ = shutdown.cancelled() => return Err(FetchError::Cancelled),
-            r = fetch_neighbours(bootstrapper, local_ip) => r,
+            r = fetch_neighbours(bootstrapper, local_ip, keys) => r,
         };
+        if !attempt.as_ref().is_err_and(FetchError::is_auth) {
+            auth_failures = 0;
+        }
         match attempt {
+            Err(e)
+                if e.is_auth() && {
+                    auth_failures += 1;
+                    auth_failures >= 3
+                } =>
+            {
+                return Err(e)
+            }
             Err(e) if e.is_transient() => {
                 let wait = backoff.next_delay();
                 tracing::warn!(%bootstrapper, error = %e, retry_in = ?wait, "bootstrap failed; retrying");

@@ -2,12 +2,16 @@
 //! its UDP socket, asking the bootstrapper for its id and neighbours, and building the optional
 //! impairment shim of its send path. The socket is then owned by the relay's driver.
 
-use crate::bootstrap::{fetch_neighbours_retrying, watch_neighbours, FetchError, Neighbours};
+use crate::bootstrap::{
+    fetch_neighbours_retrying, watch_neighbours, FetchError, HostKeys, Neighbours,
+};
 use crate::impair::{ImpairConfig, Impairment};
+use crate::keys::{KeyPair, Secret};
 use crate::transport::{Direct, SendShim};
 use crate::wire::DEFAULT_PORT;
 use anyhow::Context;
 use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tokio::net::UdpSocket;
 use tokio::sync::mpsc;
@@ -44,6 +48,53 @@ pub struct OverlayArgs {
     /// style). Costs one more copy of each watched channel on the links of the second path.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=2))]
     pub redundancy: u8,
+    /// This host's static key (private, 64 hex digits; created with mode 0600 on first use).
+    /// Default: host-<ip>.key in the key directory ($PESSI_KEY_DIR, else
+    /// ~/.config/pessi-streamer).
+    #[arg(long, env = "PESSI_KEY", value_name = "FILE")]
+    pub key: Option<PathBuf>,
+    /// The network key, the same file on every host of the overlay and on the bootstrapper
+    /// (created on first use). Default: network.key in the key directory.
+    #[arg(long, env = "PESSI_NETWORK_KEY", value_name = "FILE")]
+    pub network_key: Option<PathBuf>,
+    /// As a PoP, admit only viewers who present this secret (a key file, e.g. from `keygen
+    /// --secret FILE`; viewers pass the same file to the client's --viewer-key). Default: open
+    /// to every viewer who completes the handshake.
+    #[arg(long, env = "PESSI_VIEWER_KEY", value_name = "FILE")]
+    pub viewer_key: Option<PathBuf>,
+    /// Benchmark only: the data path in clear (the benchmark's plaintext comparison).
+    #[arg(long, hide = true)]
+    pub bench_plaintext: bool,
+}
+
+/// Loads this host's key pair and the network key (`--key`, `--network-key`, or the default
+/// files, created on first use), logging where they are and what to copy.
+pub fn load_keys(
+    ip: IpAddr,
+    key: Option<&Path>,
+    network: Option<&Path>,
+) -> anyhow::Result<HostKeys> {
+    let key_path = key.map_or_else(|| crate::keys::default_host_key(ip), Path::to_path_buf);
+    let (private, created) = crate::keys::load_or_create(&key_path)?;
+    let identity = KeyPair::from_private(private);
+    info!(file = %key_path.display(), public = %identity.public, created,
+        "host key (pin it in the topology's [keys] to refuse impostors)");
+    let net_path = network.map_or_else(crate::keys::default_network_key, Path::to_path_buf);
+    let (network, created) = crate::keys::load_or_create(&net_path)?;
+    if created {
+        warn!(file = %net_path.display(),
+            "network key created: copy this file to every host of the overlay and to the \
+             bootstrapper (--network-key) before they start");
+    } else {
+        info!(file = %net_path.display(), "network key");
+    }
+    Ok(HostKeys { identity, network })
+}
+
+/// The viewer secret of `--viewer-key`, if given (it must exist).
+pub fn load_viewer_secret(path: Option<&Path>) -> anyhow::Result<Option<Secret>> {
+    path.map(|p| crate::keys::load(p).context("--viewer-key: the viewer secret file must exist"))
+        .transpose()
 }
 
 impl OverlayArgs {
@@ -66,9 +117,15 @@ pub struct Joined {
     pub socket: UdpSocket,
     /// The send path: [`Direct`], or the `--impair` shim.
     pub shim: Box<dyn SendShim>,
-    /// Our neighbour list each time a topology edit changes it (pushed by the bootstrapper,
-    /// see [`watch_neighbours`]).
-    pub neighbour_updates: mpsc::Receiver<Vec<crate::wire::PathHop>>,
+    /// Our neighbour list and the member directory each time a topology edit or a host's
+    /// registration changes them (pushed by the bootstrapper, see [`watch_neighbours`]).
+    pub neighbour_updates: mpsc::Receiver<(Vec<crate::wire::PathHop>, Vec<crate::wire::Member>)>,
+    /// Our keys.
+    pub keys: HostKeys,
+    /// As a PoP, the secret viewers must present (`None`: open to every viewer).
+    pub viewer_secret: Option<Secret>,
+    /// Benchmark only: no session layer on the data path.
+    pub plaintext: bool,
 }
 
 /// Binds `ip:port`, fetches our neighbours (retrying while the bootstrapper is unreachable) and
@@ -86,24 +143,38 @@ pub async fn join_overlay(
         )
     })?;
     grow_receive_buffer(&socket, RECEIVE_BUFFER);
-    let me = match fetch_neighbours_retrying(args.bootstrapper_addr(), args.ip, shutdown).await {
-        Ok(me) => me,
-        Err(FetchError::Refused(reason)) => {
-            anyhow::bail!(
-                "the bootstrapper at {} refused {}: {reason}",
-                args.bootstrapper_addr(),
-                args.ip
-            )
-        }
-        Err(e) => {
-            return Err(e).with_context(|| {
-                format!(
-                    "cannot get neighbours from the bootstrapper at {}",
-                    args.bootstrapper_addr()
+    let keys = load_keys(args.ip, args.key.as_deref(), args.network_key.as_deref())?;
+    let viewer_secret = load_viewer_secret(args.viewer_key.as_deref())?;
+    let me =
+        match fetch_neighbours_retrying(args.bootstrapper_addr(), args.ip, &keys, shutdown).await {
+            Ok(me) => me,
+            Err(e) if e.is_auth() => {
+                anyhow::bail!(
+                    "the bootstrapper at {} does not accept this host's network key ({}): {e}. \
+                 Copy the network key file of the bootstrapper's machine here (--network-key)",
+                    args.bootstrapper_addr(),
+                    args.network_key
+                        .clone()
+                        .unwrap_or_else(crate::keys::default_network_key)
+                        .display()
                 )
-            })
-        }
-    };
+            }
+            Err(FetchError::Refused(reason)) => {
+                anyhow::bail!(
+                    "the bootstrapper at {} refused {}: {reason}",
+                    args.bootstrapper_addr(),
+                    args.ip
+                )
+            }
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot get neighbours from the bootstrapper at {}",
+                        args.bootstrapper_addr()
+                    )
+                })
+            }
+        };
     info!(
         id = %me.id,
         addr = %me.addr,
@@ -116,13 +187,24 @@ pub async fn join_overlay(
         warn!(impair = %impair, "TESTING AID: impairing outgoing traffic");
         Box::new(Impairment::new(impair, Instant::now()))
     };
-    let neighbour_updates =
-        watch_neighbours(args.bootstrapper_addr(), args.ip, &me, shutdown.clone());
+    let neighbour_updates = watch_neighbours(
+        args.bootstrapper_addr(),
+        args.ip,
+        keys.clone(),
+        &me,
+        shutdown.clone(),
+    );
+    if args.bench_plaintext {
+        warn!("BENCHMARK ONLY: the data path is not encrypted");
+    }
     Ok(Joined {
         me,
         socket,
         shim,
         neighbour_updates,
+        keys,
+        viewer_secret,
+        plaintext: args.bench_plaintext,
     })
 }
 

@@ -44,7 +44,9 @@ pub enum KeyError {
 }
 
 /// A public key (X25519), shown as 64 lowercase hex digits.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
 pub struct PublicKey(pub [u8; KEY_LEN]);
 
 impl PublicKey {
@@ -163,7 +165,12 @@ pub fn default_dir() -> PathBuf {
 
 /// The default host key file of the host at `ip`.
 pub fn default_host_key(ip: IpAddr) -> PathBuf {
-    default_dir().join(format!("host-{ip}.key"))
+    default_host_key_in(&default_dir(), ip)
+}
+
+/// The host key file of the host at `ip` in the key directory `dir`.
+pub fn default_host_key_in(dir: &Path, ip: IpAddr) -> PathBuf {
+    dir.join(format!("host-{ip}.key"))
 }
 
 /// The default network key file.
@@ -185,19 +192,34 @@ pub fn load_or_create(path: &Path) -> Result<(Secret, bool), KeyError> {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }
+            // Written whole under a temporary name, then linked into place: a host started at
+            // the same moment reads either no file or the complete one, never half of it.
+            // (Unique per process and call: threads of one process may race too.)
+            let mut nonce = [0u8; 8];
+            getrandom(&mut nonce);
+            let tmp = path.with_extension(format!(
+                "tmp{}-{}",
+                std::process::id(),
+                u64::from_le_bytes(nonce)
+            ));
             let mut opts = std::fs::OpenOptions::new();
-            opts.write(true).create_new(true);
+            opts.write(true).create(true).truncate(true);
             #[cfg(unix)]
             {
                 use std::os::unix::fs::OpenOptionsExt;
                 opts.mode(0o600);
             }
-            match opts.open(path) {
-                Ok(mut f) => {
-                    f.write_all(format!("{}\n", hex(&secret.0)).as_bytes())
-                        .map_err(io)?;
-                    Ok((secret, true))
-                }
+            let written = opts
+                .open(&tmp)
+                .and_then(|mut f| f.write_all(format!("{}\n", hex(&secret.0)).as_bytes()));
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(io(e));
+            }
+            let linked = std::fs::hard_link(&tmp, path);
+            let _ = std::fs::remove_file(&tmp);
+            match linked {
+                Ok(()) => Ok((secret, true)),
                 // Another process created it first (hosts started together): use theirs.
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                     let text = std::fs::read_to_string(path).map_err(io)?;
@@ -309,5 +331,23 @@ mod tests {
         assert_eq!(text.len(), 64);
         assert_eq!(PublicKey::parse(&text).unwrap(), kp.public);
         assert!(PublicKey::parse("abc").is_err());
+    }
+
+    #[test]
+    fn threads_creating_one_file_together_agree() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("network.key");
+        let keys: Vec<Secret> = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..8)
+                .map(|_| s.spawn(|| load_or_create(&p).unwrap().0))
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(keys.iter().all(|k| *k == keys[0]));
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary left"
+        );
     }
 }

@@ -13,6 +13,15 @@
 //! Keys must be quoted (a bare `127.0.0.1` is a TOML *dotted key*). Addresses are bare IPv4 or
 //! IPv6 literals without a port: every host listens on the overlay port.
 //!
+//! Optionally, a `[keys]` table (after the host entries) pins hosts' static public keys (64 hex
+//! digits, what `keygen` prints and every host logs at start): the bootstrapper then refuses a
+//! host at that address that presents another key.
+//!
+//! ```toml
+//! [keys]
+//! "127.0.0.1" = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29"
+//! ```
+//!
 //! [`Topology::parse`] rejects files that cannot be used ([`TopologyError`], always naming the
 //! offending entry and its 1-based line) and returns non-fatal findings as
 //! [`TopologyWarning`]s for the caller to log.
@@ -33,6 +42,8 @@ use toml::Spanned;
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
     entries: Vec<Entry>,
+    /// Pinned static keys (`[keys]`).
+    keys: std::collections::BTreeMap<IpAddr, crate::keys::PublicKey>,
 }
 
 /// One host of the topology, with optional source positions for diagnostics.
@@ -68,7 +79,8 @@ impl Entry {
 
 impl PartialEq for Topology {
     fn eq(&self, other: &Topology) -> bool {
-        self.entries.len() == other.entries.len()
+        self.keys == other.keys
+            && self.entries.len() == other.entries.len()
             && self
                 .entries
                 .iter()
@@ -186,6 +198,24 @@ pub enum TopologyError {
         /// Where the offending element is.
         line: Line,
     },
+    /// A `[keys]` entry is not a 64-hex-digit public key.
+    #[error("{line}[keys] \"{host}\": {found} is not a public key (expected 64 hex digits, as `keygen` prints)")]
+    BadKey {
+        /// The entry's host, as written.
+        host: String,
+        /// What was found.
+        found: String,
+        /// Where.
+        line: Line,
+    },
+    /// A `[keys]` entry names a host that has no entry.
+    #[error("{line}[keys] pins a key for {host}, which is not a host of the topology")]
+    KeyForUnknownHost {
+        /// The host.
+        host: IpAddr,
+        /// Where.
+        line: Line,
+    },
     /// A host lists itself as a neighbour.
     #[error("{line}\"{host}\" lists itself as a neighbour")]
     SelfLoop {
@@ -248,6 +278,8 @@ impl TopologyError {
             | TopologyError::InvalidAddress { line, .. }
             | TopologyError::NotAList { line, .. }
             | TopologyError::NotAString { line, .. }
+            | TopologyError::BadKey { line, .. }
+            | TopologyError::KeyForUnknownHost { line, .. }
             | TopologyError::SelfLoop { line, .. }
             | TopologyError::UnknownNeighbour { line, .. } => line.0,
         }
@@ -359,9 +391,36 @@ impl Topology {
         items.sort_by_key(|(k, _)| k.span().start);
 
         let mut entries = Vec::with_capacity(items.len());
+        let mut keys = std::collections::BTreeMap::new();
+        let mut key_lines = Vec::new();
         for (key, value) in items {
             let key_line = lines.line_of(key.span());
             let key_text: &str = key.get_ref();
+            if key_text == "keys" {
+                if let DeValue::Table(t) = value.get_ref() {
+                    for (host, k) in t.iter() {
+                        let line = lines.line_of(host.span());
+                        let ip = parse_ip(host.get_ref(), line)?;
+                        let found = match k.get_ref() {
+                            DeValue::String(s) => match crate::keys::PublicKey::parse(s) {
+                                Ok(pk) => {
+                                    keys.insert(ip, pk);
+                                    key_lines.push((ip, line));
+                                    continue;
+                                }
+                                Err(_) => format!("{s:?}"),
+                            },
+                            other => format!("{} {}", article(other.type_str()), other.type_str()),
+                        };
+                        return Err(TopologyError::BadKey {
+                            host: host.get_ref().to_string(),
+                            found,
+                            line,
+                        });
+                    }
+                    continue;
+                }
+            }
             // Shape first: a bare `127.0.0.1` key parses as nested tables, and the "not a list"
             // error explains that better than "\"127\" is not an IP address".
             let list = match value.get_ref() {
@@ -393,8 +452,13 @@ impl Topology {
             entries.push(entry);
         }
 
-        let mut topology = Topology { entries };
+        let mut topology = Topology { entries, keys };
         let warnings = topology.validate()?;
+        for (ip, line) in key_lines {
+            if topology.entry(ip).is_none() {
+                return Err(TopologyError::KeyForUnknownHost { host: ip, line });
+            }
+        }
         topology.dedup_neighbours();
         Ok((topology, warnings))
     }
@@ -494,7 +558,20 @@ impl Topology {
                 line: None,
             })
             .collect();
-        Topology { entries }
+        Topology {
+            entries,
+            keys: Default::default(),
+        }
+    }
+
+    /// The key pinned for `host` (`[keys]`), if any.
+    pub fn pinned_key(&self, host: IpAddr) -> Option<crate::keys::PublicKey> {
+        self.keys.get(&host).copied()
+    }
+
+    /// Pins `key` for `host` (programmatic topologies).
+    pub fn pin_key(&mut self, host: IpAddr, key: crate::keys::PublicKey) {
+        self.keys.insert(host, key);
     }
 
     /// Starts building a topology host by host and link by link.
@@ -623,6 +700,7 @@ impl TopologyBuilder {
     pub fn build(self) -> Topology {
         Topology {
             entries: self.entries,
+            keys: Default::default(),
         }
     }
 
@@ -1028,5 +1106,28 @@ mod tests {
                 .unwrap()
                 .contains(&ip("127.0.2.2")));
         }
+    }
+
+    #[test]
+    fn keys_are_pinned_and_bad_pins_are_named() {
+        let k = "3b6a27bcceb6a42d62a3a8d02a6f0d73653215771de243a63ac048a18b59da29";
+        let text = format!(
+            "\"127.0.0.1\" = [\"127.0.0.2\"]\n\"127.0.0.2\" = [\"127.0.0.1\"]\n\n[keys]\n\"127.0.0.1\" = \"{k}\"\n"
+        );
+        let (t, _) = Topology::parse(&text).unwrap();
+        let ip: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(t.pinned_key(ip).unwrap().to_string(), k);
+        assert_eq!(t.pinned_key("127.0.0.2".parse().unwrap()), None);
+        let bad = text.replace(k, "abc");
+        let e = Topology::parse(&bad).unwrap_err().to_string();
+        assert!(
+            e.contains("line 5") && e.contains("127.0.0.1") && e.contains("\"abc\""),
+            "{e}"
+        );
+        let unknown = text.replace("\"127.0.0.1\" = \"3b", "\"127.0.0.9\" = \"3b");
+        let e = Topology::parse(&unknown).unwrap_err().to_string();
+        assert!(e.contains("127.0.0.9") && e.contains("not a host"), "{e}");
+        let (t2, _) = Topology::parse(&text.replace(k, &k.replace('3', "4"))).unwrap();
+        assert_ne!(t, t2, "a changed pin is a change of topology");
     }
 }

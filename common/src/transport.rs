@@ -104,7 +104,8 @@ enum Command {
         reply: oneshot::Sender<Result<u64, WireError>>,
     },
     SendBytes {
-        peer: SocketAddr,
+        peer: PeerId,
+        addr: SocketAddr,
         bytes: Bytes,
     },
     Rtt {
@@ -150,6 +151,27 @@ impl Transport {
         )
     }
 
+    /// Like [`spawn`](Self::spawn) with a session layer: every datagram sealed and
+    /// authenticated (a test peer speaking to real daemons).
+    pub fn spawn_secure(
+        socket: UdpSocket,
+        local: NodeId,
+        cfg: TransportConfig,
+        secure: crate::secure::Secure,
+        shutdown: CancellationToken,
+    ) -> io::Result<(Transport, mpsc::Receiver<Incoming>, JoinHandle<()>)> {
+        let session = Rng::from_entropy().next_u64();
+        Self::spawn_full(
+            socket,
+            local,
+            session,
+            cfg,
+            shutdown,
+            Box::new(Direct::default()),
+            Some(secure),
+        )
+    }
+
     /// Like [`spawn`](Self::spawn) with an explicit reliable `session` and send-path `shim`
     /// (the hook where the impairment shim is plugged in).
     pub fn spawn_with_shim(
@@ -160,12 +182,28 @@ impl Transport {
         shutdown: CancellationToken,
         shim: Box<dyn SendShim>,
     ) -> io::Result<(Transport, mpsc::Receiver<Incoming>, JoinHandle<()>)> {
+        Self::spawn_full(socket, local, session, cfg, shutdown, shim, None)
+    }
+
+    fn spawn_full(
+        socket: UdpSocket,
+        local: NodeId,
+        session: u64,
+        cfg: TransportConfig,
+        shutdown: CancellationToken,
+        shim: Box<dyn SendShim>,
+        secure: Option<crate::secure::Secure>,
+    ) -> io::Result<(Transport, mpsc::Receiver<Incoming>, JoinHandle<()>)> {
         let local_addr = socket.local_addr()?;
         let (cmd_tx, cmd_rx) = mpsc::channel(cfg.command_queue.max(1));
         let (in_tx, in_rx) = mpsc::channel(cfg.incoming_queue.max(1));
+        let mut link = Link::new(local, session, cfg.reliable.clone());
+        if let Some(s) = secure {
+            link.set_secure(s);
+        }
         let driver = Driver {
             port: Port::new(socket, shim),
-            link: Link::new(local, session, cfg.reliable.clone()),
+            link,
             cmd_rx,
             incoming: in_tx,
             pending: VecDeque::new(),
@@ -214,20 +252,28 @@ impl Transport {
         Ok(rx.await.map_err(|_| TransportError::Closed)??)
     }
 
-    /// Sends `msg` once, without acknowledgement. Encoded by the caller's task.
+    /// Sends `msg` once to `peer` at `addr`, without acknowledgement. Encoded by the caller's
+    /// task.
     pub async fn send_unreliable(
         &self,
-        peer: SocketAddr,
+        peer: PeerId,
+        addr: SocketAddr,
         msg: Message,
     ) -> Result<(), TransportError> {
         let bytes = Datagram::new(self.local, Body::Unreliable(msg)).encode()?;
-        self.send_bytes(peer, bytes).await
+        self.send_bytes(peer, addr, bytes).await
     }
 
-    /// Sends an already encoded datagram (the data path encodes a video datagram once and hands
-    /// the same `Bytes` for every subscriber).
-    pub async fn send_bytes(&self, peer: SocketAddr, bytes: Bytes) -> Result<(), TransportError> {
-        self.command(Command::SendBytes { peer, bytes }).await
+    /// Sends an already encoded datagram to `peer` at `addr` (the data path encodes a video
+    /// datagram once and hands the same `Bytes` for every subscriber). The peer's id picks its
+    /// session when there is a session layer; a PoP not heard from yet is found by its address.
+    pub async fn send_bytes(
+        &self,
+        peer: PeerId,
+        addr: SocketAddr,
+        bytes: Bytes,
+    ) -> Result<(), TransportError> {
+        self.command(Command::SendBytes { peer, addr, bytes }).await
     }
 
     /// The RTT estimate of `peer` (`None` before the first sample).
@@ -340,7 +386,7 @@ impl Driver {
                 let _ = reply.send(self.link.send_reliable(t, peer, addr, msg));
             }
             // A plaintext link: the peer id would only pick a session.
-            Command::SendBytes { peer, bytes } => self.link.send_bytes(t, NodeId(0), peer, bytes),
+            Command::SendBytes { peer, addr, bytes } => self.link.send_bytes(t, peer, addr, bytes),
             Command::Rtt { peer, reply } => {
                 let _ = reply.send(self.link.rtt(peer));
             }

@@ -432,6 +432,15 @@ pub enum BootstrapRequest {
     },
 }
 
+/// An overlay member and its static public key (see `common::secure`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Its id.
+    pub id: NodeId,
+    /// Its static X25519 public key.
+    pub key: crate::keys::PublicKey,
+}
+
 /// Bootstrap answer.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BootstrapResponse {
@@ -444,6 +453,10 @@ pub enum BootstrapResponse {
         /// Its neighbours.
         #[serde(deserialize_with = "bounded::vec::<_, _, { limits::NEIGHBOURS }>")]
         neighbours: Vec<PathHop>,
+        /// The overlay's members whose static keys are known (pinned in the topology, or
+        /// registered by the host itself): who may open a session with whom.
+        #[serde(deserialize_with = "bounded::vec::<_, _, { limits::NEIGHBOURS }>")]
+        members: Vec<Member>,
     },
     /// The requester is not in the topology (or asked something refused): the reason says why.
     Refused {
@@ -633,12 +646,20 @@ mod tests {
             (
                 arb_node(),
                 arb_addr(),
-                prop::collection::vec(arb_hop(), 0..50)
+                prop::collection::vec(arb_hop(), 0..50),
+                prop::collection::vec((arb_node(), any::<[u8; 32]>()), 0..50)
             )
-                .prop_map(|(id, addr, neighbours)| BootstrapResponse::Neighbours {
+                .prop_map(|(id, addr, neighbours, m)| BootstrapResponse::Neighbours {
                     id,
                     addr,
-                    neighbours
+                    neighbours,
+                    members: m
+                        .into_iter()
+                        .map(|(id, k)| Member {
+                            id,
+                            key: crate::keys::PublicKey(k)
+                        })
+                        .collect(),
                 }),
             ".{0,100}".prop_map(|reason| BootstrapResponse::Refused { reason }),
         ]

@@ -90,9 +90,11 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
     .encode()
     .unwrap();
     for _ in 0..5 {
-        ta.send_bytes(b, video.clone()).await.unwrap();
+        ta.send_bytes(ib, b, video.clone()).await.unwrap();
     }
-    ta.send_unreliable(b, Message::ListChannels).await.unwrap();
+    ta.send_unreliable(ib, b, Message::ListChannels)
+        .await
+        .unwrap();
     for g in &garbage {
         rogue.send_to(g, b).await.unwrap();
     }

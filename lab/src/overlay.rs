@@ -116,6 +116,8 @@ impl Lab {
             net,
         };
         lab.write_topology()?;
+        // One network key for the run, before any host starts.
+        common::keys::load_or_create(&lab.sup.key_dir().join("network.key"))?;
         Ok(lab)
     }
 
@@ -284,13 +286,21 @@ impl Lab {
         let addr = self.addr(host);
         let ns = self.netns_of(host);
         let t0 = Instant::now();
+        // Asked as the host itself (its own key files), so the registration is its.
+        let dir = self.sup.key_dir();
+        let keys = common::host::load_keys(
+            addr,
+            Some(&common::keys::default_host_key_in(&dir, addr)),
+            Some(&dir.join("network.key")),
+        )?;
         let answer = crate::netns::run_in(ns.as_deref(), move || -> anyhow::Result<usize> {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
             rt.block_on(async {
                 loop {
-                    let tried = common::bootstrap::fetch_neighbours(bootstrapper, addr).await;
+                    let tried =
+                        common::bootstrap::fetch_neighbours(bootstrapper, addr, &keys).await;
                     match tried {
                         Ok(n) if n.neighbours.len() == links => return Ok(n.neighbours.len()),
                         Ok(_) | Err(_) if t0.elapsed() < RELOAD_TIMEOUT => {

@@ -87,6 +87,11 @@ impl Supervisor {
         })
     }
 
+    /// Where the processes keep their keys (see [`key_dir`]).
+    pub fn key_dir(&self) -> PathBuf {
+        key_dir(&self.log_dir)
+    }
+
     /// The log file of process `name`.
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.log_dir
@@ -206,6 +211,13 @@ impl Supervisor {
     }
 }
 
+/// Where the lab's hosts keep their keys: `<log_dir>/keys` (or `$PESSI_KEY_DIR` if set).
+pub fn key_dir(log_dir: &std::path::Path) -> PathBuf {
+    std::env::var_os("PESSI_KEY_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| log_dir.join("keys"))
+}
+
 fn start(name: &str, p: &mut Proc) -> anyhow::Result<()> {
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -214,6 +226,13 @@ fn start(name: &str, p: &mut Proc) -> anyhow::Result<()> {
         .with_context(|| format!("cannot open {}", p.log.display()))?;
     let log2 = log.try_clone()?;
     let mut cmd = common::runtime::child_command(&p.program);
+    // The lab's hosts keep their keys (host keys, the network key) with the lab's logs, so a
+    // run never touches the user's own keys and every run starts a fresh network.
+    if std::env::var_os("PESSI_KEY_DIR").is_none() {
+        if let Some(dir) = p.log.parent() {
+            cmd.env("PESSI_KEY_DIR", key_dir(dir));
+        }
+    }
     if let Some(ns) = &p.netns {
         crate::netns::enter_in_child(&mut cmd, ns)
             .with_context(|| format!("cannot start {name} in its network namespace"))?;

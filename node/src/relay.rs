@@ -60,7 +60,8 @@ pub use crate::relay_core::{RelayConfig, RelayStats};
 use bytes::Bytes;
 use common::host::Joined;
 use common::port::Port;
-use common::wire::{ChannelId, ChannelInfo, PathHop};
+use common::secure::{Secure, SecureConfig};
+use common::wire::{ChannelId, ChannelInfo, Member, PathHop};
 use std::time::Instant;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -193,8 +194,9 @@ struct Engine {
     core: RelayCore,
     port: Port,
     cmd_rx: mpsc::Receiver<Command>,
-    /// Neighbour lists pushed by the bootstrapper (topology edits).
-    neighbour_updates: mpsc::Receiver<Vec<PathHop>>,
+    /// Neighbour lists and member directories pushed by the bootstrapper (topology edits,
+    /// hosts registering their keys).
+    neighbour_updates: mpsc::Receiver<(Vec<PathHop>, Vec<Member>)>,
     /// Receivers of local demand ([`Relay::local_demand`]).
     demand: Vec<mpsc::Sender<(ChannelId, bool)>>,
 }
@@ -203,20 +205,40 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// The bootstrapper's member directory as the core takes it.
+fn members(m: &[Member]) -> Vec<(common::PeerId, common::keys::PublicKey)> {
+    m.iter().map(|m| (m.id, m.key)).collect()
+}
+
 impl Engine {
     fn new(joined: Joined, cfg: RelayConfig, cmd_rx: mpsc::Receiver<Command>) -> Engine {
         let me = PathHop {
             id: joined.me.id,
             addr: joined.me.addr,
         };
+        let seed = common::rng::Rng::from_entropy().next_u64();
+        let mut core = RelayCore::new(me, &joined.me.neighbours, cfg, now(), seed);
+        if !joined.plaintext {
+            // Every datagram sealed and authenticated: members by their static keys (the
+            // directory from the bootstrapper), viewers by the handshake (and the viewer
+            // secret when the PoP requires one).
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            let mut sc = SecureConfig::member(
+                joined.keys.identity.clone(),
+                joined.keys.network.clone(),
+                stamp,
+                seed,
+            );
+            if let Some(v) = joined.viewer_secret.clone() {
+                sc.viewer_secret = Some(v);
+            }
+            core = core.with_secure(Secure::new(sc));
+            core.handle_command(now(), CoreCommand::SetMembers(members(&joined.me.members)));
+        }
         Engine {
-            core: RelayCore::new(
-                me,
-                &joined.me.neighbours,
-                cfg,
-                now(),
-                common::rng::Rng::from_entropy().next_u64(),
-            ),
+            core,
             port: Port::new(joined.socket, joined.shim),
             cmd_rx,
             neighbour_updates: joined.neighbour_updates,
@@ -244,7 +266,10 @@ impl Engine {
                     None => commands_open = false,
                 },
                 n = self.neighbour_updates.recv(), if updates_open => match n {
-                    Some(n) => self.core.handle_command(now(), CoreCommand::SetNeighbours(n)),
+                    Some((n, m)) => {
+                        self.core.handle_command(now(), CoreCommand::SetMembers(members(&m)));
+                        self.core.handle_command(now(), CoreCommand::SetNeighbours(n));
+                    }
                     None => updates_open = false,
                 },
                 r = self.port.recv() => if let Some((from, bytes)) = r {

@@ -200,6 +200,10 @@ fn new_subscribers_start_at_a_keyframe_from_the_gop_cache() {
             impair: vec![],
             no_recovery: false,
             redundancy: 1,
+            key: Some(support::key_files(format!("{P}.1").parse().unwrap()).0),
+            network_key: Some(support::key_files(format!("{P}.1").parse().unwrap()).1),
+            viewer_key: None,
+            bench_plaintext: false,
         };
         let joined = join_overlay(&args, &shutdown).await.unwrap();
         let (relay, _task) = Relay::spawn(joined, RelayConfig::default(), shutdown.clone());

@@ -56,6 +56,7 @@ fn a_node_outside_the_topology_is_refused_and_exits() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (port, shutdown) = start_bootstrapper(&rt, P, CHAIN, PORT);
     let out = Command::new(env!("CARGO_BIN_EXE_node"))
+        .env("PESSI_KEY_DIR", support::key_dir())
         .args(["--ip", "127.0.40.9", "--port", "18040"])
         .args([
             "--bootstrapper",
@@ -69,6 +70,33 @@ fn a_node_outside_the_topology_is_refused_and_exits() {
     assert!(!out.status.success());
     assert!(
         stderr.contains("127.0.40.9 is not in the topology"),
+        "{stderr}"
+    );
+    shutdown.cancel();
+}
+
+/// A node with another network key than the bootstrapper's is refused with a message that
+/// says so and names the key file, and exits.
+#[test]
+fn a_node_with_another_network_key_is_refused_and_exits() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (port, shutdown) = start_bootstrapper(&rt, P, CHAIN, PORT);
+    let other = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_node"))
+        .env("PESSI_KEY_DIR", other.path())
+        .args(["--ip", "127.0.40.2", "--port", "18041"])
+        .args([
+            "--bootstrapper",
+            "127.0.40.250",
+            "--bootstrapper-port",
+            &port.to_string(),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        stderr.contains("wrong network key") && stderr.contains("network.key"),
         "{stderr}"
     );
     shutdown.cancel();

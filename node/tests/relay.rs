@@ -73,6 +73,10 @@ async fn start_server_with(
         impair,
         no_recovery,
         redundancy: 1,
+        key: Some(support::key_files(ip.parse().unwrap()).0),
+        network_key: Some(support::key_files(ip.parse().unwrap()).1),
+        viewer_key: None,
+        bench_plaintext: false,
     };
     let joined = join_overlay(&args, shutdown).await.unwrap();
     let (relay, _task) = Relay::spawn(joined, RelayConfig::from_args(&args), shutdown.clone());

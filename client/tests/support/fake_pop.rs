@@ -5,6 +5,8 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use common::keys::{KeyPair, Secret};
+use common::secure::{Secure, SecureConfig};
 use common::transport::{Incoming, Transport, TransportConfig};
 use common::ts::{DatagramChunker, TsSplitter};
 use common::wire::{Body, ChannelId, ChannelInfo, Datagram, Message, VideoPacket};
@@ -111,16 +113,25 @@ impl FakePop {
         let socket = UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
         let stop = CancellationToken::new();
-        let (transport, mut incoming, _task) = Transport::spawn(
+        // A PoP as the real ones are: viewers open a session with it (it has a static key and
+        // admits every viewer).
+        let secure = Secure::new(SecureConfig::member(
+            KeyPair::generate(),
+            Secret::random(),
+            1,
+            u64::from(addr.port()),
+        ));
+        let (transport, mut incoming, _task) = Transport::spawn_secure(
             socket,
             NodeId::for_ip(addr.ip()),
             TransportConfig::default(),
+            secure,
             stop.clone(),
         )
         .unwrap();
         let alive = Arc::new(AtomicBool::new(true));
         let sent = Arc::new(Mutex::new(Vec::new()));
-        let subscribers = Arc::new(Mutex::new(BTreeSet::<SocketAddr>::new()));
+        let subscribers = Arc::new(Mutex::new(BTreeSet::<(NodeId, SocketAddr)>::new()));
         let resent = Arc::new(Mutex::new(Vec::new()));
         // seq → the datagram flagged RETRANSMIT.
         let store = Arc::new(Mutex::new(HashMap::<u64, Bytes>::new()));
@@ -143,7 +154,10 @@ impl FakePop {
                     if !alive.load(Ordering::SeqCst) {
                         continue;
                     }
-                    let Incoming::Message { from, msg, .. } = item else {
+                    let Incoming::Message {
+                        from, sender, msg, ..
+                    } = item
+                    else {
                         continue;
                     };
                     match msg {
@@ -151,12 +165,15 @@ impl FakePop {
                             let t = t.clone();
                             tokio::spawn(async move {
                                 tokio::time::sleep(pong_delay).await;
-                                let _ = t.send_unreliable(from, Message::Pong { nonce }).await;
+                                let _ = t
+                                    .send_unreliable(sender, from, Message::Pong { nonce })
+                                    .await;
                             });
                         }
                         Message::ListChannels => {
                             let _ = t
                                 .send_unreliable(
+                                    sender,
                                     from,
                                     Message::Channels {
                                         page: 0,
@@ -170,17 +187,17 @@ impl FakePop {
                                 .await;
                         }
                         Message::Subscribe { channel: c } if c == channel => {
-                            subs.lock().unwrap().insert(from);
+                            subs.lock().unwrap().insert((sender, from));
                         }
                         Message::Unsubscribe { channel: c } if c == channel => {
-                            subs.lock().unwrap().remove(&from);
+                            subs.lock().unwrap().remove(&(sender, from));
                         }
                         Message::Nack { channel: c, seqs } if c == channel => {
                             for seq in seqs {
                                 let d = store.lock().unwrap().get(&seq).cloned();
                                 if let Some(d) = d {
                                     resent.lock().unwrap().push(seq);
-                                    let _ = t.send_bytes(from, d).await;
+                                    let _ = t.send_bytes(sender, from, d).await;
                                 }
                             }
                         }
@@ -200,7 +217,7 @@ impl FakePop {
                         _ = stop.cancelled() => return,
                         _ = tick.tick() => {}
                     }
-                    let subs: Vec<SocketAddr> =
+                    let subs: Vec<(NodeId, SocketAddr)> =
                         subscribers.lock().unwrap().iter().copied().collect();
                     if !alive.load(Ordering::SeqCst) || subs.is_empty() {
                         continue;
@@ -234,8 +251,8 @@ impl FakePop {
                         && (i + 1).is_multiple_of(drop_every)
                         && (looping || i + 1 < total);
                     if !dropped {
-                        for s in subs {
-                            let _ = transport.send_bytes(s, bytes.clone()).await;
+                        for (id, s) in subs {
+                            let _ = transport.send_bytes(id, s, bytes.clone()).await;
                         }
                     }
                     sent.lock().unwrap().push(payload);

@@ -4,10 +4,15 @@
 #![allow(dead_code)]
 
 use bytes::Bytes;
+use common::secure::{Secure, SecureConfig};
 use common::topology::Topology;
 use common::transport::{Incoming, Transport, TransportConfig};
 use common::wire::{ChannelId, Message};
 use common::NodeId;
+
+fn rand_seed() -> u64 {
+    common::rng::Rng::from_entropy().next_u64()
+}
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -16,6 +21,32 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+/// The key directory of this test process's hosts (host keys, the network key), shared by
+/// the in-process bootstrapper, in-process servers and the `node` processes.
+pub fn key_dir() -> &'static std::path::Path {
+    static DIR: std::sync::OnceLock<std::path::PathBuf> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let d = std::env::temp_dir().join(format!("pessi-test-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    })
+}
+
+/// The network key of [`key_dir`].
+pub fn network_key() -> common::keys::Secret {
+    common::keys::load_or_create(&key_dir().join("network.key"))
+        .unwrap()
+        .0
+}
+
+/// `--key` / `--network-key` of the host at `ip` in [`key_dir`].
+pub fn key_files(ip: std::net::IpAddr) -> (std::path::PathBuf, std::path::PathBuf) {
+    (
+        common::keys::default_host_key_in(key_dir(), ip),
+        key_dir().join("network.key"),
+    )
+}
 
 /// Starts the bootstrapper on `<prefix>.250` (ephemeral port) for `topology`, telling nodes to
 /// use `overlay_port`; returns its port and the token that stops it.
@@ -54,7 +85,7 @@ pub fn start_bootstrapper_editable(
         rx,
         bootstrapper::Config {
             overlay_port,
-            ..Default::default()
+            ..bootstrapper::Config::new(network_key())
         },
         shutdown.clone(),
     ));
@@ -104,6 +135,7 @@ impl Daemon {
             .args(["--bootstrapper", &format!("{prefix}.250")])
             .args(["--bootstrapper-port", &bootstrapper_port.to_string()])
             .env("RUST_LOG", log)
+            .env("PESSI_KEY_DIR", key_dir())
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -266,10 +298,14 @@ impl Client {
         if big_buffer {
             common::host::grow_receive_buffer(&socket, common::host::RECEIVE_BUFFER);
         }
-        let (transport, incoming, _task) = Transport::spawn(
+        // A viewer: a session with its PoP (whose key it learns), like the real client.
+        let mut secure = Secure::new(SecureConfig::viewer(None, rand_seed()));
+        secure.add_pop(pop, None);
+        let (transport, incoming, _task) = Transport::spawn_secure(
             socket,
             NodeId::random(),
             TransportConfig::default(),
+            secure,
             shutdown.clone(),
         )
         .unwrap();
@@ -283,7 +319,7 @@ impl Client {
                     _ = stop.cancelled() => break,
                     _ = tick.tick() => {
                         nonce += 1;
-                        let _ = t.send_unreliable(pop, Message::Ping { nonce }).await;
+                        let _ = t.send_unreliable(NodeId(0), pop, Message::Ping { nonce }).await;
                     }
                 }
             }
@@ -315,7 +351,7 @@ impl Client {
                 self.pop
             );
             self.transport
-                .send_unreliable(self.pop, Message::ListChannels)
+                .send_unreliable(NodeId(0), self.pop, Message::ListChannels)
                 .await
                 .unwrap();
             let until = tokio::time::Instant::now() + Duration::from_millis(300);
