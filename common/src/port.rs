@@ -130,6 +130,24 @@ impl Port {
         }
     }
 
+    /// A datagram already waiting in the socket, without waiting (`None`: none). A driver
+    /// drains a burst with it after [`recv`](Self::recv) before flushing, so a flood of
+    /// datagrams costs one wake-up per burst, not per datagram.
+    pub fn try_recv(&mut self) -> Option<(SocketAddr, &[u8])> {
+        match self.socket.try_recv_from(&mut self.buf) {
+            Ok((n, from)) => {
+                self.stats.datagrams_in += 1;
+                Some((from, &self.buf[..n]))
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
+            Err(e) => {
+                self.stats.recv_errors += 1;
+                debug!(error = %e, "try_recv_from failed");
+                None
+            }
+        }
+    }
+
     /// Queues a datagram for `to` (sent by the next [`flush`](Self::flush)).
     pub fn push(&mut self, now: Instant, to: SocketAddr, bytes: Bytes) {
         self.shim.push(now, to, bytes);

@@ -83,6 +83,10 @@ pub const QUEUE: usize = 64;
 pub const UNBOUND_TTL: Duration = Duration::from_secs(10);
 /// Most sessions kept for viewers (a PoP); the oldest unbound ones go first.
 pub const MAX_VIEWER_SESSIONS: usize = 4096;
+/// Rejections logged per window at most (each a new source IP and reason).
+const LOG_LINES: usize = 32;
+/// The window of [`LOG_LINES`].
+const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Handshake responses per second (Diffie-Hellman work for others), with a burst of this many.
 pub const HANDSHAKES_PER_SEC: f64 = 500.0;
 
@@ -438,7 +442,11 @@ pub struct Secure {
     tokens: f64,
     tokens_at: Option<Instant>,
     next_expiry: Option<Instant>,
-    logged: HashSet<(SocketAddr, Reason)>,
+    /// (source IP, reason) pairs logged in the current log window, and when it started.
+    logged: HashSet<(std::net::IpAddr, Reason)>,
+    log_window: Option<Instant>,
+    /// The time of the datagram being handled.
+    now: Option<Instant>,
     transmit: VecDeque<(SocketAddr, Bytes)>,
     events: VecDeque<SecureEvent>,
     stats: SecureStats,
@@ -512,6 +520,8 @@ impl Secure {
             tokens_at: None,
             next_expiry: None,
             logged: HashSet::new(),
+            log_window: None,
+            now: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
             stats: SecureStats::default(),
@@ -776,6 +786,7 @@ impl Secure {
         from: SocketAddr,
         bytes: &[u8],
     ) -> Option<Opened> {
+        self.now = Some(now);
         if bytes.len() < PREFIX || bytes[..2] != MAGIC || bytes[2] != SECURE_VERSION {
             self.reject(from, Reason::Malformed);
             return None;
@@ -803,11 +814,31 @@ impl Secure {
 
     fn reject(&mut self, from: SocketAddr, r: Reason) {
         self.stats.rejected[r as usize] += 1;
-        if self.logged.len() >= 4096 {
-            self.logged.clear();
+        // Logged once per source IP and reason, at most LOG_LINES lines per LOG_WINDOW (a
+        // flood from many addresses must not turn into a flood of log lines); always counted.
+        if let Some(now) = self.now {
+            if self
+                .log_window
+                .is_none_or(|w| now.saturating_duration_since(w) >= LOG_WINDOW)
+            {
+                self.log_window = Some(now);
+                self.logged.clear();
+            }
         }
-        if self.logged.insert((from, r)) {
-            warn!(peer = %from, reason = ?r, "{r} from {from}; dropped (logged once per peer and reason)");
+        if self.logged.len() > LOG_LINES {
+            return;
+        }
+        if self.logged.len() == LOG_LINES {
+            self.logged.insert((from.ip(), r));
+            warn!(
+                window_s = LOG_WINDOW.as_secs(),
+                "more rejected datagrams: counted, not logged \
+                until the log window ends"
+            );
+            return;
+        }
+        if self.logged.insert((from.ip(), r)) {
+            warn!(peer = %from, reason = ?r, "{r} from {from}; dropped (logged once per address and reason)");
         }
     }
 

@@ -205,6 +205,10 @@ fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Datagrams handled per wake-up at most beyond the first (then the driver sends and looks at
+/// its timers and commands again).
+const RECV_BURST: usize = 63;
+
 /// The bootstrapper's member directory as the core takes it.
 fn members(m: &[Member]) -> Vec<(common::PeerId, common::keys::PublicKey)> {
     m.iter().map(|m| (m.id, m.key)).collect()
@@ -273,7 +277,13 @@ impl Engine {
                     None => updates_open = false,
                 },
                 r = self.port.recv() => if let Some((from, bytes)) = r {
-                    self.core.handle_datagram(now(), from, bytes);
+                    let t = now();
+                    self.core.handle_datagram(t, from, bytes);
+                    // Whatever else is already waiting, before sending (one wake-up per burst).
+                    for _ in 0..RECV_BURST {
+                        let Some((from, bytes)) = self.port.try_recv() else { break };
+                        self.core.handle_datagram(t, from, bytes);
+                    }
                 },
                 _ = &mut timer => self.core.handle_timeout(now()),
             }
