@@ -29,10 +29,12 @@
 //! member resp:    kind 2 | sender index | receiver index | Noise msg 2 (e, ee, se, psk) | MAC 16
 //! viewer init:    kind 3 | sender index | Noise NX msg 1 (e; empty payload) | zero padding to the response's size
 //! viewer resp:    kind 4 | sender index | receiver index | Noise msg 2 (e, ee, s, es, psk)
-//! data:           kind 5 | receiver index u32 | counter u64 | ChaCha20-Poly1305(datagram) | tag 16
+//! data:           kind 5 | receiver index u32 | counter u64 | AES-256-GCM(datagram) | tag 16
 //! ```
 //!
-//! Data is sealed with the session key of its direction, nonce = counter, the 16-byte header
+//! Data is sealed with AES-256-GCM (hardware AES: a 1.3 KB video datagram in 0.34 µs here,
+//! against 0.85 µs for ChaCha20-Poly1305; `cargo bench -p common --bench seal`) under the
+//! session key of its direction (the Noise split), nonce = counter, the 16-byte header
 //! as associated data; the plaintext is a version-1 datagram (its header's sender id must be the
 //! session's peer). The receiver finds the session by its own index (never by address),
 //! checks the counter against the session's [`ReplayWindow`] (2 048 counters), verifies the
@@ -58,7 +60,7 @@ use crate::rng::Rng;
 use crate::wire::MAGIC;
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use bytes::{BufMut, Bytes, BytesMut};
-use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, CHACHA20_POLY1305};
+use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
@@ -343,7 +345,7 @@ fn mac(key: &[u8; 32], data: &[u8]) -> [u8; MAC_LEN] {
 }
 
 fn aead_key(k: &[u8; KEY_LEN]) -> LessSafeKey {
-    LessSafeKey::new(UnboundKey::new(&CHACHA20_POLY1305, k).expect("32-byte key"))
+    LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k).expect("32-byte key"))
 }
 
 fn nonce(counter: u64) -> Nonce {

@@ -262,7 +262,7 @@ impl Net {
         Net::with_security(seed, false)
     }
 
-    fn with_security(seed: u64, secure: bool) -> Net {
+    pub(crate) fn with_security(seed: u64, secure: bool) -> Net {
         let now = Instant::now();
         Net {
             now,
@@ -783,6 +783,17 @@ pub fn random_overlay(
     servers: usize,
     viewers: usize,
 ) -> (Net, Vec<(SocketAddr, String)>) {
+    random_overlay_with(seed, relays, servers, viewers, true)
+}
+
+/// [`random_overlay`], encrypted or (`secure = false`, the benchmark's comparison) not.
+pub fn random_overlay_with(
+    seed: u64,
+    relays: usize,
+    servers: usize,
+    viewers: usize,
+    secure: bool,
+) -> (Net, Vec<(SocketAddr, String)>) {
     let mut rng = common::rng::Rng::seeded(seed);
     let relay_ip = |i: usize| format!("127.0.{}.{}", 70 + i / 200, 1 + i % 200);
     let mut links: BTreeSet<(usize, usize)> = BTreeSet::new();
@@ -803,7 +814,7 @@ pub fn random_overlay(
         adj[a].push(relay_ip(b));
         adj[b].push(relay_ip(a));
     }
-    let mut net = Net::new(seed);
+    let mut net = Net::with_security(seed, secure);
     for s in 0..servers {
         let ip = format!("127.0.75.{}", s + 1);
         let mut n = Vec::new();
