@@ -1,0 +1,3 @@
+#![no_main]
+include!("../targets.rs");
+libfuzzer_sys::fuzz_target!(|data: &[u8]| targets::wire_header(data));
