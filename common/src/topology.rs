@@ -638,6 +638,12 @@ impl Topology {
             let list: Vec<String> = e.neighbours.iter().map(|n| format!("\"{n}\"")).collect();
             out.push_str(&format!("\"{}\" = [{}]\n", e.host, list.join(", ")));
         }
+        if !self.keys.is_empty() {
+            out.push_str("\n[keys]\n");
+            for (host, key) in &self.keys {
+                out.push_str(&format!("\"{host}\" = \"{key}\"\n"));
+            }
+        }
         out
     }
 
@@ -1129,5 +1135,10 @@ mod tests {
         assert!(e.contains("127.0.0.9") && e.contains("not a host"), "{e}");
         let (t2, _) = Topology::parse(&text.replace(k, &k.replace('3', "4"))).unwrap();
         assert_ne!(t, t2, "a changed pin is a change of topology");
+        assert_eq!(
+            Topology::parse(&t.to_toml_string()).unwrap().0,
+            t,
+            "pins round-trip"
+        );
     }
 }
