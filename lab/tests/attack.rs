@@ -3,8 +3,8 @@
 //! address (a raw socket). While a viewer watches through a PoP it replays the datagrams it
 //! captured towards the PoP, flips their bits, forges plaintext subscribes, floods and NACKs
 //! with spoofed sources and ids, sends handshake initiations from a spoofed victim, and 100 000
-//! random datagrams per second. Nothing of it may be accepted, the viewer must not notice, and
-//! no spoofed address may get more bytes back than were sent in its name.
+//! random datagrams per second. Nothing of it may be accepted, the viewer must lose nothing,
+//! and no spoofed address may get more bytes back than were sent in its name.
 //!
 //! Needs root (raw and packet sockets), as CI runs; says so and skips otherwise.
 
@@ -485,10 +485,14 @@ fn an_attacker_on_the_machine_gets_nothing_in_and_nothing_out() {
         long_gaps.is_empty(),
         "silences during the attack: {long_gaps:?}"
     );
-    // Under the 100 000/s flood (attacker and overlay share 2 cores) nothing is accepted
-    // either, and the stream goes on afterwards (`recovered`, above); what the flood costs the
-    // viewer meanwhile is reported above, not yet asserted: the PoP's one-datagram-at-a-time
-    // receive path cannot absorb it on this machine (batched receive is the next issue's).
-    let _ = recovered;
+    // Under the 100 000/s flood (attacker and overlay share the machine) nothing is accepted
+    // either, the viewer loses nothing (NACK recovery and the jitter buffer cover what the
+    // flood delays), and the stream goes on afterwards. Arrival silences during the flood are
+    // reported above, not asserted: they depend on how the cores are shared.
+    assert_eq!(
+        after.lost, mid.lost,
+        "datagrams lost during the random flood"
+    );
+    assert!(recovered.streams["live"].packets > after.packets + 100);
     o.stop();
 }
