@@ -240,6 +240,8 @@ pub struct Net {
     members: Vec<(PeerId, PublicKey)>,
     /// Smallest source chunk (for telling sealed video by size).
     video_min: usize,
+    /// Datagrams sent to the tapped host, as (from, bytes) (an attacker on the path).
+    tap: Option<(SocketAddr, Vec<(SocketAddr, Bytes)>)>,
 }
 
 fn pair(a: SocketAddr, b: SocketAddr) -> (SocketAddr, SocketAddr) {
@@ -280,6 +282,7 @@ impl Net {
             network: Secret::random(),
             members: Vec::new(),
             video_min: usize::MAX,
+            tap: None,
         }
     }
 
@@ -720,7 +723,34 @@ impl Net {
         }
     }
 
+    /// Records from now on every datagram sent to `at` (see [`tapped`](Self::tapped)).
+    pub fn tap(&mut self, at: SocketAddr) {
+        self.tap = Some((at, Vec::new()));
+    }
+
+    /// What the tap recorded: (from, bytes).
+    pub fn tapped(&self) -> &[(SocketAddr, Bytes)] {
+        self.tap.as_ref().map_or(&[], |t| &t.1)
+    }
+
+    /// Puts a datagram on the wire as if `from` had sent it (an attacker: any source).
+    pub fn inject(&mut self, from: SocketAddr, to: SocketAddr, bytes: Bytes) {
+        self.order += 1;
+        self.flights.push(Reverse((
+            self.now + self.latency,
+            self.order,
+            from,
+            to,
+            bytes,
+        )));
+    }
+
     fn send(&mut self, from: SocketAddr, to: SocketAddr, bytes: Bytes) {
+        if let Some((at, log)) = &mut self.tap {
+            if *at == to {
+                log.push((from, bytes.clone()));
+            }
+        }
         if self.count_links {
             // Sealed datagrams cannot be read here: video is told by its size (a source's
             // chunk is larger than any control message of the scenarios).

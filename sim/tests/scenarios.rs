@@ -255,6 +255,62 @@ fn a_viewer_whose_address_changes_keeps_its_subscription() {
     assert!(v.delivered_from(v.latest().unwrap().saturating_sub(200)) >= 190);
 }
 
+/// An attacker on the path to the PoP: it records everything sent to it, then replays it,
+/// replays it with a bit flipped, and adds junk from spoofed sources, while the viewer
+/// watches. Nothing is accepted (the PoP's session layer counts every datagram), nothing is
+/// answered, and the viewer sees no difference.
+#[test]
+fn replayed_altered_and_forged_datagrams_change_nothing() {
+    let mut net = square(6, 1);
+    start(&mut net);
+    let pop = addr("127.0.60.4");
+    net.tap(pop);
+    net.run_for(Duration::from_secs(1));
+    let captured: Vec<_> = net.tapped().to_vec();
+    assert!(captured.len() > 100, "{}", captured.len());
+    let opened_before = net.relay(pop).unwrap().link_stats().secure.opened;
+    let rejected_before = net.relay(pop).unwrap().link_stats().secure.rejected_total();
+    let t = net.now();
+    let mut rng = common::rng::Rng::seeded(6);
+    let mut injected = 0u64;
+    for (from, bytes) in &captured {
+        net.inject(*from, pop, bytes.clone());
+        let mut b = bytes.to_vec();
+        let i = rng.below(b.len() as u64 * 8) as usize;
+        b[i / 8] ^= 1 << (i % 8);
+        net.inject(*from, pop, b.into());
+        let junk: Vec<u8> = (0..rng.below(200) + 16)
+            .map(|_| rng.next_u64() as u8)
+            .collect();
+        let spoofed: SocketAddr = format!("127.0.61.{}:9000", rng.below(200) + 1)
+            .parse()
+            .unwrap();
+        net.inject(spoofed, pop, junk.into());
+        injected += 3;
+    }
+    net.reset_counts();
+    net.run_for(Duration::from_secs(3));
+    let v = net.viewing(viewer(), CH);
+    let gap = v.gap_after(t, net.now());
+    report("replays, bit flips, junk", &v, gap);
+    let s = net.relay(pop).unwrap().link_stats().secure;
+    let rejected = s.rejected_total() - rejected_before;
+    println!(
+        "{injected} injected, {rejected} rejected by reason {:?}",
+        s.rejected_by_reason()
+    );
+    assert_eq!(rejected, injected, "every injected datagram was rejected");
+    assert!(s.opened > opened_before, "the real traffic still flows");
+    // Nothing answered to the spoofed sources.
+    assert!(net
+        .link_counts()
+        .keys()
+        .all(|(from, to)| !(*from == pop && to.ip().to_string().starts_with("127.0.61."))));
+    assert_eq!(v.duplicates, 0);
+    assert_eq!(gap, Duration::ZERO, "the viewer noticed");
+    assert!(v.delivered_from(v.latest().unwrap().saturating_sub(200)) >= 200);
+}
+
 fn lossy(spec: &str, seed: u64) -> Viewing {
     let mut net = square(seed, 1);
     net.impair_all(spec);
