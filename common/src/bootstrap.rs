@@ -188,40 +188,24 @@ where
     write_raw(s, &buf[..n]).await
 }
 
-/// Writes one frame: length prefix, header, body.
+/// Writes one plaintext frame: length prefix, header, body (the content of the messages
+/// inside a bootstrap session).
 pub async fn write_frame<W, B>(w: &mut W, header: &Header, body: &B) -> Result<(), FrameError>
 where
     W: AsyncWrite + Unpin,
     B: Serialize,
 {
-    let bytes = encode_with_limit(header, body, MAX_FRAME_LEN)?;
-    let mut out = Vec::with_capacity(4 + bytes.len());
-    out.extend_from_slice(&(bytes.len() as u32).to_be_bytes());
-    out.extend_from_slice(&bytes);
-    w.write_all(&out).await?;
-    w.flush().await?;
-    Ok(())
+    write_raw(w, &encode_with_limit(header, body, MAX_FRAME_LEN)?).await
 }
 
-/// Reads one frame, whatever the split of the bytes over TCP segments. A length above
-/// `max_len` is refused before allocating.
+/// Reads one plaintext frame, whatever the split of the bytes over TCP segments. A length
+/// above `max_len` is refused before allocating.
 pub async fn read_frame<R, B>(r: &mut R, max_len: usize) -> Result<(Header, B), FrameError>
 where
     R: AsyncRead + Unpin,
     B: DeserializeOwned,
 {
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await?;
-    let size = u32::from_be_bytes(len) as usize;
-    if size > max_len {
-        return Err(FrameError::TooLarge {
-            size,
-            limit: max_len,
-        });
-    }
-    let mut buf = vec![0u8; size];
-    r.read_exact(&mut buf).await?;
-    Ok(decode_as(&buf)?)
+    Ok(decode_as(&read_raw(r, max_len).await?)?)
 }
 
 /// What the bootstrapper told us.

@@ -348,6 +348,54 @@ fn aead_key(k: &[u8; KEY_LEN]) -> LessSafeKey {
     LessSafeKey::new(UnboundKey::new(&AES_256_GCM, k).expect("32-byte key"))
 }
 
+/// A Noise handshake state: `pattern` with our prologue, our static key if we have one, the
+/// responder's if known, and `psk` at position 2 (both patterns put it there).
+fn noise(
+    initiator: bool,
+    pattern: &str,
+    prologue: &[u8],
+    local: Option<&Secret>,
+    remote: Option<&PublicKey>,
+    psk: &Secret,
+) -> Option<snow::HandshakeState> {
+    let mut b = snow::Builder::new(pattern.parse().expect("a valid pattern"))
+        .prologue(prologue)
+        .ok()?;
+    if let Some(k) = local {
+        b = b.local_private_key(&k.0).ok()?;
+    }
+    if let Some(k) = remote {
+        b = b.remote_public_key(&k.0).ok()?;
+    }
+    b = b.psk(2, &psk.0).ok()?;
+    if initiator {
+        b.build_initiator().ok()
+    } else {
+        b.build_responder().ok()
+    }
+}
+
+/// The static key the other side proved in `hs`.
+fn remote_key(hs: &snow::HandshakeState) -> Option<PublicKey> {
+    hs.get_remote_static()
+        .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
+        .map(PublicKey)
+}
+
+/// A packet of `kind` with room for `cap` bytes: prefix, `index` (ours, or the receiver's for
+/// data) and, for responses, the initiator's index.
+fn packet(kind: u8, index: u32, their_index: Option<u32>, cap: usize) -> BytesMut {
+    let mut out = BytesMut::with_capacity(cap);
+    out.put_slice(&MAGIC);
+    out.put_u8(SECURE_VERSION);
+    out.put_u8(kind);
+    out.put_u32_le(index);
+    if let Some(i) = their_index {
+        out.put_u32_le(i);
+    }
+    out
+}
+
 fn nonce(counter: u64) -> Nonce {
     let mut n = [0u8; 12];
     n[4..].copy_from_slice(&counter.to_le_bytes());
@@ -381,6 +429,35 @@ struct Session {
     confirmed: bool,
 }
 
+impl Session {
+    /// A new session with the keys of a Noise split (`i2r`: initiator to responder).
+    fn new(
+        owner: Owner,
+        peer: Option<PeerId>,
+        remote_index: u32,
+        (i2r, r2i): ([u8; KEY_LEN], [u8; KEY_LEN]),
+        initiator: bool,
+        now: Instant,
+        addr: SocketAddr,
+    ) -> Session {
+        let (send, recv) = if initiator { (i2r, r2i) } else { (r2i, i2r) };
+        Session {
+            owner,
+            peer,
+            remote_index,
+            send: aead_key(&send),
+            recv: aead_key(&recv),
+            send_counter: 0,
+            replay: ReplayWindow::new(),
+            established: now,
+            initiator,
+            addr,
+            // A responder sends only once the initiator's first datagram confirmed it.
+            confirmed: initiator,
+        }
+    }
+}
+
 impl fmt::Debug for Session {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Session")
@@ -396,7 +473,6 @@ impl fmt::Debug for Session {
 struct Pending {
     owner: Owner,
     hs: snow::HandshakeState,
-    addr: SocketAddr,
 }
 
 /// Sessions of one peer (a member, or a PoP we view).
@@ -715,17 +791,13 @@ impl Secure {
             .saturating_mul(1 << p.attempts.min(10))
             .min(RETRY_MAX);
         p.attempts = p.attempts.saturating_add(1);
-        if let Some(old) = p.retry_at.take() {
-            if let Some(o2) = Owner2::of(owner) {
-                self.retries.remove(&(old, o2));
-            }
-        }
+        cancel_retry(&mut self.retries, owner, p);
         let at = now + wait;
         p.retry_at = Some(at);
         if let Some(o2) = Owner2::of(owner) {
             self.retries.insert((at, o2));
         }
-        self.pending.insert(idx, Pending { owner, hs, addr });
+        self.pending.insert(idx, Pending { owner, hs });
         self.stats.handshake_packets += 1;
         self.transmit.push_back((addr, packet));
     }
@@ -735,19 +807,16 @@ impl Secure {
         let ident = self.cfg.identity.as_ref()?;
         let network = self.cfg.network.as_ref()?;
         let mac_key = self.mac_key?;
-        let mut hs = snow::Builder::new(MEMBER_PATTERN.parse().expect("valid"))
-            .prologue(MEMBER_PROLOGUE)
-            .and_then(|b| b.local_private_key(&ident.private.0))
-            .and_then(|b| b.remote_public_key(&key.0))
-            .and_then(|b| b.psk(2, &network.0))
-            .and_then(|b| b.build_initiator())
-            .ok()?;
+        let mut hs = noise(
+            true,
+            MEMBER_PATTERN,
+            MEMBER_PROLOGUE,
+            Some(&ident.private),
+            Some(&key),
+            network,
+        )?;
         self.stamp += 1;
-        let mut out = BytesMut::with_capacity(INIT_LEN);
-        out.put_slice(&MAGIC);
-        out.put_u8(SECURE_VERSION);
-        out.put_u8(KIND_INIT);
-        out.put_u32_le(idx);
+        let mut out = packet(KIND_INIT, idx, None, INIT_LEN);
         let mut msg = [0u8; IK_MSG1];
         let n = hs.write_message(&self.stamp.to_le_bytes(), &mut msg).ok()?;
         debug_assert_eq!(n, IK_MSG1);
@@ -762,16 +831,15 @@ impl Secure {
         idx: u32,
         _pop: SocketAddr,
     ) -> Option<(snow::HandshakeState, Bytes)> {
-        let mut hs = snow::Builder::new(VIEWER_PATTERN.parse().expect("valid"))
-            .prologue(VIEWER_PROLOGUE)
-            .and_then(|b| b.psk(2, &self.cfg.our_viewer_secret.0))
-            .and_then(|b| b.build_initiator())
-            .ok()?;
-        let mut out = BytesMut::with_capacity(VIEWER_INIT_LEN);
-        out.put_slice(&MAGIC);
-        out.put_u8(SECURE_VERSION);
-        out.put_u8(KIND_VIEWER_INIT);
-        out.put_u32_le(idx);
+        let mut hs = noise(
+            true,
+            VIEWER_PATTERN,
+            VIEWER_PROLOGUE,
+            None,
+            None,
+            &self.cfg.our_viewer_secret,
+        )?;
+        let mut out = packet(KIND_VIEWER_INIT, idx, None, VIEWER_INIT_LEN);
         let mut msg = [0u8; NX_MSG1];
         let n = hs.write_message(&[], &mut msg).ok()?;
         out.put_slice(&msg[..n]);
@@ -880,23 +948,21 @@ impl Secure {
             return self.reject(from, Reason::Refused);
         }
         let remote_idx = u32::from_le_bytes(b[4..8].try_into().expect("4"));
-        let Ok(mut hs) = snow::Builder::new(MEMBER_PATTERN.parse().expect("valid"))
-            .prologue(MEMBER_PROLOGUE)
-            .and_then(|x| x.local_private_key(&ident.private.0))
-            .and_then(|x| x.psk(2, &network.0))
-            .and_then(|x| x.build_responder())
-        else {
+        let Some(mut hs) = noise(
+            false,
+            MEMBER_PATTERN,
+            MEMBER_PROLOGUE,
+            Some(&ident.private),
+            None,
+            &network,
+        ) else {
             return;
         };
         let mut payload = [0u8; 64];
         let Ok(n) = hs.read_message(&b[8..8 + IK_MSG1], &mut payload) else {
             return self.reject(from, Reason::BadHandshake);
         };
-        let Some(key) = hs
-            .get_remote_static()
-            .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
-            .map(PublicKey)
-        else {
+        let Some(key) = remote_key(&hs) else {
             return self.reject(from, Reason::BadHandshake);
         };
         let Some(&id) = self.member_ids.get(&key) else {
@@ -912,12 +978,7 @@ impl Secure {
             return self.reject(from, Reason::ReplayedHandshake);
         }
         let idx = self.new_index();
-        let mut out = BytesMut::with_capacity(RESPONSE_LEN);
-        out.put_slice(&MAGIC);
-        out.put_u8(SECURE_VERSION);
-        out.put_u8(KIND_RESPONSE);
-        out.put_u32_le(idx);
-        out.put_u32_le(remote_idx);
+        let mut out = packet(KIND_RESPONSE, idx, Some(remote_idx), RESPONSE_LEN);
         let mut msg = [0u8; IK_MSG2];
         let Ok(n) = hs.write_message(&[], &mut msg) else {
             return self.reject(from, Reason::BadHandshake);
@@ -925,20 +986,8 @@ impl Secure {
         out.put_slice(&msg[..n]);
         let m = mac(&mac_key, &out);
         out.put_slice(&m);
-        let (i2r, r2i) = hs.dangerously_get_raw_split();
-        let s = Session {
-            owner,
-            peer: Some(id),
-            remote_index: remote_idx,
-            send: aead_key(&r2i),
-            recv: aead_key(&i2r),
-            send_counter: 0,
-            replay: ReplayWindow::new(),
-            established: now,
-            initiator: false,
-            addr: from,
-            confirmed: false,
-        };
+        let keys = hs.dangerously_get_raw_split();
+        let s = Session::new(owner, Some(id), remote_idx, keys, false, now, from);
         self.sessions.insert(idx, s);
         self.note_expiry(now + REJECT_AFTER);
         let p = self.peers.entry(owner).or_default();
@@ -967,12 +1016,14 @@ impl Secure {
             return self.reject(from, Reason::Refused);
         }
         let remote_idx = u32::from_le_bytes(b[4..8].try_into().expect("4"));
-        let Ok(mut hs) = snow::Builder::new(VIEWER_PATTERN.parse().expect("valid"))
-            .prologue(VIEWER_PROLOGUE)
-            .and_then(|x| x.local_private_key(&ident.private.0))
-            .and_then(|x| x.psk(2, &secret.0))
-            .and_then(|x| x.build_responder())
-        else {
+        let Some(mut hs) = noise(
+            false,
+            VIEWER_PATTERN,
+            VIEWER_PROLOGUE,
+            Some(&ident.private),
+            None,
+            &secret,
+        ) else {
             return;
         };
         let mut payload = [0u8; 64];
@@ -980,36 +1031,22 @@ impl Secure {
             return self.reject(from, Reason::BadHandshake);
         }
         let idx = self.new_index();
-        let mut out = BytesMut::with_capacity(VIEWER_RESPONSE_LEN);
-        out.put_slice(&MAGIC);
-        out.put_u8(SECURE_VERSION);
-        out.put_u8(KIND_VIEWER_RESPONSE);
-        out.put_u32_le(idx);
-        out.put_u32_le(remote_idx);
+        let mut out = packet(
+            KIND_VIEWER_RESPONSE,
+            idx,
+            Some(remote_idx),
+            VIEWER_RESPONSE_LEN,
+        );
         let mut msg = [0u8; NX_MSG2];
         let Ok(n) = hs.write_message(&[], &mut msg) else {
             return self.reject(from, Reason::BadHandshake);
         };
         out.put_slice(&msg[..n]);
         debug_assert_eq!(out.len(), VIEWER_RESPONSE_LEN);
-        let (i2r, r2i) = hs.dangerously_get_raw_split();
+        let keys = hs.dangerously_get_raw_split();
         self.evict_viewers(now);
-        self.sessions.insert(
-            idx,
-            Session {
-                owner: Owner::Viewer,
-                peer: None,
-                remote_index: remote_idx,
-                send: aead_key(&r2i),
-                recv: aead_key(&i2r),
-                send_counter: 0,
-                replay: ReplayWindow::new(),
-                established: now,
-                initiator: false,
-                addr: from,
-                confirmed: false,
-            },
-        );
+        let s = Session::new(Owner::Viewer, None, remote_idx, keys, false, now, from);
+        self.sessions.insert(idx, s);
         self.note_expiry(now + UNBOUND_TTL);
         let reply = out.freeze();
         self.stats.handshake_packets += 1;
@@ -1107,12 +1144,7 @@ impl Secure {
             return;
         }
         if let Owner::Pop(pop) = pend.owner {
-            let Some(key) = pend
-                .hs
-                .get_remote_static()
-                .and_then(|k| <[u8; KEY_LEN]>::try_from(k).ok())
-                .map(PublicKey)
-            else {
+            let Some(key) = remote_key(&pend.hs) else {
                 return self.reject(from, Reason::BadHandshake);
             };
             match self.pop_keys.get(&pop) {
@@ -1134,34 +1166,18 @@ impl Secure {
                 }
             }
         }
-        let (i2r, r2i) = pend.hs.dangerously_get_raw_split();
+        let keys = pend.hs.dangerously_get_raw_split();
         let owner = pend.owner;
         let peer = match owner {
             Owner::Member(id) => Some(id),
             _ => None,
         };
-        let mut s = Session {
-            owner,
-            peer,
-            remote_index: remote_idx,
-            send: aead_key(&i2r),
-            recv: aead_key(&r2i),
-            send_counter: 0,
-            replay: ReplayWindow::new(),
-            established: now,
-            initiator: true,
-            addr: from,
-            confirmed: true,
-        };
+        let mut s = Session::new(owner, peer, remote_idx, keys, true, now, from);
         // The responder confirms the session when our first datagram arrives: send one now.
         let p = self.peers.entry(owner).or_default();
         p.pending = None;
         p.attempts = 0;
-        if let Some(at) = p.retry_at.take() {
-            if let Some(o2) = Owner2::of(owner) {
-                self.retries.remove(&(at, o2));
-            }
-        }
+        cancel_retry(&mut self.retries, owner, p);
         let queued: Vec<Bytes> = p.queue.drain(..).collect();
         if queued.is_empty() {
             let b = seal(&mut s, &[]);
@@ -1172,7 +1188,6 @@ impl Secure {
             self.stats.sealed += 1;
             self.transmit.push_back((from, b));
         }
-        pend.addr = from;
         self.install(owner, our_idx, s);
         self.stats.handshakes += 1;
         self.events.push_back(SecureEvent::Up { peer, addr: from });
@@ -1284,11 +1299,7 @@ impl Secure {
                 let queued: Vec<Bytes> = p.queue.drain(..).collect();
                 p.pending = None;
                 p.attempts = 0;
-                if let Some(at) = p.retry_at.take() {
-                    if let Some(o2) = Owner2::of(owner) {
-                        self.retries.remove(&(at, o2));
-                    }
-                }
+                cancel_retry(&mut self.retries, owner, p);
                 for q in queued {
                     self.send_owned(now, owner, from, q);
                 }
@@ -1395,15 +1406,19 @@ impl Secure {
     }
 }
 
+/// Forgets `p`'s scheduled handshake retry.
+fn cancel_retry(retries: &mut BTreeSet<(Instant, Owner2)>, owner: Owner, p: &mut PeerSessions) {
+    if let (Some(at), Some(o2)) = (p.retry_at.take(), Owner2::of(owner)) {
+        retries.remove(&(at, o2));
+    }
+}
+
 /// Seals `plaintext` on `s` (header, ciphertext, tag) and advances its counter.
 fn seal(s: &mut Session, plaintext: &[u8]) -> Bytes {
     let counter = s.send_counter;
     s.send_counter += 1;
-    let mut out = BytesMut::with_capacity(DATA_HEADER + plaintext.len() + TAG_LEN);
-    out.put_slice(&MAGIC);
-    out.put_u8(SECURE_VERSION);
-    out.put_u8(KIND_DATA);
-    out.put_u32_le(s.remote_index);
+    let cap = DATA_HEADER + plaintext.len() + TAG_LEN;
+    let mut out = packet(KIND_DATA, s.remote_index, None, cap);
     out.put_u64_le(counter);
     out.put_slice(plaintext);
     let (head, body) = out.split_at_mut(DATA_HEADER);

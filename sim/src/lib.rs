@@ -766,14 +766,7 @@ impl Net {
                 c.control += 1;
             }
         }
-        self.order += 1;
-        self.flights.push(Reverse((
-            self.now + self.latency,
-            self.order,
-            from,
-            to,
-            bytes,
-        )));
+        self.inject(from, to, bytes);
     }
 }
 
