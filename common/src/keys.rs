@@ -141,7 +141,7 @@ fn curve25519_public(private: &[u8; KEY_LEN]) -> [u8; KEY_LEN] {
 }
 
 /// Fills `buf` with OS randomness.
-fn getrandom(buf: &mut [u8]) {
+pub(crate) fn getrandom(buf: &mut [u8]) {
     use ring::rand::SecureRandom;
     ring::rand::SystemRandom::new()
         .fill(buf)

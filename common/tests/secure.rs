@@ -374,3 +374,141 @@ fn a_wrong_viewer_secret_is_access_denied_and_a_changed_pop_key_is_refused() {
         Some(SecureEvent::PopKeyMismatch { pinned, got, .. }) if pinned == other && got == open_pop.keys.public
     ));
 }
+
+/// A viewer initiation from a fresh viewer (what an attacker can mint at will).
+fn viewer_init(seed: u64, pop: SocketAddr) -> Bytes {
+    let mut v = Secure::new(SecureConfig::viewer(None, seed));
+    v.add_pop(pop, None);
+    v.send(Instant::now(), NodeId(0), pop, ping(NodeId(seed), 1));
+    v.poll_transmit().unwrap().1
+}
+
+#[test]
+fn under_a_handshake_flood_spoofers_get_cookies_and_a_real_viewer_still_joins() {
+    let t0 = Instant::now();
+    let net = network();
+    let mut pop = member(1, &net, 100);
+    // 2 000 viewer initiations in 0.2 s (10 000/s) from 2 000 spoofed addresses.
+    let (mut spoofed_in, mut answered) = (0, 0);
+    for i in 0..2000u32 {
+        let now = t0 + Duration::from_micros(100 * i as u64);
+        let from = SocketAddr::from(([127, 0, 9, (i % 250) as u8], 20000 + i as u16));
+        let init = viewer_init(i as u64 + 10, pop.at);
+        spoofed_in += init.len();
+        pop.sec.handle_datagram(now, from, &init);
+        while let Some((to, b)) = pop.sec.poll_transmit() {
+            assert_eq!(to, from);
+            assert!(b.len() <= init.len(), "no amplification");
+            answered += b.len();
+        }
+    }
+    let s = pop.sec.stats();
+    // The budget's burst and refill got responses (Diffie-Hellman work); the rest a cookie.
+    let responses = 2000 - s.cookie_replies;
+    assert!(
+        (50..=200).contains(&responses),
+        "{responses} handshakes answered"
+    );
+    assert_eq!(s.rejected(Reason::Busy), s.cookie_replies);
+    assert!(answered <= spoofed_in);
+    // A real viewer now: one round trip for the cookie, then it is in.
+    let now = t0 + Duration::from_millis(200);
+    let mut v = viewer(1, None);
+    v.sec.add_pop(pop.at, None);
+    v.sec.send(now, NodeId(0), pop.at, ping(v.id, 1));
+    let wire = pump(&mut [&mut pop, &mut v], now);
+    let kinds: Vec<(SocketAddr, u8, usize)> =
+        wire.iter().map(|(f, _, b)| (*f, b[3], b.len())).collect();
+    assert_eq!(
+        kinds[..3],
+        [(v.at, 3, 108), (pop.at, 6, 52), (v.at, 3, 108)],
+        "initiation, cookie reply, initiation with the cookie: {kinds:?}"
+    );
+    assert_eq!(pop.got, vec![(v.at, v.id, ping(v.id, 1))]);
+    assert_eq!(v.sec.stats().cookies_received, 1);
+    // While the flood goes on, spoofers still get only cookies.
+    let busy = pop.sec.stats().rejected(Reason::Busy);
+    pop.sec.handle_datagram(
+        now,
+        SocketAddr::from(([127, 0, 9, 1], 1)),
+        &viewer_init(5, pop.at),
+    );
+    assert_eq!(pop.sec.stats().rejected(Reason::Busy), busy + 1);
+    assert_eq!(pop.sec.poll_transmit().unwrap().1[3], 6);
+    // The cookie is bound to the viewer's address: from elsewhere it is worth nothing.
+    let mut moved = viewer(2, None);
+    moved.sec.add_pop(pop.at, None);
+    moved.sec.send(now, NodeId(0), pop.at, ping(moved.id, 1));
+    let (_, first) = moved.sec.poll_transmit().unwrap();
+    pop.sec.handle_datagram(now, moved.at, &first);
+    let (_, cookie) = pop.sec.poll_transmit().unwrap();
+    assert_eq!(cookie[3], 6);
+    moved.sec.handle_datagram(now, pop.at, &cookie);
+    let (_, with_cookie) = moved.sec.poll_transmit().unwrap();
+    let elsewhere = SocketAddr::from(([127, 0, 9, 77], 9000));
+    pop.sec.handle_datagram(now, elsewhere, &with_cookie);
+    assert_eq!(
+        pop.sec.poll_transmit().unwrap().1[3],
+        6,
+        "a new cookie, no response"
+    );
+    // One address with a valid cookie is limited to its own rate (burst 5).
+    let mut refused = 0;
+    for k in 0..20u64 {
+        let mut w = viewer(3, None);
+        w.sec.add_pop(pop.at, None);
+        w.sec.send(now, NodeId(0), pop.at, ping(NodeId(k), 1));
+        let (_, init) = w.sec.poll_transmit().unwrap();
+        pop.sec.handle_datagram(now, w.at, &init);
+        let (_, c) = pop.sec.poll_transmit().unwrap();
+        w.sec.handle_datagram(now, pop.at, &c);
+        let (_, init2) = w.sec.poll_transmit().unwrap();
+        let before = pop.sec.stats().rejected(Reason::Refused);
+        pop.sec.handle_datagram(now, w.at, &init2);
+        while pop.sec.poll_transmit().is_some() {}
+        refused += pop.sec.stats().rejected(Reason::Refused) - before;
+    }
+    assert_eq!(refused, 15);
+    // When the flood stops, the load ends: no cookie round trip any more.
+    let later = now + Duration::from_secs(2);
+    let mut late = viewer(4, None);
+    late.sec.add_pop(pop.at, None);
+    late.sec.send(later, NodeId(0), pop.at, ping(late.id, 1));
+    let wire = pump(&mut [&mut pop, &mut late], later);
+    assert_eq!(wire[1].2[3], 4, "a response straight away");
+}
+
+#[test]
+fn members_under_load_handshake_through_a_cookie_and_forged_cookies_change_nothing() {
+    let t0 = Instant::now();
+    let net = network();
+    let (mut a, mut b) = (member(1, &net, 100), member(2, &net, 100));
+    introduce(&mut [&mut a, &mut b]);
+    // b is under load: a flood of viewer initiations drained its budget.
+    for i in 0..200u32 {
+        let from = SocketAddr::from(([127, 0, 9, (i % 250) as u8], 20000 + i as u16));
+        b.sec
+            .handle_datagram(t0, from, &viewer_init(i as u64 + 10, b.at));
+        while b.sec.poll_transmit().is_some() {}
+    }
+    a.sec.send(t0, b.id, b.at, ping(a.id, 1));
+    // A forged cookie reply for a's initiation (its index is on the wire) is dropped.
+    let (to, init) = a.sec.poll_transmit().unwrap();
+    assert_eq!(init.len(), 144);
+    let mut forged = vec![0u8; 52];
+    forged[..4].copy_from_slice(b"PS\x02\x06");
+    forged[4..8].copy_from_slice(&init[4..8]);
+    a.sec.handle_datagram(t0, b.at, &forged);
+    assert_eq!(a.sec.stats().rejected(Reason::BadCookie), 1);
+    assert!(
+        a.sec.poll_transmit().is_none(),
+        "a forged cookie makes us send nothing"
+    );
+    // The real exchange: cookie, initiation with it, response, data.
+    b.sec.handle_datagram(t0, a.at, &init);
+    assert_eq!(b.sec.stats().cookie_replies, 201 - 50);
+    let _ = to;
+    pump(&mut [&mut a, &mut b], t0);
+    assert_eq!(b.got, vec![(a.at, a.id, ping(a.id, 1))]);
+    assert_eq!(a.sec.stats().cookies_received, 1);
+}
