@@ -18,13 +18,19 @@ pub struct Args {
     /// (e.g. `10.0.0.5,relay2.lan:8010,[fd00::5]:8010`); `--port` is the default port. Append
     /// `#KEY` (the PoP's public key, 64 hex digits, as its log prints) to pin it: a PoP that
     /// proves another key is refused. Without a pin, the key is learned at the first
-    /// handshake and held for the session.
+    /// handshake and kept in `--known-pops` for the next runs.
     #[arg(long, value_delimiter = ',', required = true)]
     pub servers: Vec<String>,
     /// The viewer secret (a key file) of PoPs that admit only viewers who present it (their
     /// --viewer-key). Without it, only open PoPs admit us ("access denied" otherwise).
     #[arg(long, env = "PESSI_VIEWER_KEY", value_name = "FILE")]
     pub viewer_key: Option<PathBuf>,
+    /// Where the keys of the PoPs met are kept (trust on first use, as SSH's known_hosts):
+    /// a PoP not pinned with `IP#KEY` must prove the key it proved the first time, or is
+    /// refused. Default: `known-pops` in the key directory ($PESSI_KEY_DIR, else
+    /// $XDG_CONFIG_HOME/pessi-streamer, else ~/.config/pessi-streamer).
+    #[arg(long, env = "PESSI_KNOWN_POPS", value_name = "FILE")]
+    pub known_pops: Option<PathBuf>,
     /// Benchmark only: talk to PoPs in clear.
     #[arg(long, hide = true)]
     pub bench_plaintext: bool,
@@ -240,6 +246,11 @@ impl Args {
             bind: self.bind.unwrap_or_else(|| default_bind(&pops)),
             pops,
             pinned,
+            known_pops: Some(
+                self.known_pops
+                    .clone()
+                    .unwrap_or_else(common::keys::KnownPops::default_path),
+            ),
             viewer_secret,
             plaintext: self.bench_plaintext,
             give_up: (!self.give_up.is_zero()).then_some(self.give_up),

@@ -9,6 +9,7 @@ use crate::host::ClientHost;
 use crate::outputs::{record_path, Outputs, PlayerError, PlayerExit, PlayerKind};
 use crate::stats::{StatEvent, StatsWriter};
 use common::impair::{ImpairConfig, Impairment};
+use common::keys::KnownPops;
 use common::port::{Direct, Port, SendShim};
 use common::reliable::ReliableConfig;
 use common::secure::{Secure, SecureConfig};
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     pub pops: Vec<SocketAddr>,
     /// PoP keys pinned with `--servers IP#KEY`.
     pub pinned: Vec<(SocketAddr, common::keys::PublicKey)>,
+    /// PoP keys learned on first use, checked ever after (`--known-pops`; `None`: learned for
+    /// this run only).
+    pub known_pops: Option<PathBuf>,
     /// The viewer secret to present (`--viewer-key`).
     pub viewer_secret: Option<common::keys::Secret>,
     /// Benchmark only: no session layer.
@@ -94,6 +98,9 @@ pub enum EngineError {
     /// The local UDP socket's address.
     #[error("cannot read the local address of the UDP socket: {0}")]
     LocalAddr(#[source] io::Error),
+    /// The known-PoPs file.
+    #[error("--known-pops: {0}")]
+    KnownPops(#[source] common::keys::KeyError),
 }
 
 /// What the engine did, for the exit summary.
@@ -168,6 +175,8 @@ struct Engine {
     arrivals: HashMap<ChannelId, (Instant, bool)>,
     /// Per PoP, the local address our datagrams leave from (or why there is none), for the
     /// messages that tell a user what to check.
+    /// PoP keys learned on first use (`--known-pops`).
+    known_pops: Option<KnownPops>,
     sources: HashMap<SocketAddr, String>,
 }
 
@@ -183,6 +192,10 @@ pub async fn run(
         snapshot,
     } = chans;
     let start = now();
+    let known_pops = match (&cfg.known_pops, cfg.plaintext) {
+        (Some(path), false) => Some(KnownPops::load(path).map_err(EngineError::KnownPops)?),
+        _ => None,
+    };
     let socket = UdpSocket::bind(cfg.bind)
         .await
         .map_err(|source| EngineError::Bind {
@@ -255,10 +268,27 @@ pub async fn run(
                 for (pop, key) in &cfg.pinned {
                     sec.add_pop(*pop, Some(*key));
                 }
-                host.with_secure(sec)
+                // Keys met before hold for PoPs not pinned on the command line.
+                let mut remembered = Vec::new();
+                if let Some(known) = &known_pops {
+                    for &pop in &cfg.pops {
+                        if let (None, Some(key)) = (sec.pop_key(pop), known.get(pop)) {
+                            sec.add_pop(pop, Some(key));
+                            remembered.push(pop);
+                        }
+                    }
+                }
+                let mut host = host.with_secure(sec);
+                if let Some(known) = &known_pops {
+                    for pop in remembered {
+                        host.remembered_key(pop, known.path().display().to_string());
+                    }
+                }
+                host
             }
         },
         cfg,
+        known_pops,
         port,
         stats,
         outputs: HashMap::new(),
@@ -504,6 +534,15 @@ impl Engine {
         self.write_output();
         while let Some(ev) = self.host.poll_event() {
             self.event(ev);
+        }
+        while let Some((pop, key)) = self.host.poll_learned_key() {
+            if let Some(known) = &mut self.known_pops {
+                match known.remember(pop, key) {
+                    Ok(()) => info!(%pop, %key, file = %known.path().display(),
+                        "PoP key learned and remembered: this PoP must prove it from now on"),
+                    Err(e) => warn!(%pop, error = %e, "cannot remember the PoP's key"),
+                }
+            }
         }
         self.send().await;
     }

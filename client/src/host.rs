@@ -16,6 +16,7 @@
 use crate::core::{Action, ClientCore, CoreConfig};
 use crate::stats::StatEvent;
 use bytes::Bytes;
+use common::keys::PublicKey;
 use common::link::{Incoming, Link, LinkStats};
 use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
@@ -57,6 +58,10 @@ pub struct ClientHost {
     ids: HashMap<SocketAddr, PeerId>,
     events: VecDeque<StatEvent>,
     stats: HostStats,
+    /// PoP keys learned on first use, for the owner to remember.
+    learned: VecDeque<(SocketAddr, PublicKey)>,
+    /// PoPs whose pinned key was learned on an earlier run, and where it is kept.
+    remembered: HashMap<SocketAddr, String>,
 }
 
 impl ClientHost {
@@ -78,6 +83,8 @@ impl ClientHost {
             ids: HashMap::new(),
             events: VecDeque::new(),
             stats: HostStats::default(),
+            learned: VecDeque::new(),
+            remembered: HashMap::new(),
         }
     }
 
@@ -92,6 +99,17 @@ impl ClientHost {
         }
         self.link.set_secure(secure);
         self
+    }
+
+    /// Says that the key pinned for `pop` was learned on an earlier run and is kept in
+    /// `file` (what a refusal then tells the user to edit).
+    pub fn remembered_key(&mut self, pop: SocketAddr, file: String) {
+        self.remembered.insert(pop, file);
+    }
+
+    /// A PoP key learned on first use, to remember for the next runs.
+    pub fn poll_learned_key(&mut self) -> Option<(SocketAddr, PublicKey)> {
+        self.learned.pop_front()
     }
 
     /// The protocol state (views, problems, play/stop).
@@ -224,17 +242,23 @@ impl ClientHost {
             }
             SecureEvent::PopKeyMismatch { pop, pinned, got } => {
                 warn!(%pop, %pinned, %got, "the PoP's key is not the one pinned; refused");
-                self.core.refused(
-                    now,
-                    pop,
-                    format!(
+                let why = match self.remembered.get(&pop) {
+                    Some(file) => format!(
+                        "the PoP proved key {got}, but it proved {pinned} when this client \
+                         first used it (kept in {file}); refused, in case another host \
+                         impersonates it. If its key really changed, delete its line from \
+                         {file}"
+                    ),
+                    None => format!(
                         "the PoP proved key {got}, but {pinned} is pinned for it (--servers \
                          ip#key); refused. If its key really changed, update the pin"
                     ),
-                );
+                };
+                self.core.refused(now, pop, why);
             }
             SecureEvent::PopKey { pop, key } => {
                 info!(%pop, %key, "PoP key learned (pin it with --servers {}#{key})", pop.ip());
+                self.learned.push_back((pop, key));
             }
             SecureEvent::Up { .. } => {}
         }

@@ -5,6 +5,7 @@
 #[path = "support/fake_pop.rs"]
 mod fake_pop;
 
+use common::keys::KeyPair;
 use fake_pop::{FakePop, CHANNEL};
 use serde_json::Value;
 use std::net::SocketAddr;
@@ -14,10 +15,13 @@ use std::time::Duration;
 
 /// Runs the client binary with `args` (plus `--headless`); returns (success, stderr).
 async fn run_client(args: &[String], path_env: Option<&Path>) -> (bool, String) {
+    // Its keys (the PoP keys it learns) stay with this run, not in the user's config.
+    let keys = tempfile::tempdir().unwrap();
     let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_client"));
     cmd.arg("--headless")
         .args(args)
         .env("RUST_LOG", "info")
+        .env("PESSI_KEY_DIR", keys.path())
         .kill_on_drop(true);
     if let Some(p) = path_env {
         cmd.env("PATH", p);
@@ -292,4 +296,54 @@ async fn a_stream_nobody_offers_and_a_silent_pop_are_errors() {
             && stderr.contains("--bind"),
         "{stderr}"
     );
+}
+
+/// Trust on first use: the client remembers the key its PoP proved, and refuses a PoP at the
+/// same address that proves another one later (naming the file to edit), unless the user
+/// pins the new key; the other PoPs keep working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pop_whose_key_changed_since_the_first_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let known = dir.path().join("known-pops");
+    let at: SocketAddr = "127.0.61.9:8010".parse().unwrap();
+    let args = |servers: &str| -> Vec<String> {
+        [
+            "--servers",
+            servers,
+            "--stream",
+            CHANNEL,
+            "--video-player",
+            "none",
+            "--give-up",
+            "3s",
+            "--duration",
+            "4",
+            "--known-pops",
+            known.to_str().unwrap(),
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    let first = KeyPair::generate();
+    let pop = FakePop::start_keyed(at, Duration::ZERO, 1000, true, 1, 0, first.clone()).await;
+    let (ok, stderr) = run_client(&args("127.0.61.9"), None).await;
+    assert!(ok, "first use plays:\n{stderr}");
+    let text = std::fs::read_to_string(&known).unwrap();
+    assert!(text.contains(&format!("{at} {}", first.public)), "{text}");
+    drop(pop);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Same address, another key (an impostor, or a reinstalled host).
+    let second = KeyPair::generate();
+    let _pop = FakePop::start_keyed(at, Duration::ZERO, 1000, true, 1, 0, second.clone()).await;
+    let (ok, stderr) = run_client(&args("127.0.61.9"), None).await;
+    assert!(!ok, "a changed key must be refused:\n{stderr}");
+    assert!(
+        stderr.contains(&format!("proved key {}", second.public))
+            && stderr.contains(&first.public.to_string())
+            && stderr.contains(&format!("delete its line from {}", known.display())),
+        "{stderr}"
+    );
+    // The user vouches for the new key: pinned on the command line, it plays.
+    let (ok, stderr) = run_client(&args(&format!("127.0.61.9#{}", second.public)), None).await;
+    assert!(ok, "the pinned new key plays:\n{stderr}");
 }

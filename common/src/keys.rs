@@ -10,10 +10,14 @@
 //! `$XDG_CONFIG_HOME/pessi-streamer`, else `$HOME/.config/pessi-streamer`, else
 //! `./.pessi-streamer`; in it `host-<ip>.key` (one per host address, so the hosts of a
 //! one-machine overlay on `127.0.0.x` have distinct keys) and `network.key`.
+//!
+//! A client keeps the keys of the PoPs it met in `known-pops` there ([`KnownPops`], trust on
+//! first use, as SSH's `known_hosts`).
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::io::Write;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 
 /// Length of every key.
@@ -41,6 +45,16 @@ pub enum KeyError {
     /// A key given as text is not 64 hex digits.
     #[error("{0:?} is not a key (expected 64 hex digits)")]
     Text(String),
+    /// A line of a known-PoPs file is not `ADDRESS KEY`.
+    #[error("{path}:{line}: expected `IP:PORT KEY` (the key as 64 hex digits), found {found:?}")]
+    KnownPop {
+        /// The file.
+        path: PathBuf,
+        /// The line number (from 1).
+        line: usize,
+        /// The line.
+        found: String,
+    },
 }
 
 /// A public key (X25519), shown as 64 lowercase hex digits.
@@ -253,6 +267,116 @@ fn parse_file(path: &Path, text: &str) -> Result<Secret, KeyError> {
     })
 }
 
+/// The keys of the PoPs a client met, learned on first use and checked ever after (trust on
+/// first use, as SSH's `known_hosts`): a text file of `IP:PORT KEY` lines (`#` comments),
+/// default `known-pops` in the key directory. A PoP that later proves another key is refused
+/// until its line is deleted (or another key is pinned with `--servers IP#KEY`).
+#[derive(Debug, Clone)]
+pub struct KnownPops {
+    path: PathBuf,
+    keys: BTreeMap<SocketAddr, PublicKey>,
+}
+
+impl KnownPops {
+    /// `known-pops` in the default key directory.
+    pub fn default_path() -> PathBuf {
+        default_dir().join("known-pops")
+    }
+
+    /// Reads `path` (a missing file is an empty list); a bad line is an error naming it.
+    pub fn load(path: &Path) -> Result<KnownPops, KeyError> {
+        let keys = match std::fs::read_to_string(path) {
+            Ok(text) => Self::parse(path, &text)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(source) => {
+                return Err(KeyError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        Ok(KnownPops {
+            path: path.to_path_buf(),
+            keys,
+        })
+    }
+
+    fn parse(path: &Path, text: &str) -> Result<BTreeMap<SocketAddr, PublicKey>, KeyError> {
+        let mut keys = BTreeMap::new();
+        for (i, raw) in text.lines().enumerate() {
+            let line = raw.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let bad = || KeyError::KnownPop {
+                path: path.to_path_buf(),
+                line: i + 1,
+                found: raw.to_owned(),
+            };
+            let mut words = line.split_whitespace();
+            let (Some(a), Some(k), None) = (words.next(), words.next(), words.next()) else {
+                return Err(bad());
+            };
+            let addr: SocketAddr = a.parse().map_err(|_| bad())?;
+            let key = PublicKey::parse(k).map_err(|_| bad())?;
+            keys.insert(addr, key);
+        }
+        Ok(keys)
+    }
+
+    /// The file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The key known for the PoP at `pop`.
+    pub fn get(&self, pop: SocketAddr) -> Option<PublicKey> {
+        self.keys.get(&pop).copied()
+    }
+
+    /// Every PoP known.
+    pub fn iter(&self) -> impl Iterator<Item = (SocketAddr, PublicKey)> + '_ {
+        self.keys.iter().map(|(a, k)| (*a, *k))
+    }
+
+    /// Remembers `key` for `pop` in the file (read again first, so clients that run side by
+    /// side keep each other's entries; written whole under a temporary name, then renamed).
+    pub fn remember(&mut self, pop: SocketAddr, key: PublicKey) -> Result<(), KeyError> {
+        let io = |source| KeyError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        if let Ok(text) = std::fs::read_to_string(&self.path) {
+            if let Ok(keys) = Self::parse(&self.path, &text) {
+                self.keys.extend(keys);
+            }
+        }
+        self.keys.insert(pop, key);
+        let mut text = String::from(
+            "# PoP keys this client learned on first use (pessi-streamer). A PoP that proves\n\
+             # another key is refused: delete its line if its key really changed.\n",
+        );
+        for (a, k) in &self.keys {
+            text.push_str(&format!("{a} {k}\n"));
+        }
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(io)?;
+        }
+        let mut nonce = [0u8; 8];
+        getrandom(&mut nonce);
+        let tmp = self.path.with_extension(format!(
+            "tmp{}-{}",
+            std::process::id(),
+            u64::from_le_bytes(nonce)
+        ));
+        let written = std::fs::write(&tmp, text).and_then(|()| std::fs::rename(&tmp, &self.path));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.map_err(io)
+    }
+}
+
 /// Lowercase hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -275,6 +399,26 @@ pub fn from_hex(s: &str) -> Option<[u8; KEY_LEN]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn known_pops_are_remembered_merged_and_bad_lines_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sub").join("known-pops");
+        let a: SocketAddr = "127.0.0.2:8010".parse().unwrap();
+        let b: SocketAddr = "[::1]:8010".parse().unwrap();
+        let (ka, kb) = (KeyPair::generate().public, KeyPair::generate().public);
+        let mut one = KnownPops::load(&path).unwrap();
+        assert_eq!(one.get(a), None);
+        // Two clients side by side: each keeps the other's entry.
+        let mut two = KnownPops::load(&path).unwrap();
+        one.remember(a, ka).unwrap();
+        two.remember(b, kb).unwrap();
+        let back = KnownPops::load(&path).unwrap();
+        assert_eq!((back.get(a), back.get(b)), (Some(ka), Some(kb)));
+        std::fs::write(&path, format!("# comment\n\n{a} {ka}\n127.0.0.3 {kb}\n")).unwrap();
+        let e = KnownPops::load(&path).unwrap_err().to_string();
+        assert!(e.contains("known-pops:4") && e.contains("127.0.0.3"), "{e}");
+    }
 
     #[test]
     fn files_are_created_once_private_and_read_back() {

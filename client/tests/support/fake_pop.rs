@@ -110,13 +110,27 @@ impl FakePop {
         rounds: usize,
         drop_every: usize,
     ) -> FakePop {
+        let keys = KeyPair::generate();
+        FakePop::start_keyed(addr, pong_delay, seq0, looping, rounds, drop_every, keys).await
+    }
+
+    /// Like [`FakePop::start_lossy`], with the static key pair `keys`.
+    pub async fn start_keyed(
+        addr: SocketAddr,
+        pong_delay: Duration,
+        seq0: u64,
+        looping: bool,
+        rounds: usize,
+        drop_every: usize,
+        keys: KeyPair,
+    ) -> FakePop {
         let socket = UdpSocket::bind(addr).await.unwrap();
         let addr = socket.local_addr().unwrap();
         let stop = CancellationToken::new();
         // A PoP as the real ones are: viewers open a session with it (it has a static key and
         // admits every viewer).
         let secure = Secure::new(SecureConfig::member(
-            KeyPair::generate(),
+            keys,
             Secret::random(),
             1,
             u64::from(addr.port()),
