@@ -4,6 +4,7 @@
 //! I/O-free (fed `(now, event)`, asked for `poll_transmit`/`poll_timeout`), so it is tested
 //! with a fake clock and a seeded lossy network; the thin tokio drivers live beside it.
 
+pub mod batch;
 pub mod bootstrap;
 pub mod failure;
 pub mod feed;

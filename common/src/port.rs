@@ -4,12 +4,18 @@
 //! through the [`SendShim`] (straight through with [`Direct`], or the `--impair` shim, which may
 //! drop, delay, duplicate or reorder them) to the socket. Errors are counted, logged at debug and
 //! never fatal; receive errors that persist do not spin.
+//!
+//! Below the shim, I/O is batched ([`crate::batch`]): what a flush releases goes to the kernel
+//! [`BATCH`] datagrams per `sendmmsg`, and receives read up to [`BATCH`] waiting datagrams per
+//! `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`].
 
+use crate::batch::{RecvBatch, SendBatch, BATCH};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tokio::io::Interest;
 use tokio::net::UdpSocket;
 use tracing::{debug, warn};
 
@@ -69,14 +75,22 @@ pub struct PortStats {
     pub send_errors: u64,
     /// `recv_from` failures (e.g. ICMP port unreachable reported as `ECONNREFUSED`).
     pub recv_errors: u64,
+    /// Send system calls (`sendmmsg`), each carrying up to [`BATCH`] datagrams.
+    pub send_calls: u64,
+    /// Receive system calls that returned datagrams (`recvmmsg`).
+    pub recv_calls: u64,
 }
 
 /// A host's UDP socket and send path (see the module docs).
 pub struct Port {
     socket: UdpSocket,
     shim: Box<dyn SendShim>,
-    /// One byte more than the largest valid datagram, so an oversize one is detected as such.
-    buf: Box<[u8]>,
+    /// Received datagrams, each buffer one byte more than the largest valid datagram, so an
+    /// oversize one is detected as such.
+    rx: RecvBatch,
+    tx: SendBatch,
+    /// Released by the shim, not yet taken by the kernel.
+    out: Vec<(SocketAddr, Bytes)>,
     stats: PortStats,
 }
 
@@ -95,7 +109,9 @@ impl Port {
         Port {
             socket,
             shim,
-            buf: vec![0u8; MAX_DATAGRAM_LEN + 1].into_boxed_slice(),
+            rx: RecvBatch::new(MAX_DATAGRAM_LEN + 1),
+            tx: SendBatch::default(),
+            out: Vec::with_capacity(BATCH),
             stats: PortStats::default(),
         }
     }
@@ -109,43 +125,61 @@ impl Port {
     /// earlier sends to dead peers, which Linux reports on a later receive, at debug; any other
     /// logged, with a pause so a persistent error does not spin). Cancel-safe.
     pub async fn recv(&mut self) -> Option<(SocketAddr, &[u8])> {
-        match self.socket.recv_from(&mut self.buf).await {
-            Ok((n, from)) => {
-                self.stats.datagrams_in += 1;
-                Some((from, &self.buf[..n]))
+        while self.rx.is_empty() {
+            if let Err(e) = self.socket.readable().await {
+                self.recv_error(&e).await;
+                return None;
             }
-            Err(e) => {
-                self.stats.recv_errors += 1;
-                match e.kind() {
-                    io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
-                        debug!(error = %e, "recv_from: ICMP error of an earlier send, ignored");
-                    }
-                    _ => {
-                        warn!(error = %e, "recv_from failed");
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
+            match self.fill() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => {
+                    self.recv_error(&e).await;
+                    return None;
                 }
-                None
+            }
+        }
+        self.rx.pop()
+    }
+
+    /// One `recvmmsg` into the receive batch.
+    fn fill(&mut self) -> io::Result<()> {
+        let (socket, rx) = (&self.socket, &mut self.rx);
+        let n = socket.try_io(Interest::READABLE, || rx.recv(socket))?;
+        self.stats.recv_calls += 1;
+        self.stats.datagrams_in += n as u64;
+        Ok(())
+    }
+
+    async fn recv_error(&mut self, e: &io::Error) {
+        self.stats.recv_errors += 1;
+        match e.kind() {
+            io::ErrorKind::ConnectionRefused | io::ErrorKind::ConnectionReset => {
+                debug!(error = %e, "recv: ICMP error of an earlier send, ignored");
+            }
+            _ => {
+                warn!(error = %e, "recv failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }
     }
 
-    /// A datagram already waiting in the socket, without waiting (`None`: none). A driver
-    /// drains a burst with it after [`recv`](Self::recv) before flushing, so a flood of
-    /// datagrams costs one wake-up per burst, not per datagram.
+    /// A datagram already waiting (received with the last batch, or in the socket), without
+    /// waiting (`None`: none). A driver drains a burst with it after [`recv`](Self::recv)
+    /// before flushing, so a flood of datagrams costs one wake-up per burst, not per datagram.
     pub fn try_recv(&mut self) -> Option<(SocketAddr, &[u8])> {
-        match self.socket.try_recv_from(&mut self.buf) {
-            Ok((n, from)) => {
-                self.stats.datagrams_in += 1;
-                Some((from, &self.buf[..n]))
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
-            Err(e) => {
-                self.stats.recv_errors += 1;
-                debug!(error = %e, "try_recv_from failed");
-                None
+        if self.rx.is_empty() {
+            match self.fill() {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return None,
+                Err(e) => {
+                    self.stats.recv_errors += 1;
+                    debug!(error = %e, "recv failed");
+                    return None;
+                }
             }
         }
+        self.rx.pop()
     }
 
     /// Queues a datagram for `to` (sent by the next [`flush`](Self::flush)).
@@ -153,16 +187,44 @@ impl Port {
         self.shim.push(now, to, bytes);
     }
 
-    /// Sends every queued datagram the send path releases at `now`.
+    /// Sends every queued datagram the send path releases at `now`, [`BATCH`] per system
+    /// call. A datagram the kernel refuses is counted and dropped (logged at debug); a full
+    /// send buffer is waited out.
     pub async fn flush(&mut self, now: Instant) {
-        while let Some((peer, bytes)) = self.shim.poll_transmit(now) {
-            match self.socket.send_to(&bytes, peer).await {
-                Ok(_) => self.stats.datagrams_out += 1,
-                Err(e) => {
-                    self.stats.send_errors += 1;
-                    debug!(%peer, error = %e, "send_to failed, datagram dropped");
+        loop {
+            while self.out.len() < BATCH {
+                match self.shim.poll_transmit(now) {
+                    Some(d) => self.out.push(d),
+                    None => break,
                 }
             }
+            if self.out.is_empty() {
+                return;
+            }
+            let mut done = 0;
+            while done < self.out.len() {
+                let (socket, tx, out) = (&self.socket, &mut self.tx, &self.out);
+                match socket.try_io(Interest::WRITABLE, || tx.send(socket, &out[done..])) {
+                    Ok(n) => {
+                        self.stats.send_calls += 1;
+                        self.stats.datagrams_out += n as u64;
+                        done += n;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        if let Err(e) = self.socket.writable().await {
+                            debug!(error = %e, "socket not writable; datagrams dropped");
+                            self.stats.send_errors += (self.out.len() - done) as u64;
+                            done = self.out.len();
+                        }
+                    }
+                    Err(e) => {
+                        self.stats.send_errors += 1;
+                        debug!(peer = %self.out[done].0, error = %e, "send failed, datagram dropped");
+                        done += 1;
+                    }
+                }
+            }
+            self.out.clear();
         }
     }
 

@@ -380,6 +380,18 @@ impl Net {
         self.flush(addr(ip));
     }
 
+    /// Takes the relay (or origin) at `at` out of the network, with its state (sessions,
+    /// subscribers, routes): a benchmark then drives it directly. Its synthetic sources stay.
+    pub fn take_relay(&mut self, at: SocketAddr) -> Option<RelayCore> {
+        if !matches!(self.hosts.get(&at)?.kind, Kind::Relay { .. }) {
+            return None;
+        }
+        match self.hosts.remove(&at)?.kind {
+            Kind::Relay { core, .. } => Some(*core),
+            Kind::Viewer { .. } => None,
+        }
+    }
+
     /// A viewer at `at` (any address) whose PoPs are `pops` (overlay IPs).
     pub fn add_viewer(&mut self, at: SocketAddr, pops: &[&str], cfg: CoreConfig) {
         let pops: Vec<SocketAddr> = pops.iter().map(|p| addr(p)).collect();
