@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod bench_plots;
+pub mod cost;
 pub mod netns;
 pub mod overlay;
 pub mod process;

@@ -195,6 +195,11 @@ impl Supervisor {
         self.procs.get(name).is_some_and(|p| p.child.is_some())
     }
 
+    /// The process id of `name` while it runs (for reading `/proc/<pid>/…`).
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.procs.get(name)?.child.as_ref()?.id()
+    }
+
     /// Stops everything, last started first: SIGTERM, then SIGKILL after `grace`.
     pub async fn stop_all(&mut self, grace: Duration) {
         for name in self.order.clone().iter().rev() {
