@@ -48,8 +48,9 @@ struct Args {
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread: the bootstrapper answers a handful of requests and long-polls (issue 10:
+    // a daemon at rest must cost next to nothing; no worker threads to wake).
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

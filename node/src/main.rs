@@ -13,7 +13,9 @@ struct Args {
     overlay: OverlayArgs,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+// One thread (the relay engine owns its socket and core in one task): nothing to hand between worker threads, no futex wake-ups at
+// rest (issue 10).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();

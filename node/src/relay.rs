@@ -266,7 +266,15 @@ impl Engine {
                 biased;
                 _ = shutdown.cancelled() => break,
                 cmd = self.cmd_rx.recv(), if commands_open => match cmd {
-                    Some(c) => self.command(now(), c),
+                    Some(c) => {
+                        let t = now();
+                        self.command(t, c);
+                        // A burst of local video (a playout quantum) is one batched fan-out.
+                        for _ in 0..RECV_BURST {
+                            let Ok(c) = self.cmd_rx.try_recv() else { break };
+                            self.command(t, c);
+                        }
+                    }
                     None => commands_open = false,
                 },
                 n = self.neighbour_updates.recv(), if updates_open => match n {

@@ -41,7 +41,9 @@ fn parse_source(s: &str) -> Result<(String, String), String> {
     }
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+// One thread (the relay engine, playout pacing and ffmpeg pipes are light async tasks): nothing to hand between worker threads, no futex wake-ups at
+// rest (issue 10).
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     common::runtime::init_tracing();

@@ -4,7 +4,8 @@
 //! The file is read in 64 KiB chunks only as far ahead as the pacer needs (one PCR anchor,
 //! ~300 ms), so multi-GB files cost no memory; small files stay in the OS page cache, so no
 //! copy is kept in memory. The task sleeps until the next datagram is due
-//! (`tokio::time::sleep_until`), so its cost is a timer wake-up per datagram or two.
+//! (`tokio::time::sleep_until`), but wakes at most once per [`PACE_QUANTUM`] and then sends
+//! everything due, so its cost is a timer wake-up per burst.
 
 use crate::pacer::{Pacer, PacerConfig, PacerStats};
 use crate::Chunk;
@@ -18,6 +19,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
+
+/// Datagrams are sent at most this late, in bursts of what fell due meanwhile (a 2.8 Mb/s
+/// channel: about 3 datagrams every 10 ms instead of one every 3.8 ms). The viewer's jitter
+/// buffer (200 ms) absorbs it; it saves two thirds of the wake-ups of every host downstream.
+pub const PACE_QUANTUM: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Where a channel's datagrams go.
 pub trait ChunkSink: Send + 'static {
@@ -103,6 +109,7 @@ async fn play(
     let mut splitter = TsSplitter::strict();
     let mut buf = vec![0u8; READ_CHUNK];
     let mut packets_this_pass = 0u64;
+    let mut last_wake: Option<Instant> = None;
     loop {
         while pacer.needs_input() {
             let n = tokio::select! {
@@ -132,11 +139,15 @@ async fn play(
         let Some(due) = pacer.poll_timeout() else {
             continue;
         };
+        // At most one wake-up per quantum: what falls due meanwhile goes out together (one
+        // send call here, one wake-up and one batched fan-out at every relay downstream).
+        let wake = last_wake.map_or(due, |w| due.max(w + PACE_QUANTUM));
         tokio::select! {
             _ = cancel.cancelled() => return Ok(pacer.stats()),
-            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(due)) => {}
+            _ = tokio::time::sleep_until(tokio::time::Instant::from_std(wake)) => {}
         }
         let now = Instant::now();
+        last_wake = Some(now);
         while let Some(d) = pacer.poll(now) {
             let chunk = Chunk {
                 payload: d.payload,
