@@ -472,21 +472,30 @@ impl ClientCore {
     pub fn handle_timeout(&mut self, now: Instant) {
         self.tick(now);
         if now >= self.next_fast_ping {
-            // Fast PoPs (feeding a stream) are pinged every fast_interval...
+            // Fast PoPs (feeding a stream) are pinged every fast_interval while they are
+            // silent: video within the interval proves them alive (no ping, no pong to
+            // handle), and the pings resume as soon as it stops, so a dead PoP is still found
+            // `fast_timeout` after its last datagram...
+            // (Half an interval: the pong to our last ping, a round trip after it, does not
+            // count as video.)
+            let period = self.liveness.config().fast_interval;
             for i in 0..self.pops.len() {
-                if self.liveness.is_fast(self.pops[i].addr) {
+                let a = self.pops[i].addr;
+                let fed = self
+                    .liveness
+                    .last_heard(a)
+                    .is_some_and(|h| now.saturating_duration_since(h) < period / 2);
+                if self.liveness.is_fast(a) && !fed {
                     self.ping(i, now);
                 }
             }
-            let period = self.liveness.config().fast_interval;
             self.next_fast_ping = advance(self.next_fast_ping, period, now);
         }
         if now >= self.next_ping {
-            // ...the others every ping_interval.
+            // ...and every PoP every ping_interval (the RTT samples, and the PoP keeps our
+            // subscriptions while it hears from us).
             for i in 0..self.pops.len() {
-                if !self.liveness.is_fast(self.pops[i].addr) {
-                    self.ping(i, now);
-                }
+                self.ping(i, now);
             }
             self.next_ping = advance(self.next_ping, self.cfg.ping_interval, now);
             let keep = self.cfg.pop_timeout * 4;
@@ -1978,11 +1987,26 @@ mod tests {
         let (used, other) = (addr(3), addr(2));
         assert_eq!(sim.stream_pop("news"), Some(used));
         assert!(sim.core.liveness.is_fast(used) && !sim.core.liveness.is_fast(other));
-        // One second: ~40 pings to the PoP in use, ~10 to the other.
+        // One second: its video (every 10 ms) proves the PoP in use alive, so it gets only
+        // the regular pings, like the other (~10 each, 2 per 0.5 s round... at 100 ms here).
         sim.pings.clear();
         sim.run_for(Duration::from_secs(1));
-        assert!((39..=41).contains(&sim.pings[&used]), "{:?}", sim.pings);
+        assert!((9..=11).contains(&sim.pings[&used]), "{:?}", sim.pings);
         assert!((9..=11).contains(&sim.pings[&other]), "{:?}", sim.pings);
+        // A silent feed is pinged fast again: ~40 pings in a second.
+        sim.origin.as_mut().unwrap().interval = Duration::from_secs(3600);
+        sim.run_for(Duration::from_millis(100));
+        sim.pings.clear();
+        sim.run_for(Duration::from_secs(1));
+        assert!((38..=41).contains(&sim.pings[&used]), "{:?}", sim.pings);
+        let o = sim.origin.as_mut().unwrap();
+        (o.interval, o.next_at) = (Duration::from_millis(10), sim.now);
+        sim.run_for(Duration::from_millis(500));
+        assert_eq!(
+            sim.stream_pop("news"),
+            Some(used),
+            "a silent but live feed stays"
+        );
         sim.pop(used).alive = false;
         let died = sim.now;
         sim.run_for(Duration::from_secs(1));

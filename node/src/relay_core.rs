@@ -1787,8 +1787,22 @@ impl RelayCore {
     /// unreliable pings every `failure.fast_interval`, whose pongs keep them alive (see
     /// `common::failure`, "Fast peers"). Dead ones are left to the ordinary rounds.
     fn fast_heartbeats(&mut self) {
+        let t = self.t;
+        // Half an interval: the pong to our last ping, a round trip after it, is no proof.
+        let quiet = self.cfg.failure.fast_interval / 2;
         for p in self.fast.clone() {
             if !self.routing.is_alive(p) {
+                continue;
+            }
+            // A feed that sent something within the interval (video, as it does tens to
+            // hundreds of times a second) proves itself: no heartbeat, and no pong to wake us.
+            // The heartbeats resume as soon as it falls silent, so a dead feed is still found
+            // `fast_k` intervals after its last datagram.
+            if self
+                .routing
+                .last_heard(p)
+                .is_some_and(|h| t.saturating_duration_since(h) < quiet)
+            {
                 continue;
             }
             self.nonce = self.nonce.wrapping_add(1);

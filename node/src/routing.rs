@@ -592,6 +592,11 @@ impl RoutingTable {
         self.liveness.is_alive(peer)
     }
 
+    /// When `peer` (watched) was last heard from.
+    pub fn last_heard(&self, peer: PeerId) -> Option<Instant> {
+        self.liveness.last_heard(peer)
+    }
+
     /// Whether `addr` is alive and not in its hold-down (a neighbour that died and came back
     /// less than [`FailureConfig::hold_down`] ago) at `now`.
     pub fn is_usable(&self, now: Instant, peer: PeerId) -> bool {
