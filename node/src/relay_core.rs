@@ -1026,7 +1026,13 @@ impl RelayCore {
             }
             Message::ListChannels => self.list_channels(from, addr),
             Message::Ping { nonce } => {
-                self.reply(from, addr, Message::Pong { nonce });
+                // A neighbour we heartbeat ourselves hears from us every heartbeat interval
+                // anyway: no pong (half the control traffic of an idle link). Everyone else
+                // gets one: clients, non-neighbour peers, and our subscribers, which may
+                // heartbeat us faster than we them (we are their feed).
+                if !self.routing.is_neighbour(from) || self.subs.is_peer(from) {
+                    self.reply(from, addr, Message::Pong { nonce });
+                }
             }
             Message::Pong { .. } => {}
             Message::Goodbye => {
