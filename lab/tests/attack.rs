@@ -555,13 +555,24 @@ fn an_attacker_on_the_machine_gets_nothing_in_and_nothing_out() {
         long_gaps.is_empty(),
         "silences during the attack: {long_gaps:?}"
     );
-    // Under the 100 000/s flood (attacker and overlay share the machine) nothing is accepted
-    // either, the viewer loses nothing (NACK recovery and the jitter buffer cover what the
-    // flood delays), and the stream goes on afterwards. Arrival silences during the flood are
-    // reported above, not asserted: they depend on how the cores are shared.
+    // Under the 100 000/s flood and the handshake flood (attacker and overlay share the
+    // machine) nothing is accepted either, the viewer loses nothing (NACK recovery and the
+    // jitter buffer cover what the floods delay), sees no silence its jitter buffer would not
+    // cover (a quiet 2-core machine: ≤ 125 ms in 3 of 3 runs, as before the attack; batched
+    // receives read the junk 64 datagrams per system call), and the stream goes on afterwards.
     assert_eq!(
         after.lost, mid.lost,
         "datagrams lost during the random flood"
+    );
+    let flood_gaps: Vec<_> = after
+        .gaps
+        .iter()
+        .skip(mid.gaps.len())
+        .filter(|g| g.1 >= 200.0)
+        .collect();
+    assert!(
+        flood_gaps.is_empty(),
+        "silences during the floods: {flood_gaps:?}"
     );
     assert!(recovered.streams["live"].packets > after.packets + 100);
     o.stop();
