@@ -6,7 +6,8 @@
 //! never fatal; receive errors that persist do not spin.
 //!
 //! Below the shim, I/O is batched ([`crate::batch`]): what a flush releases goes to the kernel
-//! [`BATCH`] datagrams per `sendmmsg`, and receives read up to [`BATCH`] waiting datagrams per
+//! grouped by destination, [`BATCH`] messages per `sendmmsg`, a run to one peer as one UDP
+//! GSO message, and receives read up to [`BATCH`] waiting datagrams per
 //! `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`].
 
 use crate::batch::{RecvBatch, SendBatch, BATCH};
@@ -187,45 +188,43 @@ impl Port {
         self.shim.push(now, to, bytes);
     }
 
-    /// Sends every queued datagram the send path releases at `now`, [`BATCH`] per system
-    /// call. A datagram the kernel refuses is counted and dropped (logged at debug); a full
+    /// Sends every queued datagram the send path releases at `now`, grouped by destination,
+    /// up to [`BATCH`] messages per system call (a run to one peer is one GSO message). A datagram the kernel refuses is counted and dropped (logged at debug); a full
     /// send buffer is waited out.
     pub async fn flush(&mut self, now: Instant) {
-        loop {
-            while self.out.len() < BATCH {
-                match self.shim.poll_transmit(now) {
-                    Some(d) => self.out.push(d),
-                    None => break,
-                }
-            }
-            if self.out.is_empty() {
-                return;
-            }
-            let mut done = 0;
-            while done < self.out.len() {
-                let (socket, tx, out) = (&self.socket, &mut self.tx, &self.out);
-                match socket.try_io(Interest::WRITABLE, || tx.send(socket, &out[done..])) {
-                    Ok(n) => {
-                        self.stats.send_calls += 1;
-                        self.stats.datagrams_out += n as u64;
-                        done += n;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        if let Err(e) = self.socket.writable().await {
-                            debug!(error = %e, "socket not writable; datagrams dropped");
-                            self.stats.send_errors += (self.out.len() - done) as u64;
-                            done = self.out.len();
-                        }
-                    }
-                    Err(e) => {
-                        self.stats.send_errors += 1;
-                        debug!(peer = %self.out[done].0, error = %e, "send failed, datagram dropped");
-                        done += 1;
-                    }
-                }
-            }
-            self.out.clear();
+        while let Some(d) = self.shim.poll_transmit(now) {
+            self.out.push(d);
         }
+        if self.out.is_empty() {
+            return;
+        }
+        // Grouped by destination (a stable sort: each peer's datagrams keep their order), so
+        // that a burst to one peer is one GSO message; the order across peers is free.
+        self.out.sort_by_key(|(to, _)| *to);
+        let mut done = 0;
+        while done < self.out.len() {
+            let (socket, tx, out) = (&self.socket, &mut self.tx, &self.out);
+            match socket.try_io(Interest::WRITABLE, || tx.send(socket, &out[done..])) {
+                Ok(n) => {
+                    self.stats.send_calls += 1;
+                    self.stats.datagrams_out += n as u64;
+                    done += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if let Err(e) = self.socket.writable().await {
+                        debug!(error = %e, "socket not writable; datagrams dropped");
+                        self.stats.send_errors += (self.out.len() - done) as u64;
+                        done = self.out.len();
+                    }
+                }
+                Err(e) => {
+                    self.stats.send_errors += 1;
+                    debug!(peer = %self.out[done].0, error = %e, "send failed, datagram dropped");
+                    done += 1;
+                }
+            }
+        }
+        self.out.clear();
     }
 
     /// When the send path next releases a held-back datagram (the `--impair` shim's delays).

@@ -1,9 +1,10 @@
 //! The relay's hot path: one video datagram in, its fan-out to N subscribers out, on the real
 //! `RelayCore` (taken out of a simulated overlay once its viewers have subscribed, sessions
 //! and all), encrypted as the daemons run and with the benchmark-only plaintext for
-//! comparison; then the same with every datagram handed to a real loopback socket; and the raw
-//! Linux UDP baselines of this machine measured in the same run (`send_to`, `sendmmsg` ×32,
-//! GSO ×8, per 1 316-byte datagram).
+//! comparison; then the same with every datagram handed to a real loopback socket; a burst of
+//! three datagrams (a playout quantum) fanned out per subscriber with and without UDP GSO; and
+//! the raw Linux UDP baselines of this machine measured in the same run (`send_to`, `sendmmsg`
+//! ×32, GSO ×8, per 1 316-byte datagram).
 //!
 //! `cargo bench -p sim --bench forward` (divan: time per iteration, and items/s where an
 //! iteration sends several datagrams). The sink sockets are not drained: a send that finds
@@ -131,7 +132,8 @@ fn forward_and_send(bencher: Bencher, n: usize, secure: bool, batched: bool) {
     let (tx, sink) = sockets();
     let (mut hot, mut relay) = Hot::new(n, secure);
     let (from, now) = (hot.at_origin, hot.now);
-    let mut batch = SendBatch::default();
+    // One sink stands for every subscriber: no GSO (each subscriber is another peer).
+    let mut batch = SendBatch::without_gso();
     let mut out: Vec<(SocketAddr, Bytes)> = Vec::with_capacity(BATCH);
     bencher
         .counter(ItemsCount::new(n))
@@ -152,6 +154,49 @@ fn forward_and_send(bencher: Bencher, n: usize, secure: bool, batched: bool) {
             }
             send_all(&mut batch, &tx, &mut out);
         });
+}
+
+/// Three datagrams per iteration (what a 10 ms playout quantum brings at 2.8 Mb/s), their
+/// fan-out grouped by destination as `Port::flush` does, then sent with GSO (each
+/// subscriber's three datagrams in one message) or without (`sendmmsg` only).
+fn burst_of_three(bencher: Bencher, n: usize, gso: bool) {
+    let (tx, sink) = sockets();
+    let (mut hot, mut relay) = Hot::new(n, true);
+    let (from, now) = (hot.at_origin, hot.now);
+    let mut batch = if gso {
+        SendBatch::default()
+    } else {
+        SendBatch::without_gso()
+    };
+    // One sink per subscriber, so runs are per peer as in a real fan-out.
+    let sinks: Vec<SocketAddr> = (0..n).map(|_| sockets().1).collect();
+    let _ = sink;
+    let mut out: Vec<(SocketAddr, Bytes)> = Vec::new();
+    bencher
+        .counter(ItemsCount::new(3 * n))
+        .with_inputs(|| [hot.next_input(), hot.next_input(), hot.next_input()])
+        .bench_local_values(|inputs| {
+            for bytes in inputs {
+                relay.handle_datagram(now, from, &bytes);
+                while let Some(t) = relay.poll_transmit() {
+                    for (i, _) in t.to.iter().enumerate() {
+                        out.push((sinks[i % n], t.bytes.clone()));
+                    }
+                }
+            }
+            out.sort_by_key(|(to, _)| *to);
+            send_all(&mut batch, &tx, &mut out);
+        });
+}
+
+#[divan::bench(args = SUBSCRIBERS)]
+fn relay_encrypted_burst3_sendmmsg(bencher: Bencher, n: usize) {
+    burst_of_three(bencher, n, false);
+}
+
+#[divan::bench(args = SUBSCRIBERS)]
+fn relay_encrypted_burst3_gso(bencher: Bencher, n: usize) {
+    burst_of_three(bencher, n, true);
 }
 
 fn send_all(batch: &mut SendBatch, tx: &UdpSocket, out: &mut Vec<(SocketAddr, Bytes)>) {
@@ -224,13 +269,13 @@ fn raw_send_to(bencher: Bencher) {
     });
 }
 
-/// Raw baseline: `sendmmsg` of 32 datagrams (one destination each, here the same).
+/// Raw baseline: `sendmmsg` of 32 datagrams (one message each, as to 32 peers).
 #[divan::bench]
 fn raw_sendmmsg_32(bencher: Bencher) {
     let (tx, sink) = sockets();
     let buf = Bytes::from(vec![0x47u8; LEN]);
     let items: Vec<(SocketAddr, Bytes)> = (0..32).map(|_| (sink, buf.clone())).collect();
-    let mut batch = SendBatch::default();
+    let mut batch = SendBatch::without_gso();
     bencher
         .counter(ItemsCount::new(items.len()))
         .bench_local(|| batch.send(&tx, &items));

@@ -24,19 +24,31 @@ const RAW: [(&str, f64, &str); 3] = [
     ("raw_gso_8", 8.0, "raw GSO ×8 (one peer)"),
 ];
 
-/// The curves: (benchmark group, legend).
-const CURVES: [(&str, &str); 4] = [
+/// The curves: (benchmark group, datagrams per subscriber per iteration, legend).
+const CURVES: [(&str, f64, &str); 5] = [
+    (
+        "relay_encrypted_burst3_gso",
+        3.0,
+        "relay, encrypted, bursts of 3, GSO per subscriber",
+    ),
     (
         "relay_encrypted_sendmmsg",
-        "relay, encrypted, sendmmsg (now)",
+        1.0,
+        "relay, encrypted, sendmmsg",
     ),
     (
         "relay_encrypted_send_to",
+        1.0,
         "relay, encrypted, send_to (before)",
     ),
-    ("relay_plaintext_sendmmsg", "relay, plaintext, sendmmsg"),
+    (
+        "relay_plaintext_sendmmsg",
+        1.0,
+        "relay, plaintext, sendmmsg",
+    ),
     (
         "relay_encrypted",
+        1.0,
         "relay core only, encrypted (no kernel send)",
     ),
 ];
@@ -102,13 +114,13 @@ fn main() -> anyhow::Result<()> {
     let _ =
         plotters::style::register_font(FONT, FontStyle::Normal, epaint_default_fonts::UBUNTU_LIGHT);
     let mut curves: Vec<(&str, Vec<(f64, f64)>)> = Vec::new();
-    for (group, label) in CURVES {
+    for (group, per, label) in CURVES {
         let pts: Vec<(f64, f64)> = m
             .iter()
             .filter(|((g, a), _)| g == group && a.is_some())
             .map(|((_, a), t)| {
                 let n = f64::from(a.expect("filtered"));
-                (n, n / t)
+                (n, per * n / t)
             })
             .collect();
         if !pts.is_empty() {
@@ -151,6 +163,7 @@ fn main() -> anyhow::Result<()> {
         .label_style((FONT, 14))
         .draw()?;
     let palette = [
+        RGBColor(192, 57, 43),
         RGBColor(52, 101, 164),
         RGBColor(230, 126, 34),
         RGBColor(39, 174, 96),
