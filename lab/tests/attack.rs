@@ -488,7 +488,7 @@ fn an_attacker_on_the_machine_gets_nothing_in_and_nothing_out() {
     // the sniffer sees whole: a multiple of the size, every segment of the same kind.)
     let answered: usize = back.iter().map(|s| s.payload.len()).sum();
     let segments = |s: &Seen, size: usize| -> Option<usize> {
-        let whole = !s.payload.is_empty() && s.payload.len() % size == 0;
+        let whole = !s.payload.is_empty() && s.payload.len().is_multiple_of(size);
         let alike = s.payload.chunks(size).all(|c| c[..4] == s.payload[..4]);
         (whole && alike).then(|| s.payload.len() / size)
     };
