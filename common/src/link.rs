@@ -332,6 +332,10 @@ impl Link {
             self.transmit.push_back(t);
         }
         while let Some(ev) = s.poll_event() {
+            if let SecureEvent::Up { peer: Some(p), .. } = ev {
+                // What we sent it so far waited for the handshake: no RTT samples from it.
+                self.endpoint.no_rtt_samples_in_flight(p);
+            }
             self.incoming.push_back(Incoming::Secure(ev));
         }
     }
@@ -396,6 +400,57 @@ mod tests {
                 break;
             }
         }
+    }
+
+    #[test]
+    fn a_message_that_waited_for_a_handshake_gives_no_rtt_sample() {
+        use crate::keys::{KeyPair, Secret};
+        use crate::secure::{SecureConfig, RETRY_FIRST};
+        let t0 = Instant::now();
+        let net = Secret::random();
+        let (ka, kb) = (KeyPair::generate(), KeyPair::generate());
+        let member =
+            |k: &KeyPair, seed| Secure::new(SecureConfig::member(k.clone(), net.clone(), 1, seed));
+        // (An initial RTO longer than the handshake retry, so that Karn's rule is not what
+        // keeps the sample out.)
+        let slow = ReliableConfig {
+            initial_rto: Duration::from_secs(1),
+            ..ReliableConfig::default()
+        };
+        let mut a = Link::new(NodeId(1), 11, slow).with_secure(member(&ka, 1));
+        let mut b = Link::new(NodeId(2), 22, ReliableConfig::default()).with_secure(member(&kb, 2));
+        a.secure_mut().unwrap().set_member(NodeId(2), kb.public);
+        // b does not know a yet (the bootstrapper's directory has not reached it): a's first
+        // initiation is refused, its retry 200 ms later succeeds and the queued message leaves.
+        a.send_reliable(t0, NodeId(2), addr(2), Message::ListChannels)
+            .unwrap();
+        exchange(&mut a, &mut b, t0);
+        assert!(b.poll_incoming().is_none());
+        b.secure_mut().unwrap().set_member(NodeId(1), ka.public);
+        let t1 = t0 + RETRY_FIRST;
+        a.handle_timeout(t1);
+        exchange(&mut a, &mut b, t1);
+        assert!(std::iter::from_fn(|| b.poll_incoming()).any(|i| matches!(
+            i,
+            Incoming::Message {
+                msg: Message::ListChannels,
+                ..
+            }
+        )));
+        let st = a.stats().reliable;
+        assert_eq!(
+            (st.acked, st.retransmitted),
+            (1, 0),
+            "acked, never resent: {st:?}"
+        );
+        // The 200 ms it waited are not a round trip of this link.
+        assert!(a.rtt(NodeId(2)).is_none(), "{:?}", a.rtt(NodeId(2)));
+        // The next message samples the link as it is.
+        a.send_reliable(t1, NodeId(2), addr(2), Message::ListChannels)
+            .unwrap();
+        exchange(&mut a, &mut b, t1 + Duration::from_millis(1));
+        let r = a.rtt(NodeId(2)).expect("sampled");
+        assert!(r.srtt <= Duration::from_millis(1), "{r:?}");
     }
 
     #[test]

@@ -223,6 +223,9 @@ struct InFlight {
     timeout: Duration,
     /// Retransmissions so far (Karn: sampled only if 0).
     retransmits: u32,
+    /// It waited below us before it could leave (the session layer's handshake): its ack
+    /// time is no RTT sample either.
+    waited: bool,
 }
 
 /// What the duplicate window says about a received id.
@@ -537,7 +540,7 @@ impl ReliableEndpoint {
                 continue; // already acked (duplicate ack) or given up
             };
             self.timers.remove(&(f.deadline, peer, id));
-            if f.retransmits == 0 {
+            if f.retransmits == 0 && !f.waited {
                 let r = now.saturating_duration_since(f.sent_at);
                 RttEstimator::sample(&mut p.rtt, r);
             }
@@ -661,6 +664,18 @@ impl ReliableEndpoint {
         self.events.pop_front()
     }
 
+    /// The messages to `peer` now in flight waited for something below us (a handshake of
+    /// the session layer) before they left: their acks give no RTT sample (like Karn's rule
+    /// for retransmissions), so a handshake's wait or retries never inflate the RTT, the RTO
+    /// and the failure detector's timeouts built on it.
+    pub fn no_rtt_samples_in_flight(&mut self, peer: PeerId) {
+        if let Some(p) = self.peers.get_mut(&peer) {
+            for f in p.in_flight.values_mut() {
+                f.waited = true;
+            }
+        }
+    }
+
     /// The RTT estimate of `peer`, once at least one ack of a never-retransmitted message was
     /// received from it.
     pub fn rtt(&self, peer: PeerId) -> Option<RttEstimate> {
@@ -732,6 +747,7 @@ fn launch(
         InFlight {
             bytes,
             sent_at: now,
+            waited: false,
             deadline,
             timeout,
             retransmits: 0,
