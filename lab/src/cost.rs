@@ -866,41 +866,9 @@ async fn watched(cfg: &Config, bins: &Binaries) -> CostRun {
          channel `clip` = a generated 720p25 clip (noisy test pattern + tone), transcoded once \
          by the server into its cache (2.5 Mb/s video, 128 kb/s AAC), played out from it",
     );
-    let media = cfg.log_dir.join("media");
-    let prepared = async {
-        let clip = ensure_clip(&media).await?;
-        let videos = videos_folder(&media, "one", &clip, &["clip".into()])?;
-        let ov = Overlay::new(
-            bins,
-            cfg.log_dir.join("watched"),
-            &chain(97, 4),
-            &["127.0.97.1"],
-            &["127.0.97.4"],
-        )?;
-        Ok::<_, anyhow::Error>((videos, ov))
-    }
-    .await;
-    let (videos, ov) = match prepared {
-        Ok((v, o)) => (Some(v), Ok(o)),
-        Err(e) => (None, Err(e)),
-    };
-    let cache = media.join("cache");
+    let (videos, ov) = cached_chain(cfg, bins, "watched", "one", &["clip".into()], 97, 4).await;
     with_overlay(&mut run, ov, async |ov, run| {
-        let m = Media {
-            videos,
-            sources: vec![],
-        };
-        ov.start(
-            &m,
-            &["--cache-dir".into(), cache.clone().into()],
-            &cfg.daemon_args,
-        )
-        .await?;
-        let log = ov.sup.log_path("server-127.0.97.1");
-        wait_cache(&cache, &log, Duration::from_secs(600)).await?;
-        // Let the server take the cache (its transcode job runs one file at a time) and the
-        // floods build the routes.
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        start_cached(cfg, ov, videos, "server-127.0.97.1").await?;
         ov.client("client", "clip")?;
         let missing = ov.wait_streams(Duration::from_secs(60)).await?;
         anyhow::ensure!(missing.is_empty(), "the client got no datagram within 60 s");
@@ -916,6 +884,65 @@ async fn watched(cfg: &Config, bins: &Binaries) -> CostRun {
     run
 }
 
+/// The generated clip under the names `channels` (videos folder `folder` in the media
+/// directory), and the chain `127.0.<block>.1 … .<n>` (server first, PoP last) in
+/// `<log dir>/<dir>`; the folder is `None` when the clip could not be made.
+async fn cached_chain(
+    cfg: &Config,
+    bins: &Binaries,
+    dir: &str,
+    folder: &str,
+    channels: &[String],
+    block: u8,
+    n: u8,
+) -> (Option<PathBuf>, anyhow::Result<Overlay>) {
+    let media = cfg.log_dir.join("media");
+    let prepared = async {
+        let clip = ensure_clip(&media).await?;
+        let videos = videos_folder(&media, folder, &clip, channels)?;
+        let ov = Overlay::new(
+            bins,
+            cfg.log_dir.join(dir),
+            &chain(block, n),
+            &[&format!("127.0.{block}.1")],
+            &[&format!("127.0.{block}.{n}")],
+        )?;
+        Ok::<_, anyhow::Error>((videos, ov))
+    }
+    .await;
+    match prepared {
+        Ok((v, o)) => (Some(v), Ok(o)),
+        Err(e) => (None, Err(e)),
+    }
+}
+
+/// Starts `ov` with the server playing `videos` from the shared cache, and waits until the
+/// server (process `server`) has taken its cache and the floods have built the routes.
+async fn start_cached(
+    cfg: &Config,
+    ov: &mut Overlay,
+    videos: Option<PathBuf>,
+    server: &str,
+) -> anyhow::Result<()> {
+    let cache = cfg.log_dir.join("media").join("cache");
+    let m = Media {
+        videos,
+        sources: vec![],
+    };
+    ov.start(
+        &m,
+        &["--cache-dir".into(), cache.clone().into()],
+        &cfg.daemon_args,
+    )
+    .await?;
+    let log = ov.sup.log_path(server);
+    wait_cache(&cache, &log, Duration::from_secs(600)).await?;
+    // Let the server take the cache (its transcode job runs one file at a time) and the
+    // floods build the routes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    Ok(())
+}
+
 /// Memory: ten channels watched by ten clients, server → relay → PoP.
 async fn memory(cfg: &Config, bins: &Binaries) -> CostRun {
     let mut run = CostRun::new(
@@ -927,40 +954,10 @@ async fn memory(cfg: &Config, bins: &Binaries) -> CostRun {
              clients, one per channel: both relays carry {MEMORY_STREAMS} streams"
         ),
     );
-    let media = cfg.log_dir.join("media");
     let channels: Vec<String> = (0..MEMORY_STREAMS).map(|i| format!("ch{i:02}")).collect();
-    let prepared = async {
-        let clip = ensure_clip(&media).await?;
-        let videos = videos_folder(&media, "ten", &clip, &channels)?;
-        let ov = Overlay::new(
-            bins,
-            cfg.log_dir.join("memory"),
-            &chain(98, 3),
-            &["127.0.98.1"],
-            &["127.0.98.3"],
-        )?;
-        Ok::<_, anyhow::Error>((videos, ov))
-    }
-    .await;
-    let (videos, ov) = match prepared {
-        Ok((v, o)) => (Some(v), Ok(o)),
-        Err(e) => (None, Err(e)),
-    };
-    let cache = media.join("cache");
+    let (videos, ov) = cached_chain(cfg, bins, "memory", "ten", &channels, 98, 3).await;
     with_overlay(&mut run, ov, async |ov, run| {
-        let m = Media {
-            videos,
-            sources: vec![],
-        };
-        ov.start(
-            &m,
-            &["--cache-dir".into(), cache.clone().into()],
-            &cfg.daemon_args,
-        )
-        .await?;
-        let log = ov.sup.log_path("server-127.0.98.1");
-        wait_cache(&cache, &log, Duration::from_secs(600)).await?;
-        tokio::time::sleep(Duration::from_secs(2)).await;
+        start_cached(cfg, ov, videos, "server-127.0.98.1").await?;
         for c in &channels {
             ov.client(&format!("client-{c}"), c)?;
         }
