@@ -34,15 +34,24 @@ mod targets {
     ];
 
     /// A UDP datagram (version 1). What decodes re-encodes, and the re-encoding decodes to the
-    /// same datagram.
+    /// same datagram. The in-place video parser accepts exactly the video datagrams the decoder
+    /// accepts, with the same fields.
     pub fn wire_datagram(data: &[u8]) {
-        if let Ok(d) = Datagram::decode(data) {
+        let decoded = Datagram::decode(data);
+        if let Ok(d) = &decoded {
             let again = d.encode().expect("a decoded datagram re-encodes");
             assert!(again.len() <= data.len(), "re-encoding grew");
             assert_eq!(
-                Datagram::decode(&again).expect("a re-encoded datagram decodes"),
+                &Datagram::decode(&again).expect("a re-encoded datagram decodes"),
                 d
             );
+        }
+        let frame = common::wire::VideoFrame::parse(bytes::BytesMut::from(data));
+        match (decoded.map(|d| d.body), frame) {
+            (Ok(common::wire::Body::Video(p)), Ok(Ok(f))) => assert_eq!(f.into_packet(), p),
+            (Ok(common::wire::Body::Video(_)), f) => panic!("the parser refused video: {f:?}"),
+            (Ok(_), f) => assert!(matches!(f, Ok(Err(_))), "the parser took a non-video"),
+            (Err(_), f) => assert!(!matches!(f, Ok(Ok(_))), "the parser took a malformed one"),
         }
     }
 

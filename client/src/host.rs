@@ -139,15 +139,14 @@ impl ClientHost {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        bytes: &[u8],
+        bytes: impl Into<bytes::BytesMut>,
     ) -> Option<Arrival> {
         let Some(plain) = self.link.open(now, from, bytes) else {
             self.drain_incoming(now);
             self.drain_actions(now);
             return None;
         };
-        let bytes: &[u8] = &plain;
-        if let Ok(h) = common::wire::decode_header(bytes) {
+        if let Ok(h) = common::wire::decode_header(&plain) {
             let check = if self.link.is_secure() {
                 self.peers.check_authenticated(from, h.sender)
             } else {
@@ -187,7 +186,7 @@ impl ClientHost {
                 }
             }
         }
-        self.link.handle_plain(now, from, bytes);
+        self.link.handle_plain(now, from, plain);
         let arrival = self.drain_incoming(now);
         self.drain_actions(now);
         arrival
@@ -207,9 +206,11 @@ impl ClientHost {
                 Incoming::Video {
                     from,
                     sender,
-                    packet,
+                    frame,
                 } => {
                     let from = self.name(sender, from);
+                    // The payload stays in the buffer it was received in.
+                    let packet = frame.into_packet();
                     let keyframe = crate::core::is_keyframe(packet.flags, &packet.payload);
                     if let Some(channel) = self.core.handle_video(now, from, packet) {
                         arrival = Some(Arrival {

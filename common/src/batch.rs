@@ -12,7 +12,7 @@
 //! `try_io`, so a full send buffer or an empty receive queue is `WouldBlock` and the readiness
 //! is cleared for the next `writable()`/`readable()`.
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::io;
 use std::net::SocketAddr;
 
@@ -259,13 +259,18 @@ impl SendBatch {
     }
 }
 
-/// Reusable buffers of a batched receive, and the datagrams of the last one.
+/// A batched receive: the datagrams land side by side in one shared buffer (a *chunk* of
+/// [`BATCH`] slots), and each is handed out as its own [`BytesMut`] over its slot (no copy): a
+/// relay opens, parses and forwards it in that very buffer. A chunk is freed when the last
+/// datagram in it is dropped; slots left over by a short batch serve the next receive, so a
+/// chunk is used up slot by slot whatever the batch sizes.
 pub struct RecvBatch {
-    bufs: Vec<Box<[u8]>>,
-    /// (from, length) of each datagram received, in order.
-    got: Vec<(SocketAddr, usize)>,
-    /// The next one to hand out.
-    next: usize,
+    /// Bytes of one slot (the largest datagram taken whole, plus one to tell an oversize one).
+    slot: usize,
+    /// The slots not used yet (initialised memory: zeroed when allocated).
+    chunk: BytesMut,
+    /// The datagrams of the last receive not handed out yet, in order.
+    got: std::collections::VecDeque<(SocketAddr, BytesMut)>,
     #[cfg(target_os = "linux")]
     names: Vec<libc::sockaddr_storage>,
     #[cfg(target_os = "linux")]
@@ -281,20 +286,18 @@ unsafe impl Send for RecvBatch {}
 impl std::fmt::Debug for RecvBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RecvBatch")
-            .field("pending", &(self.got.len() - self.next))
+            .field("pending", &self.got.len())
             .finish_non_exhaustive()
     }
 }
 
 impl RecvBatch {
-    /// Room for [`BATCH`] datagrams of up to `max_len` bytes each.
+    /// Room for [`BATCH`] datagrams of up to `max_len` bytes each per receive.
     pub fn new(max_len: usize) -> RecvBatch {
         RecvBatch {
-            bufs: (0..BATCH)
-                .map(|_| vec![0u8; max_len].into_boxed_slice())
-                .collect(),
-            got: Vec::with_capacity(BATCH),
-            next: 0,
+            slot: max_len,
+            chunk: BytesMut::new(),
+            got: std::collections::VecDeque::with_capacity(BATCH),
             #[cfg(target_os = "linux")]
             names: Vec::new(),
             #[cfg(target_os = "linux")]
@@ -305,34 +308,33 @@ impl RecvBatch {
     }
 
     /// The next datagram of the last receive not handed out yet.
-    pub fn pop(&mut self) -> Option<(SocketAddr, &[u8])> {
-        let &(from, len) = self.got.get(self.next)?;
-        let i = self.next;
-        self.next += 1;
-        Some((from, &self.bufs[i][..len]))
+    pub fn pop(&mut self) -> Option<(SocketAddr, BytesMut)> {
+        self.got.pop_front()
     }
 
     /// Whether every datagram received was handed out.
     pub fn is_empty(&self) -> bool {
-        self.next >= self.got.len()
+        self.got.is_empty()
     }
 
     /// Receives up to [`BATCH`] waiting datagrams in one system call (call when
     /// [`is_empty`](Self::is_empty)). Returns how many; `WouldBlock` when none waits.
     #[cfg(target_os = "linux")]
     pub fn recv(&mut self, socket: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
-        self.got.clear();
-        self.next = 0;
-        let n = self.bufs.len();
+        if self.chunk.len() < self.slot {
+            // The last chunk is used up (its datagrams free it when dropped).
+            self.chunk = BytesMut::zeroed(BATCH * self.slot);
+        }
+        let n = (self.chunk.len() / self.slot).min(BATCH);
         // SAFETY: all-zero is a valid value of these plain C structures.
         let zero = unsafe { std::mem::zeroed::<libc::sockaddr_storage>() };
         self.names.clear();
         self.names.resize(n, zero);
         self.iovs.clear();
-        for b in &mut self.bufs {
+        for slot in self.chunk.chunks_mut(self.slot).take(n) {
             self.iovs.push(libc::iovec {
-                iov_base: b.as_mut_ptr().cast(),
-                iov_len: b.len(),
+                iov_base: slot.as_mut_ptr().cast(),
+                iov_len: slot.len(),
             });
         }
         self.msgs.clear();
@@ -345,7 +347,8 @@ impl RecvBatch {
             m.msg_hdr.msg_iovlen = 1;
             self.msgs.push(m);
         }
-        // SAFETY: `msgs` holds `n` headers pointing at live names and buffers of ours.
+        // SAFETY: `msgs` holds `n` headers pointing at live names and at `n` disjoint slots of
+        // `chunk`, which is not touched until the call returns.
         let r = unsafe {
             libc::recvmmsg(
                 socket.as_raw_fd(),
@@ -360,16 +363,15 @@ impl RecvBatch {
         }
         for i in 0..r as usize {
             let m = &self.msgs[i];
-            // A datagram longer than the buffer is cut (MSG_TRUNC): report it one byte
-            // longer than any valid datagram, as a plain recv into the buffer would.
-            let len = (m.msg_len as usize).min(self.bufs[i].len());
+            // A datagram longer than the slot is cut (MSG_TRUNC): report it one byte
+            // longer than any valid datagram, as a plain recv into the slot would.
+            let len = (m.msg_len as usize).min(self.slot);
+            let mut d = self.chunk.split_to(self.slot);
+            d.truncate(len);
+            // Entries without an address (never for UDP) are skipped.
             if let Some(from) = from_sockaddr(&self.names[i]) {
-                self.got.push((from, len));
+                self.got.push_back((from, d));
             }
-        }
-        // Entries without an address (never for UDP) are skipped, keeping buffers aligned.
-        if self.got.len() != r as usize {
-            self.got.clear();
         }
         Ok(r as usize)
     }

@@ -19,9 +19,8 @@
 use crate::id::{NodeId, PeerId};
 use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
 use crate::secure::{Secure, SecureEvent, SecureStats};
-use crate::wire::{Body, Datagram, Message, OncePerPeer, WireError, PROTOCOL_VERSION};
-use bytes::Bytes;
-use std::borrow::Cow;
+use crate::wire::{Body, Datagram, Message, OncePerPeer, VideoFrame, WireError, PROTOCOL_VERSION};
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::time::Instant;
@@ -42,14 +41,14 @@ pub enum Incoming {
         /// Whether it came through the reliable channel.
         reliable: bool,
     },
-    /// A video datagram.
+    /// A video datagram, parsed in place (its payload never copied).
     Video {
         /// Source address.
         from: SocketAddr,
         /// Sender id from the datagram header.
         sender: NodeId,
-        /// The packet.
-        packet: crate::wire::VideoPacket,
+        /// The datagram.
+        frame: VideoFrame,
     },
     /// Something the session layer reports (a session up, a PoP's key, access denied).
     Secure(SecureEvent),
@@ -135,20 +134,21 @@ impl Link {
     /// handshake is answered through [`poll_transmit`](Self::poll_transmit), what does not
     /// authenticate is dropped and counted) and returns the version-1 datagram inside, whose
     /// sender is the authenticated peer; without one, returns the bytes as they are. Feed what
-    /// it returns to [`handle_plain`](Self::handle_plain) (after checking the sender).
-    pub fn open<'a>(
+    /// it returns to [`handle_plain`](Self::handle_plain) (after checking the sender). The
+    /// datagram is opened in its own buffer (no copy).
+    pub fn open(
         &mut self,
         now: Instant,
         from: SocketAddr,
-        bytes: &'a [u8],
-    ) -> Option<Cow<'a, [u8]>> {
+        bytes: impl Into<BytesMut>,
+    ) -> Option<BytesMut> {
         let Some(sec) = self.secure.as_mut() else {
-            return Some(Cow::Borrowed(bytes));
+            return Some(bytes.into());
         };
         self.stats.datagrams_in += 1;
         let opened = sec.handle_datagram(now, from, bytes);
         self.collect_at(now);
-        opened.map(|o| Cow::Owned(Vec::from(o.plaintext)))
+        opened.map(|o| o.plaintext)
     }
 
     /// Our node id (the sender of every datagram).
@@ -163,20 +163,37 @@ impl Link {
 
     /// Feeds one received datagram: [`open`](Self::open), then
     /// [`handle_plain`](Self::handle_plain).
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: impl Into<BytesMut>) {
         if let Some(plain) = self.open(now, from, bytes) {
-            self.handle_plain(now, from, &plain);
+            self.handle_plain(now, from, plain);
         }
     }
 
     /// Feeds one opened (version-1) datagram. What the application must handle is queued for
     /// [`poll_incoming`](Self::poll_incoming); acks it calls for, for
-    /// [`poll_transmit`](Self::poll_transmit).
-    pub fn handle_plain(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    /// [`poll_transmit`](Self::poll_transmit). Video is parsed in place
+    /// ([`VideoFrame`]); everything else is decoded.
+    pub fn handle_plain(&mut self, now: Instant, from: SocketAddr, bytes: BytesMut) {
         if self.secure.is_none() {
             self.stats.datagrams_in += 1;
         }
-        match self.endpoint.handle_datagram(now, from, bytes) {
+        let len = bytes.len();
+        let decoded = match VideoFrame::parse(bytes) {
+            Ok(Ok(frame)) => {
+                self.incoming.push_back(Incoming::Video {
+                    from,
+                    sender: frame.sender(),
+                    frame,
+                });
+                Ok(None)
+            }
+            Ok(Err(other)) => self.endpoint.handle_datagram(now, from, &other),
+            Err(e) => {
+                self.endpoint.count_rejected(&e);
+                Err(e)
+            }
+        };
+        match decoded {
             Ok(None) => {}
             Ok(Some(d)) => {
                 let sender = d.header.sender;
@@ -187,13 +204,8 @@ impl Link {
                         msg,
                         reliable: false,
                     }),
-                    Body::Video(packet) => self.incoming.push_back(Incoming::Video {
-                        from,
-                        sender,
-                        packet,
-                    }),
-                    // Consumed by the endpoint; never returned.
-                    Body::Reliable { .. } | Body::Ack { .. } => {}
+                    // Parsed in place above; consumed by the endpoint: never returned.
+                    Body::Video(_) | Body::Reliable { .. } | Body::Ack { .. } => {}
                 }
             }
             Err(WireError::Version { got }) => {
@@ -204,7 +216,7 @@ impl Link {
                 }
             }
             Err(e) => {
-                debug!(peer = %from, len = bytes.len(), error = %e, "malformed datagram dropped")
+                debug!(peer = %from, len, error = %e, "malformed datagram dropped")
             }
         }
         self.collect_at(now);
@@ -299,13 +311,6 @@ impl Link {
         Some(t)
     }
 
-    /// The datagram [`poll_transmit`](Self::poll_transmit) would return next, left queued.
-    /// (Reliable-channel output waiting to be sealed is sealed first.)
-    pub fn peek_transmit(&mut self) -> Option<(SocketAddr, &Bytes)> {
-        self.collect();
-        self.transmit.front().map(|(a, b)| (*a, b))
-    }
-
     /// The counters.
     pub fn stats(&self) -> LinkStats {
         let mut s = self.stats;
@@ -388,12 +393,12 @@ mod tests {
             let mut moved = false;
             while let Some((to, bytes)) = a.poll_transmit() {
                 assert_eq!(to, addr(2));
-                b.handle_datagram(now, addr(1), &bytes);
+                b.handle_datagram(now, addr(1), &bytes[..]);
                 moved = true;
             }
             while let Some((to, bytes)) = b.poll_transmit() {
                 assert_eq!(to, addr(1));
-                a.handle_datagram(now, addr(2), &bytes);
+                a.handle_datagram(now, addr(2), &bytes[..]);
                 moved = true;
             }
             if !moved {
@@ -494,13 +499,13 @@ mod tests {
     fn garbage_and_other_versions_are_dropped_and_counted() {
         let t0 = Instant::now();
         let mut b = Link::new(NodeId(2), 22, ReliableConfig::default());
-        b.handle_datagram(t0, addr(1), &[0xff; 3]);
+        b.handle_datagram(t0, addr(1), &[0xffu8; 3][..]);
         let mut other = Datagram::new(NodeId(1), Body::Unreliable(Message::ListChannels))
             .encode()
             .unwrap()
             .to_vec();
         other[2] = PROTOCOL_VERSION.wrapping_add(1);
-        b.handle_datagram(t0, addr(1), &other);
+        b.handle_datagram(t0, addr(1), &other[..]);
         assert!(b.poll_incoming().is_none());
         let s = b.stats();
         assert_eq!(s.datagrams_in, 2);

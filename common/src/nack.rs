@@ -32,7 +32,7 @@
 //! anything, `Instant`s out of order).
 
 use crate::id::NodeId;
-use crate::wire::{limits, video_flags, Body, Datagram};
+use crate::wire::limits;
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -40,17 +40,6 @@ use std::time::{Duration, Instant};
 /// `now + d`, saturating at `now` if the sum is not representable.
 fn add(now: Instant, d: Duration) -> Instant {
     now.checked_add(d).unwrap_or(now)
-}
-
-/// Re-encodes a video datagram with [`video_flags::RETRANSMIT`] set (header and everything
-/// else unchanged). `None` if `datagram` is not a valid video datagram.
-pub fn mark_retransmit(datagram: &[u8]) -> Option<Bytes> {
-    let mut d = Datagram::decode(datagram).ok()?;
-    match &mut d.body {
-        Body::Video(v) => v.flags |= video_flags::RETRANSMIT,
-        _ => return None,
-    }
-    d.encode().ok()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -253,7 +242,7 @@ impl RetransmitBuffer {
     /// Answers a NACK from `requester` (its header `sender`): returns `(seq, datagram)` for each
     /// requested seq still held and allowed by the rate limits, in request order. Only the
     /// first [`limits::NACK_SEQS`] seqs are considered. The caller sends the datagrams to the
-    /// requester (optionally through [`mark_retransmit`]).
+    /// requester (flagged [`video_flags::RETRANSMIT`] by [`crate::wire::with_video_flag`]).
     pub fn handle_nack(
         &mut self,
         now: Instant,
@@ -698,7 +687,7 @@ impl NackTracker {
 mod tests {
     use super::*;
     use crate::rng::Rng;
-    use crate::wire::{ChannelId, VideoPacket};
+    use crate::wire::{video_flags, Body, ChannelId, Datagram, VideoPacket};
 
     const MS: Duration = Duration::from_millis(1);
 
@@ -864,12 +853,16 @@ mod tests {
         let s = b.stats();
         assert_eq!((s.hits, s.misses, s.requested, s.nacks), (2, 1, 3, 1));
         // Marked as a retransmission.
-        let m = mark_retransmit(&got[0].1).unwrap_or_default();
+        let m =
+            crate::wire::with_video_flag(&got[0].1, video_flags::RETRANSMIT).unwrap_or_default();
         match Datagram::decode(&m).map(|d| d.body) {
             Ok(Body::Video(v)) => assert_eq!((v.seq, v.flags), (3, video_flags::RETRANSMIT)),
             other => panic!("{other:?}"),
         }
-        assert_eq!(mark_retransmit(b"garbage"), None);
+        assert_eq!(
+            crate::wire::with_video_flag(b"garbage", video_flags::RETRANSMIT),
+            None
+        );
         // A NACK that crossed the copy just sent (inserted < min_age ago) is not answered.
         b.insert(t0 + 10 * MS, 10, video(10));
         assert!(b.handle_nack(t0 + 12 * MS, NodeId(2), &[10]).is_empty());

@@ -8,10 +8,11 @@
 //! Below the shim, I/O is batched ([`crate::batch`]): what a flush releases goes to the kernel
 //! grouped by destination, [`BATCH`] messages per `sendmmsg`, a run to one peer as one UDP
 //! GSO message, and receives read up to [`BATCH`] waiting datagrams per
-//! `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`].
+//! `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`], each in its
+//! own buffer (a slot of the batch's shared chunk: nothing is copied on the way in).
 
 use crate::batch::{RecvBatch, SendBatch, BATCH};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
 use std::io;
 use std::net::SocketAddr;
@@ -125,7 +126,7 @@ impl Port {
     /// The next received datagram; `None` after a receive error (counted; ICMP errors of
     /// earlier sends to dead peers, which Linux reports on a later receive, at debug; any other
     /// logged, with a pause so a persistent error does not spin). Cancel-safe.
-    pub async fn recv(&mut self) -> Option<(SocketAddr, &[u8])> {
+    pub async fn recv(&mut self) -> Option<(SocketAddr, BytesMut)> {
         while self.rx.is_empty() {
             if let Err(e) = self.socket.readable().await {
                 self.recv_error(&e).await;
@@ -168,7 +169,7 @@ impl Port {
     /// A datagram already waiting (received with the last batch, or in the socket), without
     /// waiting (`None`: none). A driver drains a burst with it after [`recv`](Self::recv)
     /// before flushing, so a flood of datagrams costs one wake-up per burst, not per datagram.
-    pub fn try_recv(&mut self) -> Option<(SocketAddr, &[u8])> {
+    pub fn try_recv(&mut self) -> Option<(SocketAddr, BytesMut)> {
         if self.rx.is_empty() {
             match self.fill() {
                 Ok(()) => {}

@@ -437,11 +437,7 @@ impl ReliableEndpoint {
         let d = match Datagram::decode(bytes) {
             Ok(d) => d,
             Err(e) => {
-                if matches!(e, WireError::Version { .. }) {
-                    self.stats.wrong_version += 1;
-                } else {
-                    self.stats.malformed += 1;
-                }
+                self.count_rejected(&e);
                 return Err(e);
             }
         };
@@ -455,6 +451,16 @@ impl ReliableEndpoint {
                 Ok(None)
             }
             Body::Unreliable(_) | Body::Video(_) => Ok(Some(d)),
+        }
+    }
+
+    /// Counts a datagram that did not decode (another version, or malformed), refused by
+    /// this endpoint or by its caller's own parser.
+    pub fn count_rejected(&mut self, e: &WireError) {
+        if matches!(e, WireError::Version { .. }) {
+            self.stats.wrong_version += 1;
+        } else {
+            self.stats.malformed += 1;
         }
     }
 

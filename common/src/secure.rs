@@ -77,7 +77,7 @@ use crate::replay::ReplayWindow;
 use crate::rng::Rng;
 use crate::wire::MAGIC;
 use blake2::digest::{FixedOutput, KeyInit, Update};
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
@@ -608,6 +608,9 @@ pub struct Secure {
     /// The time of the datagram being handled.
     now: Option<Instant>,
     transmit: VecDeque<(SocketAddr, Bytes)>,
+    /// Where sealed datagrams are written, side by side ([`seal`]): one allocation serves
+    /// dozens of them (a fan-out seals one per subscriber).
+    arena: BytesMut,
     events: VecDeque<SecureEvent>,
     stats: SecureStats,
 }
@@ -651,8 +654,9 @@ pub struct Opened {
     pub from: SocketAddr,
     /// The authenticated peer: a member's id, or the id bound to a viewer or PoP session.
     pub peer: PeerId,
-    /// The datagram inside (a version-1 datagram).
-    pub plaintext: Bytes,
+    /// The datagram inside (a version-1 datagram), decrypted in place: the buffer it arrived
+    /// in, without the session header and tag.
+    pub plaintext: BytesMut,
 }
 
 impl Secure {
@@ -689,6 +693,7 @@ impl Secure {
             now: None,
             transmit: VecDeque::new(),
             events: VecDeque::new(),
+            arena: BytesMut::new(),
             stats: SecureStats::default(),
         }
     }
@@ -781,7 +786,7 @@ impl Secure {
                 return;
             }
             let s = self.sessions.get_mut(&idx).expect("usable");
-            let b = seal(s, &plaintext);
+            let b = seal(s, &plaintext, &mut self.arena);
             let to = s.addr;
             self.stats.sealed += 1;
             self.transmit.push_back((to, b));
@@ -805,7 +810,7 @@ impl Secure {
         match cur.filter(|&i| self.session_usable(now, i)) {
             Some(idx) => {
                 let s = self.sessions.get_mut(&idx).expect("usable");
-                let b = seal(s, &plaintext);
+                let b = seal(s, &plaintext, &mut self.arena);
                 let to = s.addr;
                 let age = now.saturating_duration_since(s.established);
                 let rekey = s.send_counter >= REKEY_AFTER_MESSAGES
@@ -972,8 +977,9 @@ impl Secure {
         &mut self,
         now: Instant,
         from: SocketAddr,
-        bytes: &[u8],
+        bytes: impl Into<BytesMut>,
     ) -> Option<Opened> {
+        let bytes: BytesMut = bytes.into();
         self.now = Some(now);
         if bytes.len() < PREFIX || bytes[..2] != MAGIC || bytes[2] != SECURE_VERSION {
             self.reject(from, Reason::Malformed);
@@ -982,19 +988,19 @@ impl Secure {
         match bytes[3] {
             KIND_DATA => self.on_data(now, from, bytes),
             KIND_INIT => {
-                self.on_init(now, from, bytes);
+                self.on_init(now, from, &bytes);
                 None
             }
             KIND_RESPONSE | KIND_VIEWER_RESPONSE => {
-                self.on_response(now, from, bytes);
+                self.on_response(now, from, &bytes);
                 None
             }
             KIND_VIEWER_INIT => {
-                self.on_viewer_init(now, from, bytes);
+                self.on_viewer_init(now, from, &bytes);
                 None
             }
             KIND_COOKIE => {
-                self.on_cookie(now, from, bytes);
+                self.on_cookie(now, from, &bytes);
                 None
             }
             _ => {
@@ -1432,11 +1438,11 @@ impl Secure {
         cancel_retry(&mut self.retries, owner, p);
         let queued: Vec<Bytes> = p.queue.drain(..).collect();
         if queued.is_empty() {
-            let b = seal(&mut s, &[]);
+            let b = seal(&mut s, &[], &mut self.arena);
             self.transmit.push_back((from, b));
         }
         for q in &queued {
-            let b = seal(&mut s, q);
+            let b = seal(&mut s, q, &mut self.arena);
             self.stats.sealed += 1;
             self.transmit.push_back((from, b));
         }
@@ -1462,7 +1468,7 @@ impl Secure {
         self.next_expiry = Some(self.next_expiry.map_or(at, |t| t.min(at)));
     }
 
-    fn on_data(&mut self, now: Instant, from: SocketAddr, b: &[u8]) -> Option<Opened> {
+    fn on_data(&mut self, now: Instant, from: SocketAddr, mut b: BytesMut) -> Option<Opened> {
         if b.len() < DATA_HEADER + TAG_LEN {
             self.reject(from, Reason::Malformed);
             return None;
@@ -1481,8 +1487,10 @@ impl Secure {
             self.reject(from, Reason::Replay);
             return None;
         }
-        let mut buf = BytesMut::from(&b[DATA_HEADER..]);
+        // Opened in place: the plaintext stays in the buffer the datagram arrived in.
         let aad = Aad::from(<[u8; DATA_HEADER]>::try_from(&b[..DATA_HEADER]).expect("16"));
+        b.advance(DATA_HEADER);
+        let mut buf = b;
         let plain_len = match s.recv.open_in_place(nonce(counter), aad, &mut buf) {
             Ok(p) => p.len(),
             Err(_) => {
@@ -1563,7 +1571,7 @@ impl Secure {
         Some(Opened {
             from,
             peer: peer.expect("bound above or known"),
-            plaintext: buf.freeze(),
+            plaintext: buf,
         })
     }
 
@@ -1665,20 +1673,34 @@ fn cancel_retry(retries: &mut BTreeSet<(Instant, Owner2)>, owner: Owner, p: &mut
     }
 }
 
-/// Seals `plaintext` on `s` (header, ciphertext, tag) and advances its counter.
-fn seal(s: &mut Session, plaintext: &[u8]) -> Bytes {
+/// Bytes of one [`Secure::arena`] allocation: room for ~47 sealed video datagrams.
+const ARENA: usize = 64 * 1024;
+
+/// Seals `plaintext` on `s` (header, ciphertext, tag) and advances its counter. The datagram
+/// is written at the end of `arena` and split off it (sharing its allocation: a new one is made
+/// only when the arena is used up and datagrams split off it are still alive).
+fn seal(s: &mut Session, plaintext: &[u8], arena: &mut BytesMut) -> Bytes {
     let counter = s.send_counter;
     s.send_counter += 1;
-    let cap = DATA_HEADER + plaintext.len() + TAG_LEN;
-    let mut out = packet(KIND_DATA, s.remote_index, None, cap);
-    out.put_u64_le(counter);
-    out.put_slice(plaintext);
-    let (head, body) = out.split_at_mut(DATA_HEADER);
+    let len = DATA_HEADER + plaintext.len() + TAG_LEN;
+    if arena.capacity() < len {
+        arena.reserve(len.max(ARENA));
+    }
+    arena.put_slice(&MAGIC);
+    arena.put_u8(SECURE_VERSION);
+    arena.put_u8(KIND_DATA);
+    arena.put_u32_le(s.remote_index);
+    arena.put_u64_le(counter);
+    arena.put_slice(plaintext);
+    arena.put_bytes(0, TAG_LEN);
+    let mut out = arena.split();
+    let (head, rest) = out.split_at_mut(DATA_HEADER);
+    let (body, tag_at) = rest.split_at_mut(plaintext.len());
     let aad = Aad::from(<[u8; DATA_HEADER]>::try_from(&*head).expect("16"));
     let tag = s
         .send
         .seal_in_place_separate_tag(nonce(counter), aad, body)
         .expect("a datagram is far below the AEAD's limit");
-    out.put_slice(tag.as_ref());
+    tag_at.copy_from_slice(tag.as_ref());
     out.freeze()
 }

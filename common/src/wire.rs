@@ -244,6 +244,165 @@ impl Datagram {
     }
 }
 
+/// The index of [`Body::Video`] in the body enum (bincode writes it as a varint).
+const VIDEO_VARIANT: u64 = 3;
+
+/// Reads one bincode-1 varint at `*at` (one byte up to 250; 251, 252, 253 announce a u16,
+/// u32, u64 little-endian), as bincode does: non-minimal forms are accepted, 254 (u128) and 255
+/// are not.
+fn read_varint(b: &[u8], at: &mut usize) -> Option<u64> {
+    let tag = *b.get(*at)?;
+    *at += 1;
+    let width = match tag {
+        0..=250 => return Some(u64::from(tag)),
+        251 => 2,
+        252 => 4,
+        253 => 8,
+        _ => return None,
+    };
+    let raw = b.get(*at..*at + width)?;
+    *at += width;
+    let mut v = [0u8; 8];
+    v[..width].copy_from_slice(raw);
+    Some(u64::from_le_bytes(v))
+}
+
+/// Where the fields of a video datagram are, found without decoding its payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct VideoLayout {
+    channel: ChannelId,
+    seq: u64,
+    flags: u8,
+    /// Offset of the flags byte.
+    flags_at: usize,
+    /// Offset of the payload (it runs to the end).
+    payload_at: usize,
+}
+
+impl VideoLayout {
+    /// `Ok(None)`: a valid header whose body is not video. Accepts exactly what
+    /// [`Datagram::decode`] accepts as a [`Body::Video`] (checked by a property test).
+    fn of(b: &[u8]) -> Result<Option<VideoLayout>, WireError> {
+        if b.len() > MAX_DATAGRAM_LEN {
+            return Err(WireError::TooLarge {
+                size: b.len(),
+                limit: MAX_DATAGRAM_LEN,
+            });
+        }
+        decode_header(b)?;
+        let bad = |what: &str| WireError::Body(format!("video datagram: {what}"));
+        let mut at = HEADER_LEN;
+        match read_varint(b, &mut at) {
+            Some(VIDEO_VARIANT) => {}
+            _ => return Ok(None),
+        }
+        let channel = ChannelId(read_varint(b, &mut at).ok_or_else(|| bad("channel"))?);
+        let seq = read_varint(b, &mut at).ok_or_else(|| bad("seq"))?;
+        let flags_at = at;
+        let flags = *b.get(at).ok_or_else(|| bad("flags"))?;
+        at += 1;
+        let len = read_varint(b, &mut at).ok_or_else(|| bad("payload length"))?;
+        if len != (b.len() - at) as u64 {
+            return Err(bad("payload length does not match the datagram"));
+        }
+        Ok(Some(VideoLayout {
+            channel,
+            seq,
+            flags,
+            flags_at,
+            payload_at: at,
+        }))
+    }
+}
+
+/// A received video datagram, parsed in place: its buffer is the datagram as it arrived
+/// (opened, when sessions are on), header included, and nothing of it is copied. A relay
+/// forwards it by writing its own id into the header ([`VideoFrame::restamp`]); a viewer takes
+/// the payload as a slice of the same buffer ([`VideoFrame::into_packet`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VideoFrame {
+    datagram: BytesMut,
+    layout: VideoLayout,
+}
+
+impl VideoFrame {
+    /// Parses `datagram` if it is a video datagram: `Ok(Err(datagram))` gives back any other
+    /// kind (with a valid header) for the ordinary decoder; `Err` is a malformed video
+    /// datagram, or a bad header.
+    pub fn parse(datagram: BytesMut) -> Result<Result<VideoFrame, BytesMut>, WireError> {
+        Ok(match VideoLayout::of(&datagram)? {
+            Some(layout) => Ok(VideoFrame { datagram, layout }),
+            None => Err(datagram),
+        })
+    }
+
+    /// The sender id in its header.
+    pub fn sender(&self) -> NodeId {
+        NodeId(u64::from_le_bytes(
+            self.datagram[4..HEADER_LEN].try_into().expect("8"),
+        ))
+    }
+
+    /// The channel.
+    pub fn channel(&self) -> ChannelId {
+        self.layout.channel
+    }
+
+    /// The channel sequence number.
+    pub fn seq(&self) -> u64 {
+        self.layout.seq
+    }
+
+    /// The [`video_flags`].
+    pub fn flags(&self) -> u8 {
+        self.layout.flags
+    }
+
+    /// The TS payload.
+    pub fn payload(&self) -> &[u8] {
+        &self.datagram[self.layout.payload_at..]
+    }
+
+    /// The whole datagram as it arrived.
+    pub fn datagram(&self) -> &[u8] {
+        &self.datagram
+    }
+
+    /// The datagram to forward: the same buffer with `sender` written into its header, the
+    /// payload untouched (no copy, no re-encoding).
+    pub fn restamp(mut self, sender: NodeId) -> Bytes {
+        self.datagram[4..HEADER_LEN].copy_from_slice(&sender.0.to_le_bytes());
+        self.datagram.freeze()
+    }
+
+    /// The packet, its payload a slice of the datagram's buffer (no copy).
+    pub fn into_packet(self) -> VideoPacket {
+        let VideoLayout {
+            channel,
+            seq,
+            flags,
+            payload_at,
+            ..
+        } = self.layout;
+        VideoPacket {
+            channel,
+            seq,
+            flags,
+            payload: self.datagram.freeze().slice(payload_at..),
+        }
+    }
+}
+
+/// A copy of the encoded video datagram `datagram` with `flag` set (see [`video_flags`]):
+/// one byte changed in place of a decode and re-encode (GOP-cache bursts, retransmissions).
+/// `None` if it is not a valid video datagram.
+pub fn with_video_flag(datagram: &[u8], flag: u8) -> Option<Bytes> {
+    let layout = VideoLayout::of(datagram).ok()??;
+    let mut out = BytesMut::from(datagram);
+    out[layout.flags_at] |= flag;
+    Some(out.freeze())
+}
+
 /// Identifies a channel everywhere in the overlay: a hash of its name, so two servers that
 /// serve a file of the same name offer two replicas of the *same* channel.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -665,7 +824,68 @@ mod tests {
         ]
     }
 
+    /// The in-place video parser and bincode agree on `bytes`: the same packet when it is
+    /// video, both refuse it otherwise (or the parser hands it to the ordinary decoder).
+    fn frame_agrees_with_bincode(bytes: &[u8]) -> Result<(), TestCaseError> {
+        match (
+            Datagram::decode(bytes),
+            VideoFrame::parse(BytesMut::from(bytes)),
+        ) {
+            (
+                Ok(Datagram {
+                    header,
+                    body: Body::Video(p),
+                }),
+                Ok(Ok(f)),
+            ) => {
+                prop_assert_eq!(
+                    (f.channel(), f.seq(), f.flags()),
+                    (p.channel, p.seq, p.flags)
+                );
+                prop_assert_eq!(f.payload(), &p.payload[..]);
+                prop_assert_eq!(f.clone().into_packet(), p);
+                prop_assert_eq!(&f.restamp(header.sender)[..], bytes);
+            }
+            (Ok(d), Ok(Err(back))) => {
+                prop_assert!(!matches!(d.body, Body::Video(_)), "parser missed {:?}", d);
+                prop_assert_eq!(&back[..], bytes);
+            }
+            (Err(_), Err(_) | Ok(Err(_))) => {}
+            (a, b) => prop_assert!(false, "bincode {:?} but parser {:?}", a, b),
+        }
+        Ok(())
+    }
+
     proptest! {
+        #[test]
+        fn the_video_parser_agrees_with_bincode(sender in arb_node(), body in arb_body(), cut in any::<prop::sample::Index>(), bit in any::<prop::sample::Index>()) {
+            let bytes = Datagram::new(sender, body).encode().unwrap();
+            frame_agrees_with_bincode(&bytes)?;
+            frame_agrees_with_bincode(&bytes[..cut.index(bytes.len())])?;
+            let mut flipped = bytes.to_vec();
+            let b = bit.index(flipped.len() * 8);
+            flipped[b / 8] ^= 1 << (b % 8);
+            frame_agrees_with_bincode(&flipped)?;
+        }
+
+        #[test]
+        fn the_video_parser_agrees_on_random_video_bodies(body in prop::collection::vec(any::<u8>(), 0..40), tail in 0usize..1400) {
+            // A valid header and the video tag, then random varints and a random length.
+            let mut bytes = vec![b'P', b'S', PROTOCOL_VERSION, 0, 1, 2, 3, 4, 5, 6, 7, 8, 3];
+            bytes.extend_from_slice(&body);
+            bytes.extend(std::iter::repeat_n(0x47u8, tail));
+            frame_agrees_with_bincode(&bytes)?;
+        }
+
+        #[test]
+        fn flagging_changes_the_flags_only(sender in arb_node(), seq in any::<u64>(), flags in any::<u8>(), payload in prop::collection::vec(any::<u8>(), 0..=1316)) {
+            let p = VideoPacket { channel: ChannelId(9), seq, flags, payload: Bytes::from(payload) };
+            let bytes = Datagram::new(sender, Body::Video(p.clone())).encode().unwrap();
+            let flagged = with_video_flag(&bytes, video_flags::RETRANSMIT).unwrap();
+            let want = VideoPacket { flags: flags | video_flags::RETRANSMIT, ..p };
+            prop_assert_eq!(Datagram::decode(&flagged).unwrap(), Datagram::new(sender, Body::Video(want)));
+        }
+
         #[test]
         fn every_datagram_round_trips(sender in arb_node(), body in arb_body()) {
             let d = Datagram::new(sender, body);

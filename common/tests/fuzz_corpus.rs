@@ -190,15 +190,15 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
     peer.send(t, NodeId(1), at, ping.clone());
     let init = peer.poll_transmit().unwrap().1;
     let mut m = targets::member();
-    m.handle_datagram(t, at, &init);
+    m.handle_datagram(t, at, &init[..]);
     let resp = m.poll_transmit().unwrap().1;
-    peer.handle_datagram(t, at, &resp);
+    peer.handle_datagram(t, at, &resp[..]);
     let data = peer.poll_transmit().unwrap().1;
     let mut v = Secure::new(SecureConfig::viewer(None, 4));
     v.add_pop(at, None);
     v.send(t, NodeId(0), at, ping.clone());
     let vinit = v.poll_transmit().unwrap().1;
-    m.handle_datagram(t, at, &vinit);
+    m.handle_datagram(t, at, &vinit[..]);
     let vresp = m.poll_transmit().unwrap().1;
     // Under load (its handshake budget drained): a cookie reply, and the initiation with it.
     let last = |m: &mut Secure| {
@@ -212,15 +212,15 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         let mut w = Secure::new(SecureConfig::viewer(None, 10 + i));
         w.add_pop(at, None);
         w.send(t, NodeId(0), at, ping.clone());
-        m.handle_datagram(t, at, &w.poll_transmit().unwrap().1);
+        m.handle_datagram(t, at, &w.poll_transmit().unwrap().1[..]);
     }
     let mut w = Secure::new(SecureConfig::viewer(None, 5));
     w.add_pop(at, None);
     w.send(t, NodeId(0), at, ping);
-    m.handle_datagram(t, at, &w.poll_transmit().unwrap().1);
+    m.handle_datagram(t, at, &w.poll_transmit().unwrap().1[..]);
     let cookie = last(&mut m);
     assert_eq!(cookie[3], 6, "a cookie reply");
-    w.handle_datagram(t, at, &cookie);
+    w.handle_datagram(t, at, &cookie[..]);
     let cookied = w.poll_transmit().unwrap().1;
     for (name, b) in [
         ("member-init", init),

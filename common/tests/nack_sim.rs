@@ -9,8 +9,8 @@
 use bytes::Bytes;
 use common::id::NodeId;
 use common::impair::Impairment;
-use common::nack::{mark_retransmit, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
-use common::wire::{Body, ChannelId, Datagram, Message, VideoPacket};
+use common::nack::{NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
+use common::wire::{video_flags, Body, ChannelId, Datagram, Message, VideoPacket};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
@@ -138,7 +138,8 @@ fn run(spec: &str, seed: u64, recovery: bool) -> Outcome {
                     panic!("not a nack");
                 };
                 for (_, d) in buffers[i].handle_nack(now, header.sender, &seqs) {
-                    let d = mark_retransmit(&d).expect("video");
+                    let d =
+                        common::wire::with_video_flag(&d, video_flags::RETRANSMIT).expect("video");
                     down[i].push(now, addr(i + 1), d);
                 }
             }

@@ -77,8 +77,8 @@ fn pump(hosts: &mut [&mut Host], now: Instant) -> Vec<(SocketAddr, SocketAddr, B
         for (from, to, b) in moved {
             wire.push((from, to, b.clone()));
             if let Some(h) = hosts.iter_mut().find(|h| h.at == to) {
-                if let Some(o) = h.sec.handle_datagram(now, from, &b) {
-                    h.got.push((o.from, o.peer, o.plaintext));
+                if let Some(o) = h.sec.handle_datagram(now, from, &b[..]) {
+                    h.got.push((o.from, o.peer, o.plaintext.freeze()));
                 }
             }
         }
@@ -119,6 +119,29 @@ fn members_handshake_and_exchange_both_ways() {
     );
 }
 
+/// A datagram is opened where it arrived: the plaintext handed out is the received buffer's
+/// own bytes (after the session header), decrypted in place, not a copy.
+#[test]
+fn data_is_opened_in_the_buffer_it_arrived_in() {
+    let t0 = Instant::now();
+    let net = network();
+    let (mut a, mut b) = (member(1, &net, 100), member(2, &net, 200));
+    introduce(&mut [&mut a, &mut b]);
+    a.sec.send(t0, b.id, b.at, ping(a.id, 1));
+    pump(&mut [&mut a, &mut b], t0);
+    a.sec.send(t0, b.id, b.at, ping(a.id, 2));
+    let (_, sealed) = a.sec.poll_transmit().expect("sealed at once");
+    let arrived = bytes::BytesMut::from(&sealed[..]);
+    let range = arrived.as_ptr_range();
+    let opened = b.sec.handle_datagram(t0, a.at, arrived).expect("opens");
+    assert_eq!(opened.plaintext, ping(a.id, 2));
+    let p = opened.plaintext.as_ptr();
+    assert!(
+        range.contains(&p) && p != range.start,
+        "opened into another buffer: copied"
+    );
+}
+
 #[test]
 fn replays_bit_flips_garbage_and_forgeries_are_dropped_and_counted_without_answer() {
     let t0 = Instant::now();
@@ -133,23 +156,26 @@ fn replays_bit_flips_garbage_and_forgeries_are_dropped_and_counted_without_answe
     let attacker = addr(66);
     let t1 = t0 + Duration::from_millis(10);
     // A captured data datagram, replayed (from anywhere).
-    assert!(b.sec.handle_datagram(t1, attacker, &data).is_none());
-    assert!(b.sec.handle_datagram(t1, a.at, &data).is_none());
+    assert!(b.sec.handle_datagram(t1, attacker, &data[..]).is_none());
+    assert!(b.sec.handle_datagram(t1, a.at, &data[..]).is_none());
     assert_eq!(b.sec.stats().rejected(Reason::Replay), 2);
     // Every single bit flipped, one at a time.
     for i in 0..data.len() * 8 {
         let mut x = data.to_vec();
         x[i / 8] ^= 1 << (i % 8);
-        assert!(b.sec.handle_datagram(t1, attacker, &x).is_none(), "bit {i}");
+        assert!(
+            b.sec.handle_datagram(t1, attacker, &x[..]).is_none(),
+            "bit {i}"
+        );
     }
     // A replayed initiation: refused before any answer (its stamp is not newer).
-    assert!(b.sec.handle_datagram(t1, attacker, &init).is_none());
+    assert!(b.sec.handle_datagram(t1, attacker, &init[..]).is_none());
     assert_eq!(b.sec.stats().rejected(Reason::ReplayedHandshake), 1);
     // Garbage of every length.
     let mut rng = common::rng::Rng::seeded(7);
     for len in 0..1500 {
         let g: Vec<u8> = (0..len).map(|_| rng.next_u64() as u8).collect();
-        assert!(b.sec.handle_datagram(t1, attacker, &g).is_none());
+        assert!(b.sec.handle_datagram(t1, attacker, &g[..]).is_none());
     }
     assert!(b.sec.poll_transmit().is_none(), "nothing is answered");
     assert_eq!(b.got.len(), 1, "nothing more was accepted");
@@ -395,7 +421,7 @@ fn under_a_handshake_flood_spoofers_get_cookies_and_a_real_viewer_still_joins() 
         let from = SocketAddr::from(([127, 0, 9, (i % 250) as u8], 20000 + i as u16));
         let init = viewer_init(i as u64 + 10, pop.at);
         spoofed_in += init.len();
-        pop.sec.handle_datagram(now, from, &init);
+        pop.sec.handle_datagram(now, from, &init[..]);
         while let Some((to, b)) = pop.sec.poll_transmit() {
             assert_eq!(to, from);
             assert!(b.len() <= init.len(), "no amplification");
@@ -431,7 +457,7 @@ fn under_a_handshake_flood_spoofers_get_cookies_and_a_real_viewer_still_joins() 
     pop.sec.handle_datagram(
         now,
         SocketAddr::from(([127, 0, 9, 1], 1)),
-        &viewer_init(5, pop.at),
+        &viewer_init(5, pop.at)[..],
     );
     assert_eq!(pop.sec.stats().rejected(Reason::Busy), busy + 1);
     assert_eq!(pop.sec.poll_transmit().unwrap().1[3], 6);
@@ -440,13 +466,13 @@ fn under_a_handshake_flood_spoofers_get_cookies_and_a_real_viewer_still_joins() 
     moved.sec.add_pop(pop.at, None);
     moved.sec.send(now, NodeId(0), pop.at, ping(moved.id, 1));
     let (_, first) = moved.sec.poll_transmit().unwrap();
-    pop.sec.handle_datagram(now, moved.at, &first);
+    pop.sec.handle_datagram(now, moved.at, &first[..]);
     let (_, cookie) = pop.sec.poll_transmit().unwrap();
     assert_eq!(cookie[3], 6);
-    moved.sec.handle_datagram(now, pop.at, &cookie);
+    moved.sec.handle_datagram(now, pop.at, &cookie[..]);
     let (_, with_cookie) = moved.sec.poll_transmit().unwrap();
     let elsewhere = SocketAddr::from(([127, 0, 9, 77], 9000));
-    pop.sec.handle_datagram(now, elsewhere, &with_cookie);
+    pop.sec.handle_datagram(now, elsewhere, &with_cookie[..]);
     assert_eq!(
         pop.sec.poll_transmit().unwrap().1[3],
         6,
@@ -459,12 +485,12 @@ fn under_a_handshake_flood_spoofers_get_cookies_and_a_real_viewer_still_joins() 
         w.sec.add_pop(pop.at, None);
         w.sec.send(now, NodeId(0), pop.at, ping(NodeId(k), 1));
         let (_, init) = w.sec.poll_transmit().unwrap();
-        pop.sec.handle_datagram(now, w.at, &init);
+        pop.sec.handle_datagram(now, w.at, &init[..]);
         let (_, c) = pop.sec.poll_transmit().unwrap();
-        w.sec.handle_datagram(now, pop.at, &c);
+        w.sec.handle_datagram(now, pop.at, &c[..]);
         let (_, init2) = w.sec.poll_transmit().unwrap();
         let before = pop.sec.stats().rejected(Reason::Refused);
-        pop.sec.handle_datagram(now, w.at, &init2);
+        pop.sec.handle_datagram(now, w.at, &init2[..]);
         while pop.sec.poll_transmit().is_some() {}
         refused += pop.sec.stats().rejected(Reason::Refused) - before;
     }
@@ -488,24 +514,24 @@ fn members_under_load_handshake_through_a_cookie_and_forged_cookies_change_nothi
     for i in 0..200u32 {
         let from = SocketAddr::from(([127, 0, 9, (i % 250) as u8], 20000 + i as u16));
         b.sec
-            .handle_datagram(t0, from, &viewer_init(i as u64 + 10, b.at));
+            .handle_datagram(t0, from, &viewer_init(i as u64 + 10, b.at)[..]);
         while b.sec.poll_transmit().is_some() {}
     }
     a.sec.send(t0, b.id, b.at, ping(a.id, 1));
     // A forged cookie reply for a's initiation (its index is on the wire) is dropped.
     let (to, init) = a.sec.poll_transmit().unwrap();
     assert_eq!(init.len(), 144);
-    let mut forged = vec![0u8; 52];
+    let mut forged = [0u8; 52];
     forged[..4].copy_from_slice(b"PS\x02\x06");
     forged[4..8].copy_from_slice(&init[4..8]);
-    a.sec.handle_datagram(t0, b.at, &forged);
+    a.sec.handle_datagram(t0, b.at, &forged[..]);
     assert_eq!(a.sec.stats().rejected(Reason::BadCookie), 1);
     assert!(
         a.sec.poll_transmit().is_none(),
         "a forged cookie makes us send nothing"
     );
     // The real exchange: cookie, initiation with it, response, data.
-    b.sec.handle_datagram(t0, a.at, &init);
+    b.sec.handle_datagram(t0, a.at, &init[..]);
     assert_eq!(b.sec.stats().cookie_replies, 201 - 50);
     let _ = to;
     pump(&mut [&mut a, &mut b], t0);

@@ -120,9 +120,9 @@ async fn transports_exchange_reliable_and_video_and_shrug_off_garbage() {
             Incoming::Video {
                 from,
                 sender,
-                packet,
+                frame,
             } => {
-                assert_eq!((from, sender, packet.seq), (a, NodeId(1), 7));
+                assert_eq!((from, sender, frame.seq()), (a, NodeId(1), 7));
                 videos += 1;
             }
             other => panic!("unexpected {other:?}"),

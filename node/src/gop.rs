@@ -10,7 +10,7 @@
 //!
 //! Entries are the `Bytes` exactly as they were sent to live subscribers (no re-encoding on the
 //! data path); the flagged copies of a burst are made once per cached datagram per burst by
-//! [`flag_from_cache`].
+//! [`common::wire::with_video_flag`] (a copy with the flags byte changed, not a re-encoding).
 //!
 //! Bounded: at most [`GopConfig::max_bytes`] and [`GopConfig::max_datagrams`] per channel. A
 //! GOP that outgrows either is dropped whole (a burst that does not start at a keyframe is
@@ -21,7 +21,6 @@
 //! Every decision about time uses the `Instant` passed in.
 
 use bytes::Bytes;
-use common::wire::{video_flags, Body, Datagram};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -163,21 +162,10 @@ impl GopCache {
     }
 }
 
-/// A copy of an encoded video datagram with [`video_flags::FROM_CACHE`] set (header and every
-/// other field unchanged). `None` if `datagram` is not a video datagram.
-pub fn flag_from_cache(datagram: &[u8]) -> Option<Bytes> {
-    let mut d = Datagram::decode(datagram).ok()?;
-    match &mut d.body {
-        Body::Video(p) => p.flags |= video_flags::FROM_CACHE,
-        _ => return None,
-    }
-    d.encode().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use common::wire::VideoPacket;
+    use common::wire::{video_flags, Body, Datagram, VideoPacket};
     use common::NodeId;
 
     fn dg(seq: u64, keyframe: bool, len: usize) -> Bytes {
@@ -292,7 +280,7 @@ mod tests {
     #[test]
     fn flagging_keeps_everything_else() {
         let src = dg(9, true, 1316);
-        let flagged = flag_from_cache(&src).unwrap();
+        let flagged = common::wire::with_video_flag(&src, video_flags::FROM_CACHE).unwrap();
         let d = Datagram::decode(&flagged).unwrap();
         assert_eq!(d.header.sender, NodeId(7));
         match d.body {
@@ -308,6 +296,6 @@ mod tests {
         )
         .encode()
         .unwrap();
-        assert!(flag_from_cache(&not_video).is_none());
+        assert!(common::wire::with_video_flag(&not_video, video_flags::FROM_CACHE).is_none());
     }
 }

@@ -342,9 +342,7 @@ impl Engine {
     async fn flush(&mut self) {
         let t = now();
         while let Some(tx) = self.core.poll_transmit() {
-            for to in tx.to {
-                self.port.push(t, to, tx.bytes.clone());
-            }
+            self.port.push(t, tx.to, tx.bytes);
         }
         self.port.flush(t).await;
         while let Some(ev) = self.core.poll_event() {

@@ -14,10 +14,10 @@
 //! described in [`crate::relay`].
 
 use crate::choice;
-use crate::gop::{flag_from_cache, GopCache, GopConfig, Pushed};
+use crate::gop::{GopCache, GopConfig, Pushed};
 use crate::routing::{FloodOrigin, FloodStats, RoutingConfig, RoutingTable, DEFAULT_LINK_COST};
 use crate::subscriptions::{SubAction, Subscriptions, Upstream};
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use common::failure::FailureConfig;
 use common::feed::{Feed, Role};
 use common::keys::PublicKey;
@@ -27,8 +27,8 @@ use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, Retransmi
 use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
 use common::wire::{
-    limits, video_flags, Body, ChannelId, ChannelInfo, Datagram, Flood, Message, PathHop,
-    VideoPacket,
+    limits, video_flags, with_video_flag, Body, ChannelId, ChannelInfo, Datagram, Flood, Message,
+    PathHop, VideoFrame, VideoPacket,
 };
 use common::PeerId;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
@@ -292,12 +292,12 @@ impl std::fmt::Display for At {
     }
 }
 
-/// One datagram to send: the same encoded `Bytes` to each of `to` (a video datagram to every
-/// subscriber of its channel, or a control datagram to one peer).
+/// One datagram to send (in plaintext runs, a video datagram's fan-out is the same `Bytes`
+/// to every subscriber).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Transmit {
-    /// The destinations, in the order decided.
-    pub to: Vec<SocketAddr>,
+    /// The destination.
+    pub to: SocketAddr,
     /// The datagram.
     pub bytes: Bytes,
 }
@@ -347,6 +347,8 @@ pub struct RelayCore {
     /// When the periodic checks (`housekeeping`) are next due: the earliest of their
     /// deadlines ([`RelayCore::housekeeping_deadline`]).
     next_housekeeping: Instant,
+    /// Scratch list of a fan-out's subscribers.
+    fan_out_list: Vec<PeerId>,
 }
 
 impl RelayCore {
@@ -408,28 +410,21 @@ impl RelayCore {
             fast: Vec::new(),
             next_fast_heartbeat: t,
             next_housekeeping: t,
+            fan_out_list: Vec::new(),
             cfg,
         }
     }
 
-    /// The next datagram to send (with all its destinations), in the order decided.
-    /// Consecutive sends of the same encoded `Bytes` (a video datagram's fan-out) come as one
-    /// [`Transmit`].
+    /// The next datagram to send, in the order decided.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
-        let (first, bytes) = self.link.poll_transmit()?;
-        let mut to = vec![first];
-        while let Some((next, b)) = self.link.peek_transmit() {
-            if b.as_ptr() != bytes.as_ptr() || b.len() != bytes.len() {
-                break;
-            }
-            to.push(next);
-            self.link.poll_transmit();
-        }
+        let (to, bytes) = self.link.poll_transmit()?;
         Some(Transmit { to, bytes })
     }
 
     /// Feeds one datagram received from `from` at `now`.
-    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: &[u8]) {
+    /// The datagram is opened, parsed and (video) forwarded in its own buffer: hand over the
+    /// one it was received in.
+    pub fn handle_datagram(&mut self, now: Instant, from: SocketAddr, bytes: impl Into<BytesMut>) {
         self.t = now;
         // With a session layer, only what authenticates comes out (its sender is the
         // authenticated peer); handshakes are answered inside.
@@ -470,7 +465,7 @@ impl RelayCore {
                 }
             }
         }
-        self.link.handle_plain(now, from, &plain);
+        self.link.handle_plain(now, from, plain);
         self.drain_link();
     }
 
@@ -837,9 +832,9 @@ impl RelayCore {
         for (_, bytes) in buf.handle_nack(t, from, seqs) {
             self.stats.retransmitted += 1;
             self.stats.video_out += 1;
-            // Flagged RETRANSMIT (one re-encode per resend, a few % of the traffic) so receivers
-            // can count the recovery overhead.
-            let bytes = common::nack::mark_retransmit(&bytes).unwrap_or(bytes);
+            // Flagged RETRANSMIT (a copy with one byte changed, no re-encoding) so receivers can
+            // count the recovery overhead.
+            let bytes = with_video_flag(&bytes, video_flags::RETRANSMIT).unwrap_or(bytes);
             self.out_bytes(from, bytes);
         }
     }
@@ -894,7 +889,10 @@ impl RelayCore {
         let Some(cache) = self.chan(channel).and_then(|c| c.gop.as_ref()) else {
             return;
         };
-        let burst: Vec<Bytes> = cache.burst(t).filter_map(|b| flag_from_cache(b)).collect();
+        let burst: Vec<Bytes> = cache
+            .burst(t)
+            .filter_map(|b| with_video_flag(b, video_flags::FROM_CACHE))
+            .collect();
         if burst.is_empty() {
             return;
         }
@@ -910,11 +908,15 @@ impl RelayCore {
 
     /// Sends one encoded video datagram to every subscriber of `channel`.
     fn fan_out(&mut self, channel: ChannelId, bytes: Bytes) {
-        let subscribers: Vec<PeerId> = self.subs.subscribers(channel).collect();
-        for s in subscribers {
+        // (A list kept between calls: no allocation per datagram.)
+        let mut subscribers = std::mem::take(&mut self.fan_out_list);
+        subscribers.extend(self.subs.subscribers(channel));
+        for &s in &subscribers {
             self.stats.video_out += 1;
             self.out_bytes(s, bytes.clone());
         }
+        subscribers.clear();
+        self.fan_out_list = subscribers;
     }
 
     // ----- what the network sends ---------------------------------------------------------
@@ -931,10 +933,10 @@ impl RelayCore {
             Incoming::Video {
                 from,
                 sender,
-                packet,
+                frame,
             } => {
                 self.heard(t, sender);
-                self.video(t, from, sender, packet);
+                self.video(t, from, sender, frame);
             }
             Incoming::Secure(ev) => debug!(?ev, "session layer"),
             Incoming::TimedOut { peer, .. } => {
@@ -1142,9 +1144,9 @@ impl RelayCore {
     }
 
     /// A video datagram from peer `from`, whose datagram came from `addr`.
-    fn video(&mut self, t: Instant, addr: SocketAddr, from: PeerId, packet: VideoPacket) {
+    fn video(&mut self, t: Instant, addr: SocketAddr, from: PeerId, frame: VideoFrame) {
         self.stats.video_in += 1;
-        let ch = packet.channel;
+        let ch = frame.channel();
         let accepted = match self.subs.upstream(ch) {
             Some(Upstream::Node(u)) if u == from => {
                 self.ch(ch).previous = None;
@@ -1178,35 +1180,32 @@ impl RelayCore {
         let from_secondary = self
             .ch(ch)
             .feed
-            .on_video(t, from, packet.seq)
+            .on_video(t, from, frame.seq())
             .map(|v| v.role)
             == Some(Role::Secondary);
-        if packet.flags & video_flags::FROM_CACHE != 0
+        if frame.flags() & video_flags::FROM_CACHE != 0
             && self
                 .chan(ch)
                 .and_then(|c| c.gop.as_ref())
-                .is_some_and(|g| g.is_behind(packet.seq))
+                .is_some_and(|g| g.is_behind(frame.seq()))
         {
             // A new upstream's burst overlapping what we already forwarded.
             self.stats.gop_behind += 1;
             return;
         }
-        let (seq, keyframe) = (packet.seq, packet.flags & video_flags::KEYFRAME != 0);
+        let (seq, keyframe) = (frame.seq(), frame.flags() & video_flags::KEYFRAME != 0);
         // Gap tracking of the current upstream only (the former one's last datagrams during a
         // switch are forwarded as before).
         let tracked = from_secondary || self.subs.upstream(ch) == Some(Upstream::Node(from));
         if tracked && !self.track(t, from, ch, seq) {
             return;
         }
-        // Re-stamp the header with our id: decode (done by the link) + encode once.
-        match Datagram::new(self.me.id, Body::Video(packet)).encode() {
-            Ok(bytes) => {
-                self.cache(t, ch, seq, keyframe, bytes.clone());
-                self.remember(t, ch, seq, &bytes);
-                self.fan_out(ch, bytes)
-            }
-            Err(_) => self.stats.malformed += 1,
-        }
+        // Forwarded in the buffer it arrived in, our id written into its header: the payload
+        // is neither copied nor re-encoded (only sealed per subscriber).
+        let bytes = frame.restamp(self.me.id);
+        self.cache(t, ch, seq, keyframe, bytes.clone());
+        self.remember(t, ch, seq, &bytes);
+        self.fan_out(ch, bytes)
     }
 
     // ----- subscriptions, upstream choice, healing ------------------------------------------
@@ -1902,7 +1901,7 @@ mod tests {
             let t = self.t;
             while let Some(tx) = self.core.poll_transmit() {
                 let d = Datagram::decode(&tx.bytes).expect("the core sends valid datagrams");
-                for to in tx.to {
+                for to in [tx.to] {
                     self.log.push((to, d.clone()));
                     let answers =
                         to == self.client || self.answering.iter().any(|n| hop(*n).addr == to);
@@ -1912,12 +1911,12 @@ mod tests {
                     let Some(peer) = self.peers.get_mut(&to) else {
                         continue;
                     };
-                    peer.handle_datagram(t, hop(4).addr, &tx.bytes);
+                    peer.handle_datagram(t, hop(4).addr, &tx.bytes[..]);
                     while peer.poll_incoming().is_some() {}
                     let back: Vec<Bytes> =
                         std::iter::from_fn(|| peer.poll_transmit().map(|(_, b)| b)).collect();
                     for b in back {
-                        self.core.handle_datagram(t, to, &b);
+                        self.core.handle_datagram(t, to, &b[..]);
                     }
                 }
             }
@@ -1936,7 +1935,7 @@ mod tests {
             let out: Vec<Bytes> =
                 std::iter::from_fn(|| peer.poll_transmit().map(|(_, b)| b)).collect();
             for b in out {
-                self.core.handle_datagram(t, from, &b);
+                self.core.handle_datagram(t, from, &b[..]);
             }
             self.pump(0.0, &mut common::rng::Rng::seeded(0));
         }
@@ -2044,6 +2043,65 @@ mod tests {
         assert_eq!(b.core.stats.upstream_losses, 1);
     }
 
+    /// Zero-copy forwarding: the datagram a subscriber gets is the very buffer the upstream's
+    /// arrived in (our id written into its header, the payload neither copied nor
+    /// re-encoded); a NACKed one goes back flagged RETRANSMIT, everything else unchanged.
+    #[test]
+    fn video_is_forwarded_in_the_buffer_it_arrived_in() {
+        let mut b = Bench::new();
+        b.flood_via(&[2, 3]);
+        b.sent();
+        b.subscribe(chan().id);
+        let up = subscribes(&b.sent())[0];
+        let up_id = if up == hop(2).addr {
+            hop(2).id
+        } else {
+            hop(3).id
+        };
+        let packet = |seq: u64| VideoPacket {
+            channel: chan().id,
+            seq,
+            flags: video_flags::KEYFRAME,
+            payload: Bytes::from(vec![0x47; 1316]),
+        };
+        let wire = Datagram::new(up_id, Body::Video(packet(500)))
+            .encode()
+            .unwrap();
+        let arrived = BytesMut::from(&wire[..]);
+        let at = arrived.as_ptr();
+        b.core.handle_datagram(b.t, up, arrived);
+        let tx = b.core.poll_transmit().expect("forwarded");
+        assert_eq!(tx.to, b.client);
+        assert_eq!(
+            tx.bytes.as_ptr(),
+            at,
+            "forwarded from another buffer: copied"
+        );
+        let d = Datagram::decode(&tx.bytes).unwrap();
+        assert_eq!(d, Datagram::new(hop(4).id, Body::Video(packet(500))));
+        // The client missed it: the retransmission is a copy flagged RETRANSMIT.
+        b.t += Duration::from_millis(30);
+        b.deliver_as(
+            b.client,
+            Message::Nack {
+                channel: chan().id,
+                seqs: vec![500],
+            },
+            false,
+        );
+        let again: Vec<_> = b
+            .sent()
+            .into_iter()
+            .filter(|(to, d)| *to == b.client && matches!(d.body, Body::Video(_)))
+            .collect();
+        let mut want = packet(500);
+        want.flags |= video_flags::RETRANSMIT;
+        assert_eq!(
+            again,
+            vec![(b.client, Datagram::new(hop(4).id, Body::Video(want)))]
+        );
+    }
+
     /// Identity is the header's id, not the address: a datagram from a neighbour's address
     /// with another id is dropped and counted (it neither floods nor subscribes), and a
     /// client that restarts on the same port with a new id replaces its former self (whose
@@ -2064,7 +2122,7 @@ mod tests {
             )
             .unwrap();
         while let Some((_, bytes)) = impostor.poll_transmit() {
-            b.core.handle_datagram(b.t, hop(2).addr, &bytes);
+            b.core.handle_datagram(b.t, hop(2).addr, &bytes[..]);
         }
         assert_eq!(b.core.stats().peer_mismatch, 1);
         assert!(

@@ -622,9 +622,9 @@ impl Net {
                 continue;
             };
             match &mut h.kind {
-                Kind::Relay { core, .. } => core.handle_datagram(now, from, &bytes),
+                Kind::Relay { core, .. } => core.handle_datagram(now, from, bytes),
                 Kind::Viewer { host, .. } => {
-                    host.handle_datagram(now, from, &bytes);
+                    host.handle_datagram(now, from, bytes);
                 }
             }
             self.flush(to);
@@ -679,9 +679,7 @@ impl Net {
         match &mut h.kind {
             Kind::Relay { core, sources } => {
                 while let Some(tx) = core.poll_transmit() {
-                    for to in tx.to {
-                        out.push((to, tx.bytes.clone()));
-                    }
+                    out.push((tx.to, tx.bytes));
                 }
                 while let Some(ev) = core.poll_event() {
                     let RelayEvent::LocalDemand { channel, watched } = ev;

@@ -392,7 +392,8 @@ impl Client {
         let mut out = Vec::new();
         while out.len() < n {
             match tokio::time::timeout_at(deadline, self.incoming.recv()).await {
-                Ok(Some(Incoming::Video { sender, packet, .. })) => {
+                Ok(Some(Incoming::Video { sender, frame, .. })) => {
+                    let packet = frame.into_packet();
                     assert_eq!(packet.channel, ChannelId::of_name(self.channel));
                     out.push(Video {
                         arrival: Instant::now(),
