@@ -722,6 +722,101 @@ impl TopologyBuilder {
     }
 }
 
+/// A seeded random overlay: the simulation harness's scale scenario (`sim::random_overlay`)
+/// and the lab's (`lab --bin cost -- --only scale`) are this one topology. `relays` relays at
+/// `127.0.{70 + i / 200}.{1 + i % 200}`, connected (a random spanning tree plus random extra
+/// links up to 7/4 links per relay: average degree 3.5); `servers` servers at
+/// `127.0.75.{s + 1}`, each with one channel `ch{s}` and two distinct relay neighbours; and
+/// `viewers` viewers, each with a random relay as its PoP and a random channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RandomOverlay {
+    /// The relays' addresses.
+    pub relays: Vec<IpAddr>,
+    /// Each relay's neighbours (relays, then servers), in the order drawn.
+    pub neighbours: Vec<Vec<IpAddr>>,
+    /// Each server and its two relay neighbours.
+    pub servers: Vec<(IpAddr, [IpAddr; 2])>,
+    /// Each viewer's PoP and channel index (`ch{index}`).
+    pub viewers: Vec<(IpAddr, usize)>,
+}
+
+impl RandomOverlay {
+    /// The overlay of `seed` (needs at least two relays and one server).
+    pub fn new(seed: u64, relays: usize, servers: usize, viewers: usize) -> RandomOverlay {
+        assert!(
+            relays >= 2 && servers >= 1,
+            "a random overlay needs 2 relays and a server"
+        );
+        let mut rng = crate::rng::Rng::seeded(seed);
+        let relay_ip = |i: usize| -> IpAddr {
+            std::net::Ipv4Addr::new(127, 0, 70 + (i / 200) as u8, 1 + (i % 200) as u8).into()
+        };
+        let mut links: BTreeSet<(usize, usize)> = BTreeSet::new();
+        for i in 1..relays {
+            let j = rng.below(i as u64) as usize;
+            links.insert((j, i));
+        }
+        let target = relays * 7 / 4;
+        while links.len() < target {
+            let a = rng.below(relays as u64) as usize;
+            let b = rng.below(relays as u64) as usize;
+            if a != b {
+                links.insert((a.min(b), a.max(b)));
+            }
+        }
+        let mut neighbours: Vec<Vec<IpAddr>> = vec![Vec::new(); relays];
+        for &(a, b) in &links {
+            neighbours[a].push(relay_ip(b));
+            neighbours[b].push(relay_ip(a));
+        }
+        let mut out_servers = Vec::new();
+        for s in 0..servers {
+            let ip: IpAddr = std::net::Ipv4Addr::new(127, 0, 75, (s + 1) as u8).into();
+            let mut n: Vec<usize> = Vec::new();
+            while n.len() < 2 {
+                let r = rng.below(relays as u64) as usize;
+                if !n.contains(&r) {
+                    n.push(r);
+                }
+            }
+            for &r in &n {
+                neighbours[r].push(ip);
+            }
+            out_servers.push((ip, [relay_ip(n[0]), relay_ip(n[1])]));
+        }
+        let viewers = (0..viewers)
+            .map(|_| {
+                let pop = relay_ip(rng.below(relays as u64) as usize);
+                (pop, rng.below(servers as u64) as usize)
+            })
+            .collect();
+        RandomOverlay {
+            relays: (0..relays).map(relay_ip).collect(),
+            neighbours,
+            servers: out_servers,
+            viewers,
+        }
+    }
+
+    /// The topology file (TOML) of the relays and servers.
+    pub fn to_toml(&self) -> String {
+        let list = |v: &[IpAddr]| {
+            v.iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut s = String::new();
+        for (ip, n) in self.relays.iter().zip(&self.neighbours) {
+            s += &format!("\"{ip}\" = [{}]\n", list(n));
+        }
+        for (ip, n) in &self.servers {
+            s += &format!("\"{ip}\" = [{}]\n", list(n));
+        }
+        s
+    }
+}
+
 fn parse_ip(text: &str, line: Line) -> Result<IpAddr, TopologyError> {
     text.parse().map_err(|_| TopologyError::InvalidAddress {
         text: text.to_owned(),
@@ -780,6 +875,42 @@ fn unquote(raw: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The generated overlay is a valid topology file (symmetric links, no warnings), the
+    /// same for the same seed, with every relay reachable from the first.
+    #[test]
+    fn a_random_overlay_is_a_valid_connected_topology() {
+        let g = RandomOverlay::new(1, 100, 3, 20);
+        assert_eq!(g, RandomOverlay::new(1, 100, 3, 20));
+        let (t, warnings) = Topology::parse(&g.to_toml()).expect("valid");
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(t.hosts().count(), 103);
+        let links: usize = g
+            .relays
+            .iter()
+            .map(|r| t.neighbours(*r).unwrap().len())
+            .sum();
+        assert_eq!(
+            links,
+            2 * 175 + 2 * 3,
+            "7/4 links per relay, two per server"
+        );
+        let mut seen = std::collections::HashSet::from([g.relays[0]]);
+        let mut todo = vec![g.relays[0]];
+        while let Some(h) = todo.pop() {
+            for n in t.neighbours(h).unwrap() {
+                if seen.insert(*n) {
+                    todo.push(*n);
+                }
+            }
+        }
+        assert_eq!(seen.len(), 103);
+        assert_eq!(g.viewers.len(), 20);
+        assert!(g
+            .viewers
+            .iter()
+            .all(|(pop, ch)| g.relays.contains(pop) && *ch < 3));
+    }
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()

@@ -17,6 +17,10 @@
 //!   relay → PoP (`127.0.97.x`).
 //! * `memory` — ten channels (the same cached clip under ten names) watched by ten clients
 //!   through server → relay → PoP (`127.0.98.x`): both relays carry ten streams.
+//! * `hop` — the added latency of one hop (`crate::hop`: kernel timestamps of each datagram
+//!   into the relay and of each child's copy out of it) and the relay's CPU, with 1, then 10,
+//!   then 100 headless clients watching the cached clip at the relay (server → relay,
+//!   `127.0.99.x`).
 //!
 //! One JSON file per run in `<out>/runs/cost-<experiment>-<label>.json`; `<out>/COST.md` is
 //! rendered from every such file found, so runs with another `--label` (after a rewrite) show
@@ -36,7 +40,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// The experiments, in the order they run.
-pub const EXPERIMENTS: [&str; 3] = ["idle", "watched", "memory"];
+pub const EXPERIMENTS: [&str; 4] = ["idle", "watched", "memory", "hop"];
 
 /// Goal of the issue: CPU of each idle daemon (% of a core).
 pub const IDLE_GOAL_PCT: f64 = 0.2;
@@ -46,6 +50,10 @@ pub const SERVER_GOAL_PCT: f64 = 2.0;
 pub const RELAY_GOAL_PCT: f64 = 1.0;
 /// Goal: RSS of a node carrying ten streams (MB, 10⁶ bytes).
 pub const MEMORY_GOAL_MB: f64 = 30.0;
+/// Goal: added latency per hop, median and 99th percentile (ms).
+pub const HOP_GOAL_MS: (f64, f64) = (0.2, 1.0);
+/// Children of the relay in the `hop` experiment, one window each.
+pub const HOP_CHILDREN: [usize; 3] = [1, 10, 100];
 
 /// Channels of the `memory` experiment.
 const MEMORY_STREAMS: usize = 10;
@@ -295,6 +303,41 @@ pub struct CostRun {
     pub streams: Vec<StreamRate>,
     /// Anything worth knowing about the run.
     pub notes: Vec<String>,
+    /// Per-hop latency windows (`hop` only).
+    #[serde(default)]
+    pub hops: Vec<HopWindow>,
+}
+
+/// One window of the `hop` experiment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HopWindow {
+    /// Clients watching at the relay.
+    pub children: usize,
+    /// Datagrams into the relay between the anchors.
+    pub inputs: usize,
+    /// (datagram, child) pairs measured.
+    pub samples: usize,
+    /// Added latency, median / 99th percentile / largest (ms).
+    pub p50_ms: Option<f64>,
+    /// 99th percentile (ms).
+    pub p99_ms: Option<f64>,
+    /// Largest (ms).
+    pub max_ms: Option<f64>,
+    /// Latency of each datagram's first copy out (wake-up and processing without the
+    /// fan-out's spread): median and 99th percentile (ms).
+    #[serde(default)]
+    pub first_p50_ms: Option<f64>,
+    /// 99th percentile of the first copy (ms).
+    #[serde(default)]
+    pub first_p99_ms: Option<f64>,
+    /// Children whose copies did not match the inputs one for one (left out).
+    pub unmatched: usize,
+    /// Datagrams the capture socket dropped.
+    pub capture_drops: u64,
+    /// The relay's CPU in the window (% of a core).
+    pub relay_cpu_pct: f64,
+    /// All clients' CPU together (% of a core).
+    pub clients_cpu_pct: f64,
 }
 
 impl CostRun {
@@ -315,6 +358,7 @@ impl CostRun {
             procs: vec![],
             streams: vec![],
             notes: vec![],
+            hops: vec![],
         }
     }
 
@@ -816,6 +860,7 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Vec<CostRun>> 
         let run = match e {
             "idle" => idle(cfg, bins).await,
             "watched" => watched(cfg, bins).await,
+            "hop" => hop(cfg, bins).await,
             _ => memory(cfg, bins).await,
         };
         save(&cfg.out, &run)?;
@@ -823,7 +868,7 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Vec<CostRun>> 
     }
     for x in &cfg.experiments {
         if !EXPERIMENTS.contains(&x.as_str()) {
-            warn!(experiment = %x, "unknown experiment (idle, watched, memory)");
+            warn!(experiment = %x, "unknown experiment (idle, watched, memory, hop)");
         }
     }
     rewrite_report(&cfg.out)?;
@@ -974,6 +1019,87 @@ async fn memory(cfg: &Config, bins: &Binaries) -> CostRun {
             _ => String::new(),
         })
         .await
+    })
+    .await;
+    run
+}
+
+/// Hop: the added latency of one relay with 1, 10 and 100 children.
+async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
+    let mut run = CostRun::new(
+        cfg,
+        "hop",
+        "server .1 → relay .2 at 127.0.99.x, the relay the PoP of 1, then 10, then 100 headless \
+         clients watching `clip` (the cached clip of `watched`); latency from kernel timestamps \
+         on lo (each datagram into the relay → each child's copy out of it, matched in order \
+         between quiet gaps), CPU over the same window",
+    );
+    let (videos, ov) = cached_chain(cfg, bins, "hop", "one", &["clip".into()], 99, 2).await;
+    with_overlay(&mut run, ov, async |ov, run| {
+        start_cached(cfg, ov, videos, "server-127.0.99.1").await?;
+        let relay = std::net::SocketAddrV4::new([127, 0, 99, 2].into(), 8010);
+        let upstream = std::net::SocketAddrV4::new([127, 0, 99, 1].into(), 8010);
+        let window = cfg.window.min(Duration::from_secs(10));
+        for n in HOP_CHILDREN {
+            while ov.clients.len() < n {
+                let i = ov.clients.len();
+                ov.client(&format!("client-{i:03}"), "clip")?;
+            }
+            let missing = ov.wait_streams(Duration::from_secs(60)).await?;
+            anyhow::ensure!(
+                missing.is_empty(),
+                "{} of {n} clients got no datagram within 60 s",
+                missing.len()
+            );
+            tokio::time::sleep(cfg.warmup).await;
+            ov.check_alive()?;
+            let targets = ov.targets(|name| match name {
+                "node-127.0.99.2" => format!("{n} children"),
+                _ => String::new(),
+            })?;
+            run.loadavg.push(loadavg());
+            let capture = crate::hop::Capture::start(relay, upstream)
+                .context("cannot capture on lo (the hop experiment needs root)")?;
+            info!(children = n, window = ?window, "measuring the hop");
+            let measured = measure(&targets, window).await;
+            let (seen, capture_drops) = capture.stop()?;
+            let (procs, wall) = measured?;
+            run.loadavg.push(loadavg());
+            let m = crate::hop::match_hop(&seen, relay, upstream);
+            let ms: Vec<f64> = m.latencies.iter().map(|&ns| ns as f64 / 1e6).collect();
+            let first: Vec<f64> = m.first.iter().map(|&ns| ns as f64 / 1e6).collect();
+            if m.unmatched > 0 {
+                run.notes.push(format!(
+                    "{n} children: {} left out, their copies between the anchors {:?} for {} \
+                     datagrams in",
+                    m.unmatched, m.unmatched_copies, m.inputs
+                ));
+            }
+            let cpu = |role: &str| -> f64 {
+                procs
+                    .iter()
+                    .filter(|p| p.role == role)
+                    .map(|p| p.cpu_pct)
+                    .sum()
+            };
+            run.hops.push(HopWindow {
+                children: n,
+                inputs: m.inputs,
+                samples: ms.len(),
+                p50_ms: percentile(&ms, 50.0),
+                p99_ms: percentile(&ms, 99.0),
+                max_ms: percentile(&ms, 100.0),
+                first_p50_ms: percentile(&first, 50.0),
+                first_p99_ms: percentile(&first, 99.0),
+                unmatched: m.unmatched,
+                capture_drops,
+                relay_cpu_pct: cpu("relay"),
+                clients_cpu_pct: cpu("client"),
+            });
+            run.procs = procs;
+            run.window_s = wall;
+        }
+        Ok(())
     })
     .await;
     run
@@ -1186,6 +1312,60 @@ fn render_watched(r: &CostRun) -> Vec<Vec<String>> {
     rows
 }
 
+fn render_hop(r: &CostRun) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.3}"));
+    let (g50, g99) = HOP_GOAL_MS;
+    for h in &r.hops {
+        let ok = match (h.p50_ms, h.p99_ms) {
+            (Some(a), Some(b)) => Some(a <= g50 && b <= g99),
+            _ => None,
+        };
+        rows.push(row(
+            format!(
+                "added latency per hop, {} children: p50 / p99 / max (ms)",
+                h.children
+            ),
+            format!(
+                "{} / {} / {} ({} samples, {} datagrams{}{})",
+                ms(h.p50_ms),
+                ms(h.p99_ms),
+                ms(h.max_ms),
+                h.samples,
+                h.inputs,
+                if h.unmatched > 0 {
+                    format!(", {} children unmatched", h.unmatched)
+                } else {
+                    String::new()
+                },
+                if h.capture_drops > 0 {
+                    format!(", {} capture drops", h.capture_drops)
+                } else {
+                    String::new()
+                }
+            ),
+            &format!("≤ {g50} / {g99}"),
+            verdict(ok),
+        ));
+        rows.push(row(
+            format!(
+                "… its first copy out, {} children: p50 / p99 (ms)",
+                h.children
+            ),
+            format!("{} / {}", ms(h.first_p50_ms), ms(h.first_p99_ms)),
+            "—",
+            "—".into(),
+        ));
+        rows.push(row(
+            format!("relay CPU, {} children (clients together)", h.children),
+            format!("{} ({})", pct(h.relay_cpu_pct), pct(h.clients_cpu_pct)),
+            "—",
+            "—".into(),
+        ));
+    }
+    rows
+}
+
 fn render_memory(r: &CostRun) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     let playing = r
@@ -1293,6 +1473,7 @@ pub fn render(runs: &[CostRun]) -> String {
             _ if r.procs.is_empty() => vec![],
             "idle" => render_idle(r),
             "watched" => render_watched(r),
+            "hop" => render_hop(r),
             _ => render_memory(r),
         };
         if !rows.is_empty() {

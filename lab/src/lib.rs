@@ -12,6 +12,7 @@
 pub mod bench;
 pub mod bench_plots;
 pub mod cost;
+pub mod hop;
 pub mod netns;
 pub mod overlay;
 pub mod process;

@@ -827,59 +827,29 @@ pub fn random_overlay_with(
     viewers: usize,
     secure: bool,
 ) -> (Net, Vec<(SocketAddr, String)>) {
-    let mut rng = common::rng::Rng::seeded(seed);
-    let relay_ip = |i: usize| format!("127.0.{}.{}", 70 + i / 200, 1 + i % 200);
-    let mut links: BTreeSet<(usize, usize)> = BTreeSet::new();
-    for i in 1..relays {
-        let j = rng.below(i as u64) as usize;
-        links.insert((j, i));
-    }
-    let target = relays * 7 / 4;
-    while links.len() < target {
-        let a = rng.below(relays as u64) as usize;
-        let b = rng.below(relays as u64) as usize;
-        if a != b {
-            links.insert((a.min(b), a.max(b)));
-        }
-    }
-    let mut adj: Vec<Vec<String>> = vec![Vec::new(); relays];
-    for &(a, b) in &links {
-        adj[a].push(relay_ip(b));
-        adj[b].push(relay_ip(a));
-    }
+    let g = common::topology::RandomOverlay::new(seed, relays, servers, viewers);
     let mut net = Net::with_security(seed, secure);
-    for s in 0..servers {
-        let ip = format!("127.0.75.{}", s + 1);
-        let mut n = Vec::new();
-        while n.len() < 2 {
-            let r = rng.below(relays as u64) as usize;
-            if !n.contains(&r) {
-                n.push(r);
-            }
-        }
-        for &r in &n {
-            adj[r].push(ip.clone());
-        }
-        let names: Vec<String> = n.iter().map(|&r| relay_ip(r)).collect();
+    for (s, (ip, n)) in g.servers.iter().enumerate() {
+        let names: Vec<String> = n.iter().map(IpAddr::to_string).collect();
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         net.add_origin(
-            &ip,
+            &ip.to_string(),
             &names,
             RelayConfig::default(),
             &[&format!("ch{s}")],
             SourceConfig::default(),
         );
     }
-    for (i, n) in adj.iter().enumerate() {
+    for (ip, n) in g.relays.iter().zip(&g.neighbours) {
+        let n: Vec<String> = n.iter().map(IpAddr::to_string).collect();
         let n: Vec<&str> = n.iter().map(String::as_str).collect();
-        net.add_relay(&relay_ip(i), &n, RelayConfig::default());
+        net.add_relay(&ip.to_string(), &n, RelayConfig::default());
     }
     let mut out = Vec::new();
-    for v in 0..viewers {
+    for (v, (pop, ch)) in g.viewers.iter().enumerate() {
         let at: SocketAddr = format!("127.0.76.{}:9000", v + 1).parse().expect("literal");
-        let pop = relay_ip(rng.below(relays as u64) as usize);
-        net.add_viewer(at, &[&pop], CoreConfig::default());
-        out.push((at, format!("ch{}", rng.below(servers as u64))));
+        net.add_viewer(at, &[&pop.to_string()], CoreConfig::default());
+        out.push((at, format!("ch{ch}")));
     }
     (net, out)
 }
