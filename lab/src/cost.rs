@@ -21,6 +21,12 @@
 //!   into the relay and of each child's copy out of it) and the relay's CPU, with 1, then 10,
 //!   then 100 headless clients watching the cached clip at the relay (server → relay,
 //!   `127.0.99.x`).
+//! * `scale` — the 100-relay random overlay of the simulation harness
+//!   (`common::topology::RandomOverlay`, seed 1: 100 relays, three servers with one channel
+//!   each, 20 viewers each at its own PoP), all real processes, the 20 viewers headless
+//!   clients: every process's CPU and RSS, what the viewers got, and the control traffic per
+//!   link (every datagram shorter than a video datagram, counted on `lo` by a packet socket:
+//!   root).
 //!
 //! One JSON file per run in `<out>/runs/cost-<experiment>-<label>.json`; `<out>/COST.md` is
 //! rendered from every such file found, so runs with another `--label` (after a rewrite) show
@@ -40,7 +46,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 /// The experiments, in the order they run.
-pub const EXPERIMENTS: [&str; 4] = ["idle", "watched", "memory", "hop"];
+pub const EXPERIMENTS: [&str; 5] = ["idle", "watched", "memory", "hop", "scale"];
 
 /// Goal of the issue: CPU of each idle daemon (% of a core).
 pub const IDLE_GOAL_PCT: f64 = 0.2;
@@ -52,6 +58,8 @@ pub const RELAY_GOAL_PCT: f64 = 1.0;
 pub const MEMORY_GOAL_MB: f64 = 30.0;
 /// Goal: added latency per hop, median and 99th percentile (ms).
 pub const HOP_GOAL_MS: (f64, f64) = (0.2, 1.0);
+/// Goal: control traffic per link, as a share of a 5 Mb/s stream's bytes (%).
+pub const CONTROL_GOAL_PCT: f64 = 1.0;
 /// Children of the relay in the `hop` experiment, one window each.
 pub const HOP_CHILDREN: [usize; 3] = [1, 10, 100];
 
@@ -306,6 +314,32 @@ pub struct CostRun {
     /// Per-hop latency windows (`hop` only).
     #[serde(default)]
     pub hops: Vec<HopWindow>,
+    /// Control traffic per link (`scale` only).
+    #[serde(default)]
+    pub control: Option<ControlTraffic>,
+}
+
+/// Control traffic over the window (`scale`): bytes/s of UDP payload per directed link.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ControlTraffic {
+    /// Directed links between overlay hosts (both ends on port 8010) that carried control.
+    pub overlay_links: usize,
+    /// Their control bytes/s: median, 90th percentile, largest.
+    pub overlay_median: f64,
+    /// 90th percentile.
+    pub overlay_p90: f64,
+    /// Largest, and which link.
+    pub overlay_max: f64,
+    /// The link with the most.
+    pub overlay_max_link: String,
+    /// Directed links between a client and its PoP.
+    pub viewer_links: usize,
+    /// Their control bytes/s: median and largest.
+    pub viewer_median: f64,
+    /// Largest.
+    pub viewer_max: f64,
+    /// Datagrams the capture dropped.
+    pub capture_drops: u64,
 }
 
 /// One window of the `hop` experiment.
@@ -359,6 +393,7 @@ impl CostRun {
             streams: vec![],
             notes: vec![],
             hops: vec![],
+            control: None,
         }
     }
 
@@ -540,6 +575,17 @@ impl Overlay {
         server_extra: &[OsString],
         extra: &[String],
     ) -> anyhow::Result<()> {
+        self.start_with(&|_| media.clone(), server_extra, extra)
+            .await
+    }
+
+    /// [`start`](Self::start), each server serving `media_of(its address)`.
+    async fn start_with(
+        &mut self,
+        media_of: &dyn Fn(std::net::IpAddr) -> Media,
+        server_extra: &[OsString],
+        extra: &[String],
+    ) -> anyhow::Result<()> {
         self.sup.spawn(
             "bootstrapper",
             self.bins.path("bootstrapper"),
@@ -547,7 +593,7 @@ impl Overlay {
         )?;
         crate::wait_for_tcp(self.plan.bootstrapper, Duration::from_secs(20)).await?;
         for ip in self.plan.servers.clone() {
-            let mut a = crate::server_args(&self.plan, ip, media, None);
+            let mut a = crate::server_args(&self.plan, ip, &media_of(ip), None);
             a.extend(server_extra.iter().cloned());
             a.extend(extra.iter().map(OsString::from));
             self.sup.spawn(
@@ -567,9 +613,14 @@ impl Overlay {
 
     /// Starts a headless client watching `stream` at the plan's PoPs.
     fn client(&mut self, name: &str, stream: &str) -> anyhow::Result<()> {
-        let stats = self.dir.join(format!("{name}-stats.jsonl"));
         let pops: Vec<String> = self.plan.pops.iter().map(|p| p.to_string()).collect();
-        let mut a = crate::headless_client_args(&pops, &stats);
+        self.client_at(name, stream, &pops)
+    }
+
+    /// Starts a headless client watching `stream` at `pops`.
+    fn client_at(&mut self, name: &str, stream: &str, pops: &[String]) -> anyhow::Result<()> {
+        let stats = self.dir.join(format!("{name}-stats.jsonl"));
+        let mut a = crate::headless_client_args(pops, &stats);
         a.extend(["--stream".into(), stream.into()]);
         a.extend(["--give-up".into(), "60s".into()]);
         self.sup.spawn(name, self.bins.path("client"), a)?;
@@ -861,6 +912,7 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Vec<CostRun>> 
             "idle" => idle(cfg, bins).await,
             "watched" => watched(cfg, bins).await,
             "hop" => hop(cfg, bins).await,
+            "scale" => scale(cfg, bins).await,
             _ => memory(cfg, bins).await,
         };
         save(&cfg.out, &run)?;
@@ -868,7 +920,7 @@ pub async fn run(cfg: &Config, bins: &Binaries) -> anyhow::Result<Vec<CostRun>> 
     }
     for x in &cfg.experiments {
         if !EXPERIMENTS.contains(&x.as_str()) {
-            warn!(experiment = %x, "unknown experiment (idle, watched, memory, hop)");
+            warn!(experiment = %x, "unknown experiment (idle, watched, memory, hop, scale)");
         }
     }
     rewrite_report(&cfg.out)?;
@@ -969,13 +1021,23 @@ async fn start_cached(
     videos: Option<PathBuf>,
     server: &str,
 ) -> anyhow::Result<()> {
-    let cache = cfg.log_dir.join("media").join("cache");
     let m = Media {
         videos,
         sources: vec![],
     };
-    ov.start(
-        &m,
+    start_cached_with(cfg, ov, &|_| m.clone(), server).await
+}
+
+/// [`start_cached`], each server playing `media_of(its address)`.
+async fn start_cached_with(
+    cfg: &Config,
+    ov: &mut Overlay,
+    media_of: &dyn Fn(std::net::IpAddr) -> Media,
+    server: &str,
+) -> anyhow::Result<()> {
+    let cache = cfg.log_dir.join("media").join("cache");
+    ov.start_with(
+        media_of,
         &["--cache-dir".into(), cache.clone().into()],
         &cfg.daemon_args,
     )
@@ -1100,6 +1162,141 @@ async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
             run.window_s = wall;
         }
         Ok(())
+    })
+    .await;
+    run
+}
+
+/// Scale: the simulation harness's 100-relay random overlay, all real processes.
+async fn scale(cfg: &Config, bins: &Binaries) -> CostRun {
+    let g = common::topology::RandomOverlay::new(1, 100, 3, 20);
+    let mut run = CostRun::new(
+        cfg,
+        "scale",
+        "the 100-relay random overlay of the simulation harness (seed 1: 100 relays at \
+         127.0.70.x, average degree 3.5; servers 127.0.75.1–3, each serving one channel ch0–ch2, \
+         the cached clip of `watched`; 20 headless clients, each at its own PoP watching a \
+         random channel), 124 processes; control = every UDP datagram shorter than a video \
+         datagram, counted on lo",
+    );
+    let media = cfg.log_dir.join("media");
+    let prepared = async {
+        let clip = ensure_clip(&media).await?;
+        let mut folders = BTreeMap::new();
+        for (s, (ip, _)) in g.servers.iter().enumerate() {
+            let ch = format!("ch{s}");
+            let v = videos_folder(&media, &format!("scale-{ch}"), &clip, &[ch])?;
+            folders.insert(*ip, v);
+        }
+        let servers: Vec<String> = g.servers.iter().map(|(ip, _)| ip.to_string()).collect();
+        let servers: Vec<&str> = servers.iter().map(String::as_str).collect();
+        let ov = Overlay::new(bins, cfg.log_dir.join("scale"), &g.to_toml(), &servers, &[])?;
+        Ok::<_, anyhow::Error>((folders, ov))
+    }
+    .await;
+    let (folders, ov) = match prepared {
+        Ok((f, o)) => (f, Ok(o)),
+        Err(e) => (BTreeMap::new(), Err(e)),
+    };
+    with_overlay(&mut run, ov, async |ov, run| {
+        let media_of = |ip: std::net::IpAddr| Media {
+            videos: folders.get(&ip).cloned(),
+            sources: vec![],
+        };
+        start_cached_with(cfg, ov, &media_of, "server-127.0.75.1").await?;
+        // Floods cross the overlay (up to ten hops) once a second.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        for (v, (pop, ch)) in g.viewers.iter().enumerate() {
+            ov.client_at(
+                &format!("client-{v:02}"),
+                &format!("ch{ch}"),
+                &[pop.to_string()],
+            )?;
+        }
+        let missing = ov.wait_streams(Duration::from_secs(60)).await?;
+        anyhow::ensure!(
+            missing.is_empty(),
+            "no datagram within 60 s for {}",
+            missing.join(", ")
+        );
+        tokio::time::sleep(cfg.warmup).await;
+        ov.check_alive()?;
+        let targets = ov.targets(|_| String::new())?;
+        let before: Vec<_> = ov
+            .clients
+            .iter()
+            .map(|(_, stream, stats)| last_stats(stats, stream))
+            .collect();
+        run.loadavg.push(loadavg());
+        let capture = crate::hop::Capture::control()
+            .context("cannot capture on lo (the scale experiment needs root)")?;
+        info!(processes = targets.len(), window = ?cfg.window, "measuring the overlay");
+        let measured = measure(&targets, cfg.window).await;
+        let (seen, capture_drops) = capture.stop()?;
+        let (procs, wall) = measured?;
+        run.loadavg.push(loadavg());
+        run.procs = procs;
+        run.window_s = wall;
+        for ((client, stream, stats), b) in ov.clients.iter().zip(before) {
+            let a = last_stats(stats, stream);
+            let (mbps, packets, lost) = match (b, a) {
+                (Some(b), Some(a)) if a.0 > b.0 => (
+                    Some((a.1 - b.1) as f64 * 8.0 / ((a.0 - b.0) as f64 / 1e3) / 1e6),
+                    a.2.saturating_sub(b.2),
+                    a.3.saturating_sub(b.3),
+                ),
+                _ => (None, 0, 0),
+            };
+            run.streams.push(StreamRate {
+                stream: stream.clone(),
+                client: client.clone(),
+                mbps,
+                packets,
+                lost,
+            });
+        }
+        let hosts: std::collections::HashSet<std::net::IpAddr> = g
+            .relays
+            .iter()
+            .copied()
+            .chain(g.servers.iter().map(|(ip, _)| *ip))
+            .collect();
+        let overlay = |a: &std::net::SocketAddrV4| {
+            a.port() == common::wire::DEFAULT_PORT && hosts.contains(&(*a.ip()).into())
+        };
+        let mut per_link: BTreeMap<(std::net::SocketAddrV4, std::net::SocketAddrV4), u64> =
+            BTreeMap::new();
+        for x in &seen {
+            *per_link.entry((x.src, x.dst)).or_default() += u64::from(x.len);
+        }
+        let rate = |b: u64| b as f64 / wall;
+        let mut ov_rates: Vec<(f64, String)> = vec![];
+        let mut viewer_rates: Vec<f64> = vec![];
+        for ((src, dst), b) in &per_link {
+            if overlay(src) && overlay(dst) {
+                ov_rates.push((rate(*b), format!("{src} → {dst}")));
+            } else if overlay(src) || overlay(dst) {
+                viewer_rates.push(rate(*b));
+            }
+        }
+        let v: Vec<f64> = ov_rates.iter().map(|r| r.0).collect();
+        let worst = ov_rates
+            .iter()
+            .max_by(|a, b| a.0.total_cmp(&b.0))
+            .cloned()
+            .unwrap_or_default();
+        run.control = Some(ControlTraffic {
+            overlay_links: v.len(),
+            overlay_median: percentile(&v, 50.0).unwrap_or(0.0),
+            overlay_p90: percentile(&v, 90.0).unwrap_or(0.0),
+            overlay_max: worst.0,
+            overlay_max_link: worst.1,
+            viewer_links: viewer_rates.len(),
+            viewer_median: percentile(&viewer_rates, 50.0).unwrap_or(0.0),
+            viewer_max: percentile(&viewer_rates, 100.0).unwrap_or(0.0),
+            capture_drops,
+        });
+        ov.check_alive()
     })
     .await;
     run
@@ -1366,6 +1563,80 @@ fn render_hop(r: &CostRun) -> Vec<Vec<String>> {
     rows
 }
 
+fn render_scale(r: &CostRun) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let lost: u64 = r.streams.iter().map(|s| s.lost).sum();
+    let packets: u64 = r.streams.iter().map(|s| s.packets).sum();
+    let playing = r
+        .streams
+        .iter()
+        .filter(|s| s.mbps.is_some_and(|m| m > 0.0))
+        .count();
+    rows.push(row(
+        "viewers playing / datagrams played / lost in the window",
+        format!("{playing} of {} / {packets} / {lost}", r.streams.len()),
+        "20 / — / 0",
+        verdict(Some(playing == 20 && lost == 0)),
+    ));
+    if let Some(c) = &r.control {
+        // 1 % of a 5 Mb/s stream, in bytes/s.
+        let goal = 5e6 / 8.0 * CONTROL_GOAL_PCT / 100.0;
+        let share = |b: f64| format!("{b:.0} B/s ({:.3} %)", b / (5e6 / 8.0) * 100.0);
+        rows.push(row(
+            format!(
+                "control per overlay link ({} directed links), median / p90",
+                c.overlay_links
+            ),
+            format!("{} / {}", share(c.overlay_median), share(c.overlay_p90)),
+            &format!("< {goal:.0} B/s (1 % of 5 Mb/s)"),
+            verdict(Some(c.overlay_p90 < goal)),
+        ));
+        rows.push(row(
+            "control on the busiest overlay link",
+            format!("{} ({})", share(c.overlay_max), c.overlay_max_link),
+            &format!("< {goal:.0} B/s"),
+            verdict(Some(c.overlay_max < goal)),
+        ));
+        rows.push(row(
+            format!(
+                "control per viewer link ({} directed), median / max",
+                c.viewer_links
+            ),
+            format!("{} / {}", share(c.viewer_median), share(c.viewer_max)),
+            "—",
+            "—".into(),
+        ));
+        if c.capture_drops > 0 {
+            rows.push(row(
+                "datagrams the capture dropped",
+                c.capture_drops.to_string(),
+                "0",
+                verdict(Some(false)),
+            ));
+        }
+    }
+    for (role, label) in [
+        ("relay", "relay CPU, median / max"),
+        ("server", "server CPU, median / max"),
+        ("client", "client CPU, median / max"),
+    ] {
+        if let Some((v, _)) = role_cpu(&r.of_role(role)) {
+            rows.push(row(label, v, "—", "—".into()));
+        }
+    }
+    let total: f64 = r.procs.iter().map(|p| p.cpu_pct).sum();
+    rows.push(row(
+        format!("all {} processes together, CPU", r.procs.len()),
+        pct(total),
+        "< 200 % (the machine)",
+        verdict(Some(total < 200.0)),
+    ));
+    if let Some(v) = role_rss(&r.of_role("relay")) {
+        rows.push(row("relay RSS, median / max", v, "—", "—".into()));
+    }
+    rows
+}
+
 fn render_memory(r: &CostRun) -> Vec<Vec<String>> {
     let mut rows = Vec::new();
     let playing = r
@@ -1474,6 +1745,7 @@ pub fn render(runs: &[CostRun]) -> String {
             "idle" => render_idle(r),
             "watched" => render_watched(r),
             "hop" => render_hop(r),
+            "scale" => render_scale(r),
             _ => render_memory(r),
         };
         if !rows.is_empty() {

@@ -1,5 +1,5 @@
 //! `cost` — whole-process costs of the real daemons: `cargo run --release -p lab --bin cost --
-//! [--quick] [--out DIR] [--only idle,watched,memory,hop] [--label NAME]`. See lab/src/cost.rs.
+//! [--quick] [--out DIR] [--only idle,watched,memory,hop,scale] [--label NAME]`. See lab/src/cost.rs.
 
 use clap::Parser;
 use lab::cost::{self, Config};
@@ -26,8 +26,13 @@ struct Args {
     /// Experiments to run (comma-separated): idle (the 4×5 grid, nobody watching), watched
     /// (one channel through three relays to a client), memory (ten channels through two
     /// relays to ten clients), hop (the added latency of one relay with 1, 10 and 100
-    /// children; needs root).
-    #[arg(long, value_delimiter = ',', default_value = "idle,watched,memory,hop")]
+    /// children; needs root), scale (the 100-relay random overlay with 20 viewers: CPU, RSS,
+    /// control traffic per link; needs root).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "idle,watched,memory,hop,scale"
+    )]
     only: Vec<String>,
     /// Name of this variant in the tables and file names, e.g. `before`, `after`.
     #[arg(long, default_value = "default")]
