@@ -557,7 +557,7 @@ impl ClientCore {
                 });
             }
         }
-        self.update_fast();
+        self.update_fast(now);
         self.update_waiting(now);
         if now >= self.next_stats {
             for s in self.streams.values() {
@@ -581,11 +581,11 @@ impl ClientCore {
     }
 
     /// A PoP is fast while it feeds a stream (see the module doc).
-    fn update_fast(&mut self) {
+    fn update_fast(&mut self, now: Instant) {
         for p in &self.pops {
             let feeds = self.streams.values().any(|s| s.feed.feeds(p.addr));
             if feeds != self.liveness.is_fast(p.addr) {
-                self.liveness.set_fast(p.addr, feeds);
+                self.liveness.set_fast(now, p.addr, feeds);
             }
         }
     }
@@ -732,7 +732,7 @@ impl ClientCore {
             }
         };
         if newly_fed {
-            self.update_fast();
+            self.update_fast(now);
         }
         if !taken {
             return None;
@@ -845,7 +845,7 @@ impl ClientCore {
             pop: s.primary(),
             reason: reason.to_string(),
         }));
-        self.update_fast();
+        self.update_fast(now);
         true
     }
 

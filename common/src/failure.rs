@@ -33,10 +33,12 @@
 //! | 6 | 4.7e-5 | 0.28 |
 //! | 8 | 1.7e-6 | 0.010 |
 //!
-//! So the default is `k = 8` (an 800 ms floor at 100 ms heartbeats). When both ends heartbeat
-//! each other (overlay nodes do), a 100 ms window is silent only if the peer's own ping *and*
-//! the answer to ours are lost: `0.1 × 0.19 = 0.019`, and `k = 6` already gives
-//! `6000 · 0.019⁶ ≈ 3e-7` false deaths per 10 minutes (what the relay uses). Bursty loss
+//! So the default is `k = 8` (an 800 ms floor at 100 ms heartbeats). Overlay nodes heartbeat
+//! each other and do not answer each other's heartbeats (a pong only goes to a peer that does
+//! not ping us), so a window is silent when the peer's own ping is lost: 0.1. The relay uses
+//! 200 ms heartbeats and `k = 6` (a 1.2 s floor for idle neighbours; those that feed it are
+//! watched at 25 ms): `3000 · 0.1⁶ = 3e-3` false deaths per 10 minutes, before counting the
+//! floods and the acknowledged pings that also prove the peer alive. Bursty loss
 //! (Gilbert–Elliott) is not covered by this computation: a burst longer than the timeout *is*
 //! an outage as far as video is concerned.
 
@@ -110,6 +112,8 @@ struct PeerState {
     /// Last RTT estimate (SRTT, RTTVAR).
     rtt: Option<(Duration, Duration)>,
     fast: bool,
+    /// When it last became fast.
+    fast_since: Option<Instant>,
 }
 
 /// Per-peer liveness (see the module documentation). `P` is the peer's key, normally its
@@ -143,6 +147,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
             revived_at: None,
             rtt: None,
             fast: false,
+            fast_since: None,
         });
     }
 
@@ -186,12 +191,32 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
         }
     }
 
-    /// Makes `peer` fast (or normal again): the caller heartbeats it every
+    /// Makes `peer` fast (or normal again) at `now`: the caller heartbeats it every
     /// [`FailureConfig::fast_interval`], and its timeout's floor is `fast_k × fast_interval`
-    /// (see the module documentation). Its silence so far counts against the new timeout.
-    pub fn set_fast(&mut self, peer: P, fast: bool) {
+    /// (see the module documentation). Its silence so far counts against the new timeout, but
+    /// a peer just made fast is given half of it from `now` (until now it was heartbeated at
+    /// the slower pace, and may rightly have been silent longer): a dead one is found that
+    /// soon, a live one answers the first fast heartbeat well within it.
+    pub fn set_fast(&mut self, now: Instant, peer: P, fast: bool) {
         if let Some(p) = self.peers.get_mut(&peer) {
+            if fast && !p.fast {
+                p.fast_since = Some(now);
+            }
             p.fast = fast;
+        }
+    }
+
+    /// Where `p`'s silence counts from: its last datagram, or for a peer that just became
+    /// fast, no earlier than half a timeout before it did.
+    fn silent_since(cfg: &FailureConfig, p: &PeerState) -> Instant {
+        match (p.fast, p.fast_since) {
+            (true, Some(since)) => {
+                let grace = since
+                    .checked_sub(Self::peer_timeout(cfg, p) / 2)
+                    .unwrap_or(since);
+                p.last_heard.max(grace)
+            }
+            _ => p.last_heard,
         }
     }
 
@@ -238,7 +263,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
             .iter()
             .filter(|(_, p)| {
                 p.alive
-                    && now.saturating_duration_since(p.last_heard)
+                    && now.saturating_duration_since(Self::silent_since(&self.cfg, p))
                         >= Self::peer_timeout(&self.cfg, p)
             })
             .map(|(k, _)| *k)
@@ -258,7 +283,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
         self.peers
             .values()
             .filter(|p| p.alive)
-            .map(|p| p.last_heard + Self::peer_timeout(&self.cfg, p))
+            .map(|p| Self::silent_since(&self.cfg, p) + Self::peer_timeout(&self.cfg, p))
             .min()
     }
 
@@ -463,7 +488,7 @@ mod tests {
         let mut rng = Rng::seeded(seed);
         let mut d = FailureDetector::new(cfg);
         d.watch(t0, 1u8);
-        d.set_fast(1, true);
+        d.set_fast(t0, 1, true);
         d.rtt_sample(1, MS, MS / 2);
         // Arrival times of everything that gets through, in 1 ms steps.
         let mut deaths = 0;
@@ -490,6 +515,36 @@ mod tests {
         deaths
     }
 
+    /// A neighbour heartbeated at the slow pace (last heard 190 ms ago) becomes an upstream:
+    /// it is not dead at once, but half a fast timeout later if it stays silent; once heard,
+    /// the ordinary fast timeout runs from its datagram.
+    #[test]
+    fn a_peer_just_made_fast_has_half_a_fast_timeout_to_be_heard() {
+        let cfg = FailureConfig::default();
+        let t = Instant::now();
+        let mut d = FailureDetector::new(cfg);
+        d.watch(t, "up");
+        d.watch(t, "dead");
+        let now = t + 190 * MS;
+        d.set_fast(now, "up", true);
+        d.set_fast(now, "dead", true);
+        assert!(
+            d.poll_dead(now).is_empty(),
+            "dead for its slow-paced silence"
+        );
+        assert_eq!(d.poll_timeout(), Some(now + 75 * MS));
+        d.heard(now + 5 * MS, "up");
+        assert_eq!(d.poll_dead(now + 75 * MS), vec!["dead"]);
+        assert!(d.poll_dead(now + 154 * MS).is_empty());
+        assert_eq!(d.poll_dead(now + 155 * MS), vec!["up"]);
+        // Made fast again later: the grace is counted from then.
+        d.heard(now + 400 * MS, "up");
+        d.set_fast(now + 400 * MS, "up", false);
+        d.set_fast(now + 600 * MS, "up", true);
+        assert!(d.poll_dead(now + 600 * MS).is_empty());
+        assert_eq!(d.poll_dead(now + 675 * MS), vec!["up"]);
+    }
+
     #[test]
     fn a_fast_peer_dies_within_150_ms_and_not_falsely_at_ten_percent_loss() {
         let cfg = FailureConfig::default();
@@ -497,15 +552,15 @@ mod tests {
         let mut d = FailureDetector::new(cfg);
         d.watch(t, "up");
         d.watch(t, "other");
-        d.set_fast("up", true);
+        d.set_fast(t, "up", true);
         assert!(d.is_fast("up") && !d.is_fast("other"));
         assert_eq!(d.timeout("up"), 150 * MS);
         assert_eq!(d.poll_timeout(), Some(t + 150 * MS));
         assert!(d.poll_dead(t + 149 * MS).is_empty());
         assert_eq!(d.poll_dead(t + 150 * MS), vec!["up"]);
         // Back to normal: the ordinary floor (k × 100 ms).
-        d.set_fast("other", true);
-        d.set_fast("other", false);
+        d.set_fast(t, "other", true);
+        d.set_fast(t, "other", false);
         assert_eq!(d.timeout("other"), 800 * MS);
         // The RTT term still applies to a fast peer on a long link.
         d.rtt_sample("up", 100 * MS, 10 * MS);

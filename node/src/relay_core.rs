@@ -47,7 +47,8 @@ pub struct RelayConfig {
     /// `heartbeat_interval`; any datagram from a peer counts as heard; a peer silent for
     /// `max(k × heartbeat_interval, 2·SRTT + 4·RTTVAR)` is dead and its channels move at once;
     /// one that came back is not chosen as upstream for `hold_down` unless it is the only
-    /// route. Default: 100 ms, k = 6, 2 s ([`RoutingConfig::default`]).
+    /// route. Default: 200 ms, k = 6 (1.2 s), 2 s ([`RoutingConfig::default`]); a peer that
+    /// feeds us is watched by the fast detector instead (`fast_interval` 25 ms, 150 ms).
     pub failure: FailureConfig,
     /// A subscriber silent this long is dropped. Default 5 s.
     pub subscriber_timeout: Duration,
@@ -1283,14 +1284,14 @@ impl RelayCore {
 
     /// Stops watching non-neighbour hosts that are no longer upstream of anything; makes the
     /// feeding hosts (and only them) fast peers of the failure detector.
-    fn unwatch_unused(&mut self, _t: Instant) {
+    fn unwatch_unused(&mut self, t: Instant) {
         let ups = self.feeding_hosts();
         for a in self.routing.watched_non_neighbours() {
             if !ups.contains(&a) {
                 self.routing.unwatch(a);
             }
         }
-        self.fast = self.routing.set_fast_peers(&ups);
+        self.fast = self.routing.set_fast_peers(t, &ups);
     }
 
     /// Drops the secondary upstream of `channel`, if any (`Unsubscribe` if it is alive).
