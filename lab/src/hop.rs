@@ -12,6 +12,10 @@
 //! window, and a child whose count of copies between the anchors differs from the count of
 //! inputs (a retransmission, a GOP burst, a drop in the capture) is left out and counted.
 //!
+//! Loopback carries a UDP GSO send whole (one packet for a run of datagrams to one peer): the
+//! socket asks for the virtio header (`PACKET_VNET_HDR`), whose `gso_size` splits such a packet
+//! back into its datagrams, each with the packet's stamp.
+//!
 //! The kernel stamps are the system clock (the only clock packet sockets offer); only
 //! differences of a few microseconds between two stamps of the same clock are used.
 
@@ -177,6 +181,17 @@ fn set<T>(
     check(r, what)
 }
 
+/// Bytes of the `virtio_net_hdr` a packet socket with `PACKET_VNET_HDR` puts before each
+/// packet (its `gso_type` and `gso_size` tell a GSO packet's datagrams apart).
+const VNET_HDR: usize = 10;
+/// `PACKET_VNET_HDR` (linux/if_packet.h).
+const PACKET_VNET_HDR: libc::c_int = 15;
+/// `VIRTIO_NET_HDR_GSO_UDP_L4` (linux/virtio_net.h).
+const VIRTIO_NET_HDR_GSO_UDP_L4: u8 = 5;
+
+/// Bytes of the (loopback's) Ethernet header before the IP header.
+const ETH: u32 = 14;
+
 const LD_LEN: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_LEN) as u16;
 const LD_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
 const LDB_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
@@ -190,19 +205,19 @@ fn ins(code: u16, jt: u8, jf: u8, k: u32) -> libc::sock_filter {
     libc::sock_filter { code, jt, jf, k }
 }
 
-/// Classic BPF, offsets from the IP header: accept if len >= VIDEO_MIN_LEN and (src == relay
+/// Classic BPF, offsets from the Ethernet header (`lo` has one, all zeros): accept if len >= VIDEO_MIN_LEN and (src == relay
 /// as it leaves, or src == upstream and dst == relay as it arrives): each datagram once.
 fn hop_filter(relay: Ipv4Addr, upstream: Ipv4Addr) -> Vec<libc::sock_filter> {
     let (relay, upstream) = (u32::from(relay), u32::from(upstream));
     vec![
         /* 0 */ ins(LD_LEN, 0, 0, 0),
         /* 1 */ ins(JGE, 0, 10, VIDEO_MIN_LEN as u32),
-        /* 2 */ ins(LD_ABS, 0, 0, 12),
+        /* 2 */ ins(LD_ABS, 0, 0, ETH + 12),
         /* 3 */ ins(JEQ, 0, 2, relay),
         /* 4 */ ins(LD_ABS, 0, 0, PKTTYPE),
         /* 5 */ ins(JEQ, 5, 6, libc::PACKET_OUTGOING as u32),
         /* 6 */ ins(JEQ, 0, 5, upstream),
-        /* 7 */ ins(LD_ABS, 0, 0, 16),
+        /* 7 */ ins(LD_ABS, 0, 0, ETH + 16),
         /* 8 */ ins(JEQ, 0, 3, relay),
         /* 9 */ ins(LD_ABS, 0, 0, PKTTYPE),
         /* 10 */ ins(JEQ, 0, 1, libc::PACKET_HOST as u32),
@@ -216,7 +231,7 @@ fn control_filter() -> Vec<libc::sock_filter> {
     vec![
         /* 0 */ ins(LD_ABS, 0, 0, PKTTYPE),
         /* 1 */ ins(JEQ, 0, 5, libc::PACKET_HOST as u32),
-        /* 2 */ ins(LDB_ABS, 0, 0, 9),
+        /* 2 */ ins(LDB_ABS, 0, 0, ETH + 9),
         /* 3 */ ins(JEQ, 0, 3, 17),
         /* 4 */ ins(LD_LEN, 0, 0, 0),
         /* 5 */ ins(JGE, 1, 0, VIDEO_MIN_LEN as u32),
@@ -226,14 +241,14 @@ fn control_filter() -> Vec<libc::sock_filter> {
 }
 
 /// The packet socket: every protocol on `lo` (a tap bound to IPv4 alone sees only what
-/// arrives), network header first (`SOCK_DGRAM`), kernel timestamps, a 64 MB buffer, the
-/// filter.
+/// arrives), raw (link header first: `PACKET_VNET_HDR`, which tells a GSO packet's datagrams
+/// apart, needs `SOCK_RAW`), kernel timestamps, a 64 MB buffer, the filter.
 fn open(prog: &mut [libc::sock_filter]) -> std::io::Result<libc::c_int> {
     // SAFETY: socket(2) with constant arguments.
     let fd = unsafe {
         libc::socket(
             libc::AF_PACKET,
-            libc::SOCK_DGRAM,
+            libc::SOCK_RAW,
             (libc::ETH_P_ALL as u16).to_be() as libc::c_int,
         )
     };
@@ -250,6 +265,8 @@ fn open(prog: &mut [libc::sock_filter]) -> std::io::Result<libc::c_int> {
             &fprog,
             "filter",
         )?;
+        let one: libc::c_int = 1;
+        set(fd, libc::SOL_PACKET, PACKET_VNET_HDR, &one, "virtio header")?;
         set(
             fd,
             libc::SOL_SOCKET,
@@ -291,7 +308,9 @@ fn open(prog: &mut [libc::sock_filter]) -> std::io::Result<libc::c_int> {
 fn read(fd: libc::c_int, stop: &AtomicBool) -> std::io::Result<(Vec<Seen>, u64)> {
     let mut seen = Vec::with_capacity(1 << 20);
     // Headers only: IP (up to 60) + UDP (8); the datagram is cut (MSG_TRUNC).
-    let mut buf = [0u8; 68];
+    // The virtio header, then IP (up to 60) + UDP (8); the datagram is cut (its length comes
+    // back with MSG_TRUNC).
+    let mut buf = [0u8; VNET_HDR + ETH as usize + 68];
     let mut control = [0u64; 16];
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: zeroed plain C structures pointed at our live buffers, sizes passed.
@@ -308,7 +327,7 @@ fn read(fd: libc::c_int, stop: &AtomicBool) -> std::io::Result<(Vec<Seen>, u64)>
             msg.msg_iovlen = 1;
             msg.msg_control = control.as_mut_ptr().cast();
             msg.msg_controllen = std::mem::size_of_val(&control);
-            let n = libc::recvmsg(fd, &mut msg, 0);
+            let n = libc::recvmsg(fd, &mut msg, libc::MSG_TRUNC);
             let mut ns = None;
             if n > 0 {
                 let mut c = libc::CMSG_FIRSTHDR(&msg);
@@ -325,23 +344,47 @@ fn read(fd: libc::c_int, stop: &AtomicBool) -> std::io::Result<(Vec<Seen>, u64)>
             }
             (n, from, ns)
         };
-        let (Some(ns), true) = (ns, n >= 28) else {
+        let head = VNET_HDR + ETH as usize;
+        let (Some(ns), true) = (ns, n >= (head + 28) as isize) else {
             continue;
         };
-        let p = &buf[..(n as usize).min(buf.len())];
+        let (vnet, p) = buf.split_at(VNET_HDR);
+        let p = &p[ETH as usize..(n as usize).min(buf.len()) - VNET_HDR];
         let ihl = ((p[0] & 0x0f) as usize) * 4;
         if p[0] >> 4 != 4 || p[9] != 17 || p.len() < ihl + 4 {
             continue;
         }
         let ipa = |o: usize| Ipv4Addr::new(p[o], p[o + 1], p[o + 2], p[o + 3]);
         let port = |o: usize| u16::from_be_bytes([p[o], p[o + 1]]);
-        seen.push(Seen {
-            ns,
-            src: SocketAddrV4::new(ipa(12), port(ihl)),
-            dst: SocketAddrV4::new(ipa(16), port(ihl + 2)),
-            outgoing: from.sll_pkttype == libc::PACKET_OUTGOING,
-            len: port(2).saturating_sub((ihl + 8) as u16),
-        });
+        let (src, dst) = (
+            SocketAddrV4::new(ipa(12), port(ihl)),
+            SocketAddrV4::new(ipa(16), port(ihl + 2)),
+        );
+        let outgoing = from.sll_pkttype == libc::PACKET_OUTGOING;
+        // A UDP GSO packet (loopback carries a GSO send whole) is several datagrams of
+        // `gso_size` bytes: each is one entry, all with the packet's stamp.
+        let payload = (n as usize).saturating_sub(head + ihl + 8);
+        let gso_size = usize::from(u16::from_le_bytes([vnet[4], vnet[5]]));
+        let segment = if vnet[1] & 0x7f == VIRTIO_NET_HDR_GSO_UDP_L4 && gso_size > 0 {
+            gso_size
+        } else {
+            payload.max(1)
+        };
+        let mut left = payload;
+        loop {
+            let len = left.min(segment);
+            seen.push(Seen {
+                ns,
+                src,
+                dst,
+                outgoing,
+                len: len as u16,
+            });
+            left -= len;
+            if left == 0 {
+                break;
+            }
+        }
     }
     let mut stats = [0u32; 2];
     let mut len = std::mem::size_of_val(&stats) as libc::socklen_t;
@@ -385,6 +428,12 @@ mod tests {
         up_s.send_to(&[1u8; 1200], relay).unwrap();
         std::thread::sleep(std::time::Duration::from_millis(2));
         relay_s.send_to(&[2u8; 1200], child).unwrap();
+        // Three of one size to one peer: one UDP GSO packet on loopback, three entries.
+        let run: Vec<_> = (0..3u8)
+            .map(|i| (child.into(), bytes::Bytes::from(vec![10 + i; 1200])))
+            .collect();
+        let mut batch = common::batch::SendBatch::default();
+        assert_eq!(batch.send(&relay_s, &run).unwrap(), 3);
         // Not captured: short, or neither from nor to the relay.
         relay_s.send_to(&[3u8; 100], child).unwrap();
         up_s.send_to(&[4u8; 1200], child).unwrap();
@@ -398,11 +447,16 @@ mod tests {
                 .collect::<Vec<_>>()
         };
         let (i, o) = (of(up, relay, false), of(relay, child, true));
-        assert_eq!((i.len(), o.len()), (1, 1), "{seen:?}");
+        assert_eq!((i.len(), o.len()), (1, 4), "{seen:?}");
         assert!(o[0] > i[0] && o[0] - i[0] < 1_000_000_000, "{seen:?}");
+        assert!(
+            o[1..].iter().all(|&t| t == o[1]),
+            "one GSO packet: {seen:?}"
+        );
+        assert!(seen.iter().all(|s| s.len == 1200), "{seen:?}");
         // Each datagram once (the filter keeps the relay's as it leaves, its input as it
         // arrives), nothing else.
-        assert_eq!(seen.len(), 2, "{seen:?}");
+        assert_eq!(seen.len(), 5, "{seen:?}");
     }
 
     #[test]
