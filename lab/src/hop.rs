@@ -65,8 +65,12 @@ pub struct Matched {
 /// Pairs the relay's inputs (datagrams from `upstream` to `relay`, as they arrived) with each
 /// child's copies (datagrams from `relay`, as they left), in order, between two quiet gaps.
 pub fn match_hop(seen: &[Seen], relay: SocketAddrV4, upstream: SocketAddrV4) -> Matched {
+    // Only video-size datagrams on both sides: a chunk's short last datagram may travel in a
+    // GSO packet on one side (counted) and alone on the other (below the kernel filter).
+    let video = |s: &&Seen| usize::from(s.len) >= VIDEO_MIN_LEN;
     let inputs: Vec<u64> = seen
         .iter()
+        .filter(video)
         .filter(|s| s.src == upstream && s.dst == relay && !s.outgoing)
         .map(|s| s.ns)
         .collect();
@@ -85,6 +89,7 @@ pub fn match_hop(seen: &[Seen], relay: SocketAddrV4, upstream: SocketAddrV4) -> 
     let mut per_child: std::collections::BTreeMap<SocketAddrV4, Vec<u64>> = Default::default();
     for s in seen
         .iter()
+        .filter(video)
         .filter(|s| s.src == relay && s.dst != upstream && s.outgoing)
         .filter(|s| s.ns >= from && s.ns < to)
     {
