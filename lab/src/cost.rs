@@ -700,6 +700,42 @@ impl Overlay {
             .collect()
     }
 
+    /// Each client's last stats line (t_ms, bytes, packets, lost), at the start of a window.
+    fn stream_marks(&self) -> Vec<Option<(u64, u64, u64, u64)>> {
+        self.clients
+            .iter()
+            .map(|(_, stream, stats)| last_stats(stats, stream))
+            .collect()
+    }
+
+    /// Each client's stream over the window that started at `before` ([`stream_marks`]).
+    ///
+    /// [`stream_marks`]: Self::stream_marks
+    fn stream_rates(&self, before: Vec<Option<(u64, u64, u64, u64)>>) -> Vec<StreamRate> {
+        self.clients
+            .iter()
+            .zip(before)
+            .map(|((client, stream, stats), b)| {
+                let a = last_stats(stats, stream);
+                let (mbps, packets, lost) = match (b, a) {
+                    (Some(b), Some(a)) if a.0 > b.0 => (
+                        Some((a.1 - b.1) as f64 * 8.0 / ((a.0 - b.0) as f64 / 1e3) / 1e6),
+                        a.2.saturating_sub(b.2),
+                        a.3.saturating_sub(b.3),
+                    ),
+                    _ => (None, 0, 0),
+                };
+                StreamRate {
+                    stream: stream.clone(),
+                    client: client.clone(),
+                    mbps,
+                    packets,
+                    lost,
+                }
+            })
+            .collect()
+    }
+
     /// Warm-up, then the window: processes' costs and streams' rates into `run`.
     async fn measure_into(
         &mut self,
@@ -710,35 +746,14 @@ impl Overlay {
         tokio::time::sleep(cfg.warmup).await;
         self.check_alive()?;
         let targets = self.targets(note_of)?;
-        let before: Vec<_> = self
-            .clients
-            .iter()
-            .map(|(_, stream, stats)| last_stats(stats, stream))
-            .collect();
+        let before = self.stream_marks();
         run.loadavg.push(loadavg());
         info!(experiment = %run.experiment, processes = targets.len(), window = ?cfg.window, "measuring");
         let (procs, wall) = measure(&targets, cfg.window).await?;
         run.loadavg.push(loadavg());
         run.procs = procs;
         run.window_s = wall;
-        for ((client, stream, stats), b) in self.clients.iter().zip(before) {
-            let a = last_stats(stats, stream);
-            let (mbps, packets, lost) = match (b, a) {
-                (Some(b), Some(a)) if a.0 > b.0 => (
-                    Some((a.1 - b.1) as f64 * 8.0 / ((a.0 - b.0) as f64 / 1e3) / 1e6),
-                    a.2.saturating_sub(b.2),
-                    a.3.saturating_sub(b.3),
-                ),
-                _ => (None, 0, 0),
-            };
-            run.streams.push(StreamRate {
-                stream: stream.clone(),
-                client: client.clone(),
-                mbps,
-                packets,
-                lost,
-            });
-        }
+        run.streams = self.stream_rates(before);
         self.check_alive()?;
         for p in run.procs.iter().filter(|p| !p.children.is_empty()) {
             run.notes.push(format!(
@@ -1222,11 +1237,7 @@ async fn scale(cfg: &Config, bins: &Binaries) -> CostRun {
         tokio::time::sleep(cfg.warmup).await;
         ov.check_alive()?;
         let targets = ov.targets(|_| String::new())?;
-        let before: Vec<_> = ov
-            .clients
-            .iter()
-            .map(|(_, stream, stats)| last_stats(stats, stream))
-            .collect();
+        let before = ov.stream_marks();
         run.loadavg.push(loadavg());
         let capture = crate::hop::Capture::control()
             .context("cannot capture on lo (the scale experiment needs root)")?;
@@ -1237,24 +1248,7 @@ async fn scale(cfg: &Config, bins: &Binaries) -> CostRun {
         run.loadavg.push(loadavg());
         run.procs = procs;
         run.window_s = wall;
-        for ((client, stream, stats), b) in ov.clients.iter().zip(before) {
-            let a = last_stats(stats, stream);
-            let (mbps, packets, lost) = match (b, a) {
-                (Some(b), Some(a)) if a.0 > b.0 => (
-                    Some((a.1 - b.1) as f64 * 8.0 / ((a.0 - b.0) as f64 / 1e3) / 1e6),
-                    a.2.saturating_sub(b.2),
-                    a.3.saturating_sub(b.3),
-                ),
-                _ => (None, 0, 0),
-            };
-            run.streams.push(StreamRate {
-                stream: stream.clone(),
-                client: client.clone(),
-                mbps,
-                packets,
-                lost,
-            });
-        }
+        run.streams = ov.stream_rates(before);
         let hosts: std::collections::HashSet<std::net::IpAddr> = g
             .relays
             .iter()
