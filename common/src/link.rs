@@ -2,7 +2,8 @@
 //! [`Link::handle_datagram`] and decoded once; reliable messages and acks go through the
 //! [`ReliableEndpoint`] (acks, duplicates, retransmission, RTT); what the application must
 //! handle comes out of [`Link::poll_incoming`] as [`Incoming`] items, in order; what must be
-//! sent comes out of [`Link::poll_transmit`], in the order it was decided.
+//! sent comes out of [`Link::poll_transmit`], grouped by destination (each destination's
+//! datagrams in the order they were decided; the order across destinations is free).
 //!
 //! A `Link` reads no clock (every call that needs the time takes `now`) and owns no socket: a
 //! driver (the tokio [`Transport`](crate::transport::Transport), the relay's driver, or a
@@ -15,6 +16,12 @@
 //! is dropped and counted by reason); the sender id of what comes out is then the
 //! authenticated peer. Without one (tests, the benchmark's plaintext runs) datagrams are the
 //! version-1 format as they are.
+//!
+//! Data handed to [`Link::send_bytes`] (video, the bulk of what a relay sends) is sealed when
+//! it is polled, not when it is queued, and what is queued is grouped by destination first:
+//! a relay that fans a burst of datagrams out to many peers can send the first peers' copies
+//! (one GSO message each) while the later ones are not sealed yet, instead of sealing the
+//! whole burst before anything leaves.
 
 use crate::id::{NodeId, PeerId};
 use crate::reliable::{Event, ReliableConfig, ReliableEndpoint, ReliableStats, RttEstimate};
@@ -74,13 +81,40 @@ pub struct LinkStats {
     pub secure: SecureStats,
 }
 
+/// A datagram queued by a [`Link`].
+#[derive(Debug)]
+enum Out {
+    /// Ready to go (plaintext runs, or sealed already).
+    Ready(SocketAddr, Bytes),
+    /// Data to seal for `peer` when it is polled.
+    Seal {
+        now: Instant,
+        peer: PeerId,
+        addr: SocketAddr,
+        bytes: Bytes,
+    },
+}
+
+impl Out {
+    fn destination(&self) -> SocketAddr {
+        match self {
+            Out::Ready(to, _) | Out::Seal { addr: to, .. } => *to,
+        }
+    }
+}
+
 /// The decoding and reliable-delivery state of one host (all peers). See the module docs.
 #[derive(Debug)]
 pub struct Link {
     endpoint: ReliableEndpoint,
     other_version: OncePerPeer,
     incoming: VecDeque<Incoming>,
-    transmit: VecDeque<(SocketAddr, Bytes)>,
+    /// What to send, in the order decided until [`Link::poll_transmit`] groups it.
+    transmit: VecDeque<Out>,
+    /// Whether `transmit` got entries since it was last grouped by destination.
+    ungrouped: bool,
+    /// What the session layer produced for the entry being sealed, handed out first.
+    sealed: VecDeque<(SocketAddr, Bytes)>,
     secure: Option<Secure>,
     /// The latest time we were given (sealing needs one; the reliable channel's output is
     /// collected at the next call that brings a time).
@@ -97,6 +131,8 @@ impl Link {
             other_version: OncePerPeer::default(),
             incoming: VecDeque::new(),
             transmit: VecDeque::new(),
+            ungrouped: false,
+            sealed: VecDeque::new(),
             secure: None,
             now: None,
             stats: LinkStats::default(),
@@ -273,13 +309,22 @@ impl Link {
     /// subscriber; with a session layer it is then sealed per peer).
     pub fn send_bytes(&mut self, now: Instant, peer: PeerId, addr: SocketAddr, bytes: Bytes) {
         self.collect_at(now);
-        match self.secure.as_mut() {
-            Some(s) => {
-                s.send(now, peer, addr, bytes);
-                self.collect_secure();
-            }
-            None => self.transmit.push_back((addr, bytes)),
+        if self.secure.is_some() {
+            // Sealed when polled (see the module docs).
+            self.push(Out::Seal {
+                now,
+                peer,
+                addr,
+                bytes,
+            });
+        } else {
+            self.push(Out::Ready(addr, bytes));
         }
+    }
+
+    fn push(&mut self, out: Out) {
+        self.transmit.push_back(out);
+        self.ungrouped = true;
     }
 
     /// The RTT estimate of `peer` (`None` before the first sample).
@@ -303,12 +348,41 @@ impl Link {
         !self.incoming.is_empty()
     }
 
-    /// The next datagram to send, in the order decided.
+    /// The next datagram to send: what is queued comes out grouped by destination (a stable
+    /// sort: each destination's datagrams in the order decided), data sealed as it comes out.
     pub fn poll_transmit(&mut self) -> Option<(SocketAddr, Bytes)> {
-        self.collect();
-        let t = self.transmit.pop_front()?;
-        self.stats.datagrams_out += 1;
-        Some(t)
+        loop {
+            if let Some(t) = self.sealed.pop_front() {
+                self.stats.datagrams_out += 1;
+                return Some(t);
+            }
+            self.collect();
+            if self.ungrouped {
+                self.ungrouped = false;
+                self.transmit
+                    .make_contiguous()
+                    .sort_by_key(|o| o.destination());
+            }
+            match self.transmit.pop_front()? {
+                Out::Ready(to, bytes) => {
+                    self.stats.datagrams_out += 1;
+                    return Some((to, bytes));
+                }
+                Out::Seal {
+                    now,
+                    peer,
+                    addr,
+                    bytes,
+                } => {
+                    let s = self.secure.as_mut().expect("queued for sealing");
+                    s.send(now, peer, addr, bytes);
+                    // (Events of the session layer wait for the next collect.)
+                    while let Some(t) = s.poll_transmit() {
+                        self.sealed.push_back(t);
+                    }
+                }
+            }
+        }
     }
 
     /// The counters.
@@ -333,8 +407,9 @@ impl Link {
         let Some(s) = self.secure.as_mut() else {
             return;
         };
-        while let Some(t) = s.poll_transmit() {
-            self.transmit.push_back(t);
+        while let Some((to, bytes)) = s.poll_transmit() {
+            self.transmit.push_back(Out::Ready(to, bytes));
+            self.ungrouped = true;
         }
         while let Some(ev) = s.poll_event() {
             if let SecureEvent::Up { peer: Some(p), .. } = ev {
@@ -356,7 +431,7 @@ impl Link {
                     Some(now) => s.send(now, peer, addr, bytes),
                     None => debug_assert!(false, "sealing needs a time"),
                 },
-                None => self.transmit.push_back((addr, bytes)),
+                None => self.push(Out::Ready(addr, bytes)),
             }
         }
         self.collect_secure();
@@ -456,6 +531,98 @@ mod tests {
         exchange(&mut a, &mut b, t1 + Duration::from_millis(1));
         let r = a.rtt(NodeId(2)).expect("sampled");
         assert!(r.srtt <= Duration::from_millis(1), "{r:?}");
+    }
+
+    #[test]
+    fn data_is_sealed_as_it_is_polled_grouped_by_destination() {
+        use crate::keys::{KeyPair, Secret};
+        use crate::secure::SecureConfig;
+        let t0 = Instant::now();
+        let net = Secret::random();
+        let keys: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+        let mut links: Vec<Link> = (0..3u8)
+            .map(|i| {
+                let sc = SecureConfig::member(keys[i as usize].clone(), net.clone(), 1, i.into());
+                let mut l = Link::new(NodeId(i.into()), i.into(), ReliableConfig::default())
+                    .with_secure(Secure::new(sc));
+                for (j, k) in keys.iter().enumerate() {
+                    if j != i as usize {
+                        l.secure_mut()
+                            .unwrap()
+                            .set_member(NodeId(j as u64), k.public);
+                    }
+                }
+                l
+            })
+            .collect();
+        let at = |i: usize| addr(i as u8 + 1);
+        // Link 0 is a relay with two subscribers (links 1 and 2): sessions first.
+        for j in [1, 2] {
+            links[0]
+                .send_reliable(t0, NodeId(j as u64), at(j), Message::ListChannels)
+                .unwrap();
+        }
+        loop {
+            let mut moved = false;
+            for i in 0..3 {
+                while let Some((to, bytes)) = links[i].poll_transmit() {
+                    let j = (0..3).find(|&j| at(j) == to).expect("a known address");
+                    links[j].handle_datagram(t0, at(i), &bytes[..]);
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+        for l in &mut links {
+            while l.poll_incoming().is_some() {}
+        }
+        // A burst of two datagrams fanned out to both, in the order a relay decides it
+        // (encoded once, as video is).
+        let video = |n: u8| {
+            Datagram::new(
+                NodeId(0),
+                Body::Unreliable(Message::Ping { nonce: n.into() }),
+            )
+            .encode()
+            .unwrap()
+        };
+        let sealed = |l: &Link| l.stats().secure.sealed;
+        let before = sealed(&links[0]);
+        for n in [1, 2] {
+            for j in [1, 2] {
+                links[0].send_bytes(t0, NodeId(j as u64), at(j), video(n));
+            }
+        }
+        assert_eq!(
+            sealed(&links[0]),
+            before,
+            "nothing sealed before it is polled"
+        );
+        let mut out = Vec::new();
+        while let Some((to, bytes)) = links[0].poll_transmit() {
+            out.push((to, bytes));
+            assert_eq!(
+                sealed(&links[0]),
+                before + out.len() as u64,
+                "one seal per poll"
+            );
+        }
+        let order: Vec<SocketAddr> = out.iter().map(|(to, _)| *to).collect();
+        assert_eq!(
+            order,
+            vec![at(1), at(1), at(2), at(2)],
+            "grouped by destination"
+        );
+        // Each subscriber opens its copies in the order sent.
+        let mut next = [1u8; 3];
+        for (to, bytes) in out {
+            let j = (0..3).find(|&j| at(j) == to).unwrap();
+            let plain = links[j].open(t0, at(0), &bytes[..]).expect("authenticates");
+            assert_eq!(&plain[..], &video(next[j])[..]);
+            next[j] += 1;
+        }
     }
 
     #[test]

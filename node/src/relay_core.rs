@@ -416,7 +416,10 @@ impl RelayCore {
         }
     }
 
-    /// The next datagram to send, in the order decided.
+    /// The next datagram to send: grouped by destination, each destination's in the order
+    /// decided; video is sealed for its subscriber as it is polled (see [`common::link`]), so
+    /// a driver can hand the first subscribers' copies to the kernel before the last ones are
+    /// sealed.
     pub fn poll_transmit(&mut self) -> Option<Transmit> {
         let (to, bytes) = self.link.poll_transmit()?;
         Some(Transmit { to, bytes })
