@@ -314,6 +314,10 @@ pub struct CostRun {
     /// Per-hop latency windows (`hop` only).
     #[serde(default)]
     pub hops: Vec<HopWindow>,
+    /// The same figure for a raw forwarder on the same machine (`hop` only;
+    /// [`crate::hop::raw_floor`]): the floor under the relay's.
+    #[serde(default)]
+    pub hop_floor: Vec<HopWindow>,
     /// Control traffic per link (`scale` only).
     #[serde(default)]
     pub control: Option<ControlTraffic>,
@@ -393,6 +397,7 @@ impl CostRun {
             streams: vec![],
             notes: vec![],
             hops: vec![],
+            hop_floor: vec![],
             control: None,
         }
     }
@@ -1111,12 +1116,25 @@ async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
          on lo (each datagram into the relay → each child's copy out of it, matched in order \
          between quiet gaps), CPU over the same window",
     );
+    // The floor first, on a quiet machine: a raw forwarder to as many receiver threads.
+    let window = cfg.window.min(Duration::from_secs(10));
+    for n in HOP_CHILDREN {
+        info!(children = n, window = ?window, "measuring a raw forwarder (the floor)");
+        let floor = tokio::task::spawn_blocking(move || {
+            crate::hop::raw_floor([127, 0, 96, 0].into(), n, window)
+        })
+        .await;
+        match floor {
+            Ok(Ok((m, capture_drops))) => run.hop_floor.push(hop_window(n, &m, capture_drops)),
+            Ok(Err(e)) => run.notes.push(format!("raw forwarder, {n} children: {e}")),
+            Err(e) => run.notes.push(format!("raw forwarder, {n} children: {e}")),
+        }
+    }
     let (videos, ov) = cached_chain(cfg, bins, "hop", "one", &["clip".into()], 99, 2).await;
     with_overlay(&mut run, ov, async |ov, run| {
         start_cached(cfg, ov, videos, "server-127.0.99.1").await?;
         let relay = std::net::SocketAddrV4::new([127, 0, 99, 2].into(), 8010);
         let upstream = std::net::SocketAddrV4::new([127, 0, 99, 1].into(), 8010);
-        let window = cfg.window.min(Duration::from_secs(10));
         for n in HOP_CHILDREN {
             while ov.clients.len() < n {
                 let i = ov.clients.len();
@@ -1143,8 +1161,6 @@ async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
             let (procs, wall) = measured?;
             run.loadavg.push(loadavg());
             let m = crate::hop::match_hop(&seen, relay, upstream);
-            let ms: Vec<f64> = m.latencies.iter().map(|&ns| ns as f64 / 1e6).collect();
-            let first: Vec<f64> = m.first.iter().map(|&ns| ns as f64 / 1e6).collect();
             if m.unmatched > 0 {
                 run.notes.push(format!(
                     "{n} children: {} left out, their copies between the anchors {:?} for {} \
@@ -1160,18 +1176,9 @@ async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
                     .sum()
             };
             run.hops.push(HopWindow {
-                children: n,
-                inputs: m.inputs,
-                samples: ms.len(),
-                p50_ms: percentile(&ms, 50.0),
-                p99_ms: percentile(&ms, 99.0),
-                max_ms: percentile(&ms, 100.0),
-                first_p50_ms: percentile(&first, 50.0),
-                first_p99_ms: percentile(&first, 99.0),
-                unmatched: m.unmatched,
-                capture_drops,
                 relay_cpu_pct: cpu("relay"),
                 clients_cpu_pct: cpu("client"),
+                ..hop_window(n, &m, capture_drops)
             });
             run.procs = procs;
             run.window_s = wall;
@@ -1180,6 +1187,26 @@ async fn hop(cfg: &Config, bins: &Binaries) -> CostRun {
     })
     .await;
     run
+}
+
+/// The latency figures of one matched window (no CPU figures).
+fn hop_window(children: usize, m: &crate::hop::Matched, capture_drops: u64) -> HopWindow {
+    let ms: Vec<f64> = m.latencies.iter().map(|&ns| ns as f64 / 1e6).collect();
+    let first: Vec<f64> = m.first.iter().map(|&ns| ns as f64 / 1e6).collect();
+    HopWindow {
+        children,
+        inputs: m.inputs,
+        samples: ms.len(),
+        p50_ms: percentile(&ms, 50.0),
+        p99_ms: percentile(&ms, 99.0),
+        max_ms: percentile(&ms, 100.0),
+        first_p50_ms: percentile(&first, 50.0),
+        first_p99_ms: percentile(&first, 99.0),
+        unmatched: m.unmatched,
+        capture_drops,
+        relay_cpu_pct: 0.0,
+        clients_cpu_pct: 0.0,
+    }
 }
 
 /// Scale: the simulation harness's 100-relay random overlay, all real processes.
@@ -1553,6 +1580,24 @@ fn render_hop(r: &CostRun) -> Vec<Vec<String>> {
             "—",
             "—".into(),
         ));
+        if let Some(f) = r.hop_floor.iter().find(|f| f.children == h.children) {
+            rows.push(row(
+                format!(
+                    "… floor: a raw forwarder (no crypto, same I/O path) to {} receiver \
+                     threads: p50 / p99 / max (first copy p50) (ms)",
+                    f.children
+                ),
+                format!(
+                    "{} / {} / {} ({})",
+                    ms(f.p50_ms),
+                    ms(f.p99_ms),
+                    ms(f.max_ms),
+                    ms(f.first_p50_ms)
+                ),
+                "—",
+                "—".into(),
+            ));
+        }
     }
     rows
 }

@@ -408,6 +408,122 @@ fn read(fd: libc::c_int, stop: &AtomicBool) -> std::io::Result<(Vec<Seen>, u64)>
     Ok((seen, u64::from(stats[1])))
 }
 
+/// The floor under the `hop` figure on this machine: a raw forwarder (no session layer, no
+/// decisions: each datagram in is copied by reference to every child) on the same I/O path as
+/// a relay's (`recvmmsg` into [`RecvBatch`](common::batch::RecvBatch), the copies grouped by
+/// child, one GSO message each, [`SendBatch`](common::batch::SendBatch) slices as the relay's
+/// driver cuts them), fed bursts of three video-size datagrams every 11 ms as a server's playout
+/// sends them, to `children` receiver threads blocked in `recv` (lighter than viewers: each
+/// only reads). Measured by the same capture and matching as a relay, for `window`. A stand-in,
+/// reported beside the relay's figure, never instead of it.
+pub fn raw_floor(
+    base: Ipv4Addr,
+    children: usize,
+    window: std::time::Duration,
+) -> std::io::Result<(Matched, u64)> {
+    use common::batch::{RecvBatch, SendBatch, BATCH};
+    use std::net::UdpSocket;
+    use std::time::{Duration, Instant};
+    let o = base.octets();
+    let at = |host: u8, port: u16| SocketAddrV4::new(Ipv4Addr::new(o[0], o[1], o[2], host), port);
+    let (upstream, relay) = (at(1, 8010), at(2, 8010));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    let mut addrs = Vec::new();
+    for i in 0..children {
+        let s = UdpSocket::bind(at(10, 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        addrs.push(s.local_addr()?);
+        let stop = stop.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("sink{i}"))
+                .spawn(move || {
+                    let mut buf = [0u8; 2048];
+                    while !stop.load(Ordering::Relaxed) {
+                        let _ = s.recv(&mut buf);
+                    }
+                })?,
+        );
+    }
+    let fwd = UdpSocket::bind(relay)?;
+    let src = UdpSocket::bind(upstream)?;
+    {
+        let stop = stop.clone();
+        threads.push(
+            std::thread::Builder::new()
+                .name("forwarder".into())
+                .spawn(move || {
+                    let mut rx = RecvBatch::new(2048);
+                    let mut tx = SendBatch::default();
+                    let mut inputs: Vec<bytes::Bytes> = Vec::new();
+                    let mut out: Vec<(std::net::SocketAddr, bytes::Bytes)> = Vec::new();
+                    while !stop.load(Ordering::Relaxed) {
+                        let mut pfd = libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(&fwd),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        };
+                        // SAFETY: one valid pollfd.
+                        if unsafe { libc::poll(&mut pfd, 1, 100) } <= 0 {
+                            continue;
+                        }
+                        while rx.recv(&fwd).is_ok_and(|n| n > 0) {
+                            while let Some((_, d)) = rx.pop() {
+                                inputs.push(d.freeze());
+                            }
+                        }
+                        for a in &addrs {
+                            for d in &inputs {
+                                out.push((*a, d.clone()));
+                            }
+                        }
+                        inputs.clear();
+                        // The relay driver's slices: 8 datagrams, then twice as many, up to BATCH.
+                        let (mut done, mut slice) = (0, 8);
+                        while done < out.len() {
+                            let mut end = (done + slice).min(out.len());
+                            while end < out.len() && out[end].0 == out[end - 1].0 {
+                                end += 1;
+                            }
+                            let mut sent = done;
+                            while sent < end {
+                                match tx.send(&fwd, &out[sent..end]) {
+                                    Ok(n) => sent += n,
+                                    Err(_) => sent += 1,
+                                }
+                            }
+                            done = end;
+                            slice = (slice * 2).min(BATCH);
+                        }
+                        out.clear();
+                    }
+                })?,
+        );
+    }
+    let capture = Capture::start(relay, upstream)?;
+    // A server's playout: three 1 400-byte datagrams (one GSO message) every 11 ms.
+    let mut send = SendBatch::default();
+    let burst: Vec<(std::net::SocketAddr, bytes::Bytes)> = (0..3u8)
+        .map(|i| (relay.into(), bytes::Bytes::from(vec![i; 1400])))
+        .collect();
+    let start = Instant::now();
+    let mut next = start;
+    while next < start + window {
+        let _ = send.send(&src, &burst);
+        next += Duration::from_micros(11_000);
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    std::thread::sleep(Duration::from_millis(50));
+    let seen = capture.stop();
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        let _ = t.join();
+    }
+    let (seen, drops) = seen?;
+    Ok((match_hop(&seen, relay, upstream), drops))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
