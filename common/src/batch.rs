@@ -8,6 +8,12 @@
 //! run, a burst of live video sorted by destination) go out as one UDP GSO message: the kernel
 //! builds the datagrams from one call (`UDP_SEGMENT`; off for good if refused).
 //!
+//! On the way in, UDP GRO ([`RecvBatch::with_gro`], Linux ≥ 5.0, what every [`Port`](crate::port::Port) asks for): a run of datagrams from one
+//! peer (a GSO send on loopback; coalesced by the NIC's GRO on a real network) arrives as one
+//! buffer with its segment size, and is cut here into the same datagrams, each its own
+//! `BytesMut` over the shared buffer as with `recvmmsg`: one kernel buffer and one wake-up per
+//! run instead of one per datagram, on both sides of loopback.
+//!
 //! Both are synchronous and non-blocking: the caller runs them inside the tokio socket's
 //! `try_io`, so a full send buffer or an empty receive queue is `WouldBlock` and the readiness
 //! is cleared for the next `writable()`/`readable()`.
@@ -264,11 +270,18 @@ impl SendBatch {
 /// relay opens, parses and forwards it in that very buffer. A chunk is freed when the last
 /// datagram in it is dropped; slots left over by a short batch serve the next receive, so a
 /// chunk is used up slot by slot whatever the batch sizes.
+///
+/// With UDP GRO ([`RecvBatch::with_gro`]) a receive is one `recvmsg` into the chunk's free
+/// tail (room for the largest GRO buffer, [`GRO_MAX`]; chunks of [`GRO_CHUNK`]), which takes
+/// exactly the bytes received, so chunks stay as densely used as without GRO; the buffer is
+/// cut into its datagrams by the segment size the kernel reports.
 pub struct RecvBatch {
     /// Bytes of one slot (the largest datagram taken whole, plus one to tell an oversize one).
     slot: usize,
     /// The slots not used yet (initialised memory: zeroed when allocated).
     chunk: BytesMut,
+    /// UDP GRO is on for the socket: one receive per call, cut into datagrams.
+    gro: bool,
     /// The datagrams of the last receive not handed out yet, in order.
     got: std::collections::VecDeque<(SocketAddr, BytesMut)>,
     #[cfg(target_os = "linux")]
@@ -297,6 +310,7 @@ impl RecvBatch {
         RecvBatch {
             slot: max_len,
             chunk: BytesMut::new(),
+            gro: false,
             got: std::collections::VecDeque::with_capacity(BATCH),
             #[cfg(target_os = "linux")]
             names: Vec::new(),
@@ -305,6 +319,22 @@ impl RecvBatch {
             #[cfg(target_os = "linux")]
             msgs: Vec::new(),
         }
+    }
+
+    /// As [`new`](Self::new), for `socket`, on which UDP GRO is turned on if the kernel takes it
+    /// (Linux ≥ 5.0; otherwise receives stay `recvmmsg` batches).
+    pub fn with_gro(max_len: usize, socket: &impl std::os::fd::AsRawFd) -> RecvBatch {
+        let mut b = RecvBatch::new(max_len);
+        match set_gro(socket) {
+            Ok(()) => b.gro = true,
+            Err(e) => tracing::debug!(error = %e, "UDP GRO refused; recvmmsg batches"),
+        }
+        b
+    }
+
+    /// Whether UDP GRO is on (see [`with_gro`](Self::with_gro)).
+    pub fn gro(&self) -> bool {
+        self.gro
     }
 
     /// The next datagram of the last receive not handed out yet.
@@ -321,6 +351,9 @@ impl RecvBatch {
     /// [`is_empty`](Self::is_empty)). Returns how many; `WouldBlock` when none waits.
     #[cfg(target_os = "linux")]
     pub fn recv(&mut self, socket: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
+        if self.gro {
+            return self.recv_gro(socket);
+        }
         if self.chunk.len() < self.slot {
             // The last chunk is used up (its datagrams free it when dropped).
             self.chunk = BytesMut::zeroed(BATCH * self.slot);
@@ -375,7 +408,111 @@ impl RecvBatch {
         }
         Ok(r as usize)
     }
+
+    /// One `recvmsg` with UDP GRO into the chunk's tail; the buffer cut into its datagrams.
+    #[cfg(target_os = "linux")]
+    fn recv_gro(&mut self, socket: &impl std::os::fd::AsRawFd) -> io::Result<usize> {
+        if self.chunk.len() < GRO_MAX {
+            // The last chunk's tail is too short for a whole GRO buffer (its datagrams free it
+            // when dropped).
+            self.chunk = BytesMut::zeroed(GRO_CHUNK);
+        }
+        // SAFETY: all-zero is a valid value of these plain C structures.
+        let mut name = unsafe { std::mem::zeroed::<libc::sockaddr_storage>() };
+        let mut iov = libc::iovec {
+            iov_base: self.chunk.as_mut_ptr().cast(),
+            iov_len: GRO_MAX,
+        };
+        // Room for one cmsghdr with an int (CMSG_SPACE(4) = 24), 8-byte aligned.
+        let mut control = [0u64; 4];
+        // SAFETY: as above.
+        let mut h: libc::msghdr = unsafe { std::mem::zeroed() };
+        h.msg_name = (&mut name as *mut libc::sockaddr_storage).cast();
+        h.msg_namelen = std::mem::size_of::<libc::sockaddr_storage>() as u32;
+        h.msg_iov = &mut iov;
+        h.msg_iovlen = 1;
+        h.msg_control = control.as_mut_ptr().cast();
+        h.msg_controllen = std::mem::size_of_val(&control);
+        // SAFETY: `h` points at a live name, one iovec over the first GRO_MAX bytes of `chunk`
+        // (at least that long), and a control buffer; none is touched until the call returns.
+        let r = unsafe { libc::recvmsg(socket.as_raw_fd(), &mut h, libc::MSG_DONTWAIT) };
+        if r < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = r as usize;
+        let mut size = len;
+        // SAFETY: the kernel filled `h.msg_control` / `msg_controllen`; the CMSG macros walk
+        // it within those bounds.
+        unsafe {
+            let mut c = libc::CMSG_FIRSTHDR(&h);
+            while !c.is_null() {
+                if (*c).cmsg_level == libc::SOL_UDP && (*c).cmsg_type == libc::UDP_GRO {
+                    let s = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<libc::c_int>());
+                    size = usize::try_from(s).unwrap_or(0);
+                }
+                c = libc::CMSG_NXTHDR(&h, c);
+            }
+        }
+        if size == 0 {
+            size = len;
+        }
+        let mut data = self.chunk.split_to(len);
+        // An entry without an address (never for UDP) is skipped.
+        let Some(from) = from_sockaddr(&name) else {
+            return Ok(0);
+        };
+        if data.is_empty() {
+            self.got.push_back((from, data));
+            return Ok(1);
+        }
+        let mut n = 0;
+        while !data.is_empty() {
+            let mut d = data.split_to(size.min(data.len()));
+            // A datagram longer than a slot is reported one byte longer than any valid one,
+            // as without GRO.
+            d.truncate(self.slot);
+            self.got.push_back((from, d));
+            n += 1;
+        }
+        Ok(n)
+    }
 }
+
+/// Turns UDP GRO on for `socket` (`UDP_GRO`): a run of datagrams from one peer is then
+/// received as one buffer (a plain `recv` gets it whole, without its segment size).
+pub fn set_gro(socket: &impl std::os::fd::AsRawFd) -> io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        let on: libc::c_int = 1;
+        // SAFETY: a plain integer option of a live socket.
+        let r = unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_UDP,
+                libc::UDP_GRO,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = socket;
+        Err(io::Error::from(io::ErrorKind::Unsupported))
+    }
+}
+
+/// The largest buffer a UDP GRO receive may bring (64 KB, a UDP length), and the free tail a
+/// chunk keeps for it.
+pub const GRO_MAX: usize = 65_536;
+
+/// Bytes of a receive chunk with UDP GRO.
+pub const GRO_CHUNK: usize = 256 * 1024;
 
 #[cfg(test)]
 mod tests {
@@ -439,6 +576,55 @@ mod tests {
         assert!(batch.gso());
         drain(&a);
         drain(&b);
+    }
+
+    #[test]
+    fn a_run_received_with_gro_is_cut_back_into_its_datagrams() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_nonblocking(true).unwrap();
+        let mut r = RecvBatch::with_gro(1500, &rx);
+        assert!(r.gro(), "this kernel takes UDP_GRO (Linux ≥ 5.0)");
+        let (tx, tx2) = (
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+            std::net::UdpSocket::bind("127.0.0.1:0").unwrap(),
+        );
+        let to = rx.local_addr().unwrap();
+        let d = |tag: u8, len: usize| Bytes::from(vec![tag; len]);
+        // A run of five 1 316-byte datagrams and a shorter one: one GSO message.
+        let run: Vec<(SocketAddr, Bytes)> = (1..=5)
+            .map(|i| (to, d(i, 1316)))
+            .chain([(to, d(6, 700))])
+            .collect();
+        let mut batch = SendBatch::default();
+        assert_eq!(batch.send(&tx, &run).unwrap(), 6);
+        // Then two from another peer, and an oversize one.
+        tx2.send_to(&[7u8; 40], to).unwrap();
+        tx2.send_to(&[8u8; 50], to).unwrap();
+        tx.send_to(&[9u8; 3000], to).unwrap();
+        let mut got = Vec::new();
+        let mut calls = 0;
+        while got.len() < 9 {
+            match r.recv(&rx) {
+                Ok(_) => {
+                    calls += 1;
+                    while let Some((from, b)) = r.pop() {
+                        got.push((from, b.to_vec()));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => std::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+        let (a, b) = (tx.local_addr().unwrap(), tx2.local_addr().unwrap());
+        let mut want: Vec<(SocketAddr, Vec<u8>)> =
+            run.iter().map(|(_, x)| (a, x.to_vec())).collect();
+        want.push((b, vec![7; 40]));
+        want.push((b, vec![8; 50]));
+        // The oversize one is reported one slot long, as without GRO.
+        want.push((a, vec![9; 1500]));
+        assert_eq!(got, want);
+        assert_eq!(calls, 4, "the run came in one receive");
+        assert!(matches!(r.recv(&rx), Err(e) if e.kind() == io::ErrorKind::WouldBlock));
     }
 
     #[test]

@@ -42,8 +42,8 @@
 //! (Gilbert–Elliott) is not covered by this computation: a burst longer than the timeout *is*
 //! an outage as far as video is concerned.
 
+use crate::map::Map;
 use crate::reliable::RttEstimate;
-use std::collections::HashMap;
 use std::hash::Hash;
 use std::time::{Duration, Instant};
 
@@ -121,7 +121,7 @@ struct PeerState {
 #[derive(Debug, Clone)]
 pub struct FailureDetector<P> {
     cfg: FailureConfig,
-    peers: HashMap<P, PeerState>,
+    peers: Map<P, PeerState>,
 }
 
 impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
@@ -129,7 +129,7 @@ impl<P: Copy + Eq + Hash + Ord> FailureDetector<P> {
     pub fn new(cfg: FailureConfig) -> Self {
         FailureDetector {
             cfg,
-            peers: HashMap::new(),
+            peers: Map::default(),
         }
     }
 

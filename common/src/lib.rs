@@ -14,6 +14,7 @@ pub mod impair;
 pub mod jitter;
 pub mod keys;
 pub mod link;
+pub mod map;
 pub mod nack;
 pub mod peers;
 pub mod port;

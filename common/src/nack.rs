@@ -32,9 +32,10 @@
 //! anything, `Instant`s out of order).
 
 use crate::id::NodeId;
+use crate::map::Map;
 use crate::wire::limits;
 use bytes::Bytes;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// `now + d`, saturating at `now` if the sum is not representable.
@@ -146,11 +147,11 @@ struct Bucket {
 #[derive(Debug)]
 pub struct RetransmitBuffer {
     cfg: RetransmitConfig,
-    held: HashMap<u64, Held>,
+    held: Map<u64, Held>,
     /// Seqs in insertion order (the same set as `held`).
     order: VecDeque<u64>,
     newest: Option<u64>,
-    buckets: HashMap<NodeId, Bucket>,
+    buckets: Map<NodeId, Bucket>,
     stats: RetransmitStats,
 }
 
@@ -163,10 +164,10 @@ impl RetransmitBuffer {
         cfg.reset_jump = cfg.reset_jump.max(1);
         RetransmitBuffer {
             cfg,
-            held: HashMap::new(),
+            held: Map::default(),
             order: VecDeque::new(),
             newest: None,
-            buckets: HashMap::new(),
+            buckets: Map::default(),
             stats: RetransmitStats::default(),
         }
     }

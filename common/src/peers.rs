@@ -18,7 +18,7 @@
 //! spoofer.
 
 use crate::id::PeerId;
-use std::collections::HashMap;
+use crate::map::Map;
 use std::net::SocketAddr;
 
 /// What [`PeerTable::check`] says of a datagram's sender.
@@ -59,8 +59,8 @@ struct Entry {
 /// Peer id ↔ address (see the module docs).
 #[derive(Debug, Clone, Default)]
 pub struct PeerTable {
-    by_id: HashMap<PeerId, Entry>,
-    by_addr: HashMap<SocketAddr, PeerId>,
+    by_id: Map<PeerId, Entry>,
+    by_addr: Map<SocketAddr, PeerId>,
     stats: PeerStats,
 }
 

@@ -7,9 +7,10 @@
 //!
 //! Below the shim, I/O is batched ([`crate::batch`]): what a flush releases goes to the kernel
 //! grouped by destination, [`BATCH`] messages per `sendmmsg`, a run to one peer as one UDP
-//! GSO message, and receives read up to [`BATCH`] waiting datagrams per
-//! `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`], each in its
-//! own buffer (a slot of the batch's shared chunk: nothing is copied on the way in).
+//! GSO message, and receives are UDP GRO where the kernel takes it (a run of datagrams from one
+//! peer in one receive, cut back into its datagrams), else up to [`BATCH`] waiting datagrams
+//! per `recvmmsg`, handed out one by one by [`Port::recv`] and [`Port::try_recv`], each in its
+//! own buffer (a piece of the batch's shared chunk: nothing is copied on the way in).
 
 use crate::batch::{RecvBatch, SendBatch, BATCH};
 use bytes::{Bytes, BytesMut};
@@ -79,7 +80,7 @@ pub struct PortStats {
     pub recv_errors: u64,
     /// Send system calls (`sendmmsg`), each carrying up to [`BATCH`] datagrams.
     pub send_calls: u64,
-    /// Receive system calls that returned datagrams (`recvmmsg`).
+    /// Receive system calls that returned datagrams (`recvmmsg`, or `recvmsg` with GRO).
     pub recv_calls: u64,
 }
 
@@ -108,10 +109,11 @@ impl std::fmt::Debug for Port {
 impl Port {
     /// The socket, sending through `shim`.
     pub fn new(socket: UdpSocket, shim: Box<dyn SendShim>) -> Port {
+        let rx = RecvBatch::with_gro(MAX_DATAGRAM_LEN + 1, &socket);
         Port {
             socket,
             shim,
-            rx: RecvBatch::new(MAX_DATAGRAM_LEN + 1),
+            rx,
             tx: SendBatch::default(),
             out: Vec::with_capacity(BATCH),
             stats: PortStats::default(),
@@ -144,7 +146,7 @@ impl Port {
         self.rx.pop()
     }
 
-    /// One `recvmmsg` into the receive batch.
+    /// One `recvmmsg` (or, with GRO, one `recvmsg`) into the receive batch.
     fn fill(&mut self) -> io::Result<()> {
         let (socket, rx) = (&self.socket, &mut self.rx);
         let n = socket.try_io(Interest::READABLE, || rx.recv(socket))?;

@@ -60,10 +60,11 @@
 //! message was delivered.
 
 use crate::id::{NodeId, PeerId};
+use crate::map::Map;
 use crate::rtt::RttEstimator;
 use crate::wire::{limits, Body, Datagram, Message, WireError};
 use bytes::Bytes;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tracing::{debug, trace};
@@ -328,7 +329,7 @@ pub struct ReliableEndpoint {
     local: NodeId,
     session: u64,
     cfg: ReliableConfig,
-    peers: HashMap<PeerId, Peer>,
+    peers: Map<PeerId, Peer>,
     /// Retransmission deadlines: `(deadline, peer, id)`, removed exactly when the message is
     /// acked, retransmitted (re-inserted) or dropped, so the first element is always live.
     timers: BTreeSet<(Instant, PeerId, u64)>,
@@ -348,7 +349,7 @@ impl ReliableEndpoint {
             local,
             session,
             cfg: cfg.sanitized(),
-            peers: HashMap::new(),
+            peers: Map::default(),
             timers: BTreeSet::new(),
             transmit: VecDeque::new(),
             ack_order: VecDeque::new(),

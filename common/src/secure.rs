@@ -73,13 +73,14 @@
 
 use crate::id::{NodeId, PeerId};
 use crate::keys::{KeyPair, PublicKey, Secret, KEY_LEN};
+use crate::map::{Map, Set};
 use crate::replay::ReplayWindow;
 use crate::rng::Rng;
 use crate::wire::MAGIC;
 use blake2::digest::{FixedOutput, KeyInit, Update};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use ring::aead::{Aad, LessSafeKey, Nonce, UnboundKey, AES_256_GCM};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -576,18 +577,18 @@ pub struct Secure {
     rng: Rng,
     stamp: u64,
     /// Member directory: key → id and id → key.
-    member_ids: HashMap<PublicKey, PeerId>,
-    member_keys: HashMap<PeerId, PublicKey>,
+    member_ids: Map<PublicKey, PeerId>,
+    member_keys: Map<PeerId, PublicKey>,
     /// Members and PoPs.
-    peers: HashMap<Owner, PeerSessions>,
+    peers: Map<Owner, PeerSessions>,
     /// PoPs: the key pinned or learned.
-    pop_keys: HashMap<SocketAddr, PublicKey>,
+    pop_keys: Map<SocketAddr, PublicKey>,
     /// PoPs by the id bound to their session (for sends addressed by id).
-    pop_ids: HashMap<PeerId, SocketAddr>,
+    pop_ids: Map<PeerId, SocketAddr>,
     /// Viewer sessions by the viewer's id.
-    viewers: HashMap<PeerId, u32>,
-    sessions: HashMap<u32, Session>,
-    pending: HashMap<u32, Pending>,
+    viewers: Map<PeerId, u32>,
+    sessions: Map<u32, Session>,
+    pending: Map<u32, Pending>,
     retries: BTreeSet<(Instant, Owner2)>,
     mac_key: Option<[u8; 32]>,
     tokens: f64,
@@ -598,12 +599,12 @@ pub struct Secure {
     /// Initiations need a cookie until then.
     under_load_until: Option<Instant>,
     /// Handshake tokens per address (those with a cookie).
-    addr_tokens: HashMap<SocketAddr, (f64, Instant)>,
+    addr_tokens: Map<SocketAddr, (f64, Instant)>,
     /// Cookies received, by the responder's address.
-    cookies: HashMap<SocketAddr, ([u8; COOKIE_LEN], Instant)>,
+    cookies: Map<SocketAddr, ([u8; COOKIE_LEN], Instant)>,
     next_expiry: Option<Instant>,
     /// (source IP, reason) pairs logged in the current log window, and when it started.
-    logged: HashSet<(std::net::IpAddr, Reason)>,
+    logged: Set<(std::net::IpAddr, Reason)>,
     log_window: Option<Instant>,
     /// The time of the datagram being handled.
     now: Option<Instant>,
@@ -670,14 +671,14 @@ impl Secure {
             rng: Rng::seeded(cfg.seed),
             stamp: cfg.stamp_base,
             cfg,
-            member_ids: HashMap::new(),
-            member_keys: HashMap::new(),
-            peers: HashMap::new(),
-            pop_keys: HashMap::new(),
-            pop_ids: HashMap::new(),
-            viewers: HashMap::new(),
-            sessions: HashMap::new(),
-            pending: HashMap::new(),
+            member_ids: Map::default(),
+            member_keys: Map::default(),
+            peers: Map::default(),
+            pop_keys: Map::default(),
+            pop_ids: Map::default(),
+            viewers: Map::default(),
+            sessions: Map::default(),
+            pending: Map::default(),
             retries: BTreeSet::new(),
             mac_key,
             tokens: HANDSHAKES_PER_SEC / 10.0,
@@ -685,10 +686,10 @@ impl Secure {
             cookie_secrets: [Secret::random().0, Secret::random().0],
             cookie_rotated: None,
             under_load_until: None,
-            addr_tokens: HashMap::new(),
-            cookies: HashMap::new(),
+            addr_tokens: Map::default(),
+            cookies: Map::default(),
             next_expiry: None,
-            logged: HashSet::new(),
+            logged: Set::default(),
             log_window: None,
             now: None,
             transmit: VecDeque::new(),
@@ -719,7 +720,7 @@ impl Secure {
     /// Replaces the member directory with `members` (their sessions stay unless their key
     /// changed or they left).
     pub fn set_members(&mut self, members: &[(PeerId, PublicKey)]) {
-        let keep: HashSet<PeerId> = members.iter().map(|(id, _)| *id).collect();
+        let keep: Set<PeerId> = members.iter().map(|(id, _)| *id).collect();
         let gone: Vec<PeerId> = self
             .member_keys
             .keys()
@@ -781,11 +782,10 @@ impl Secure {
             Owner::Pop(pop)
         } else if let Some(&idx) = self.viewers.get(&peer) {
             // A viewer: only its own session, never a handshake from us.
-            if !self.session_usable(now, idx) {
+            let Some(s) = self.sessions.get_mut(&idx).filter(|s| usable(now, s)) else {
                 self.stats.dropped_unsendable += 1;
                 return;
-            }
-            let s = self.sessions.get_mut(&idx).expect("usable");
+            };
             let b = seal(s, &plaintext, &mut self.arena);
             let to = s.addr;
             self.stats.sealed += 1;
@@ -807,9 +807,9 @@ impl Secure {
             p.addr = Some(addr);
         }
         let cur = p.current;
-        match cur.filter(|&i| self.session_usable(now, i)) {
-            Some(idx) => {
-                let s = self.sessions.get_mut(&idx).expect("usable");
+        let sessions = &mut self.sessions;
+        match cur.and_then(|i| sessions.get_mut(&i).filter(|s| usable(now, s))) {
+            Some(s) => {
                 let b = seal(s, &plaintext, &mut self.arena);
                 let to = s.addr;
                 let age = now.saturating_duration_since(s.established);
@@ -836,15 +836,6 @@ impl Secure {
                 }
             }
         }
-    }
-
-    /// Whether session `idx` may carry data from us now.
-    fn session_usable(&self, now: Instant, idx: u32) -> bool {
-        self.sessions.get(&idx).is_some_and(|s| {
-            now.saturating_duration_since(s.established) < REJECT_AFTER
-                && s.send_counter < u64::MAX - 1
-                && (s.initiator || s.confirmed)
-        })
     }
 
     fn new_index(&mut self) -> u32 {
@@ -1679,6 +1670,14 @@ const ARENA: usize = 64 * 1024;
 /// Seals `plaintext` on `s` (header, ciphertext, tag) and advances its counter. The datagram
 /// is written at the end of `arena` and split off it (sharing its allocation: a new one is made
 /// only when the arena is used up and datagrams split off it are still alive).
+/// Whether data may be sealed in `s` at `now` (not expired, counter left, and a responder's
+/// session confirmed by the initiator's first data).
+fn usable(now: Instant, s: &Session) -> bool {
+    now.saturating_duration_since(s.established) < REJECT_AFTER
+        && s.send_counter < u64::MAX - 1
+        && (s.initiator || s.confirmed)
+}
+
 fn seal(s: &mut Session, plaintext: &[u8], arena: &mut BytesMut) -> Bytes {
     let counter = s.send_counter;
     s.send_counter += 1;

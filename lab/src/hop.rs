@@ -410,11 +410,11 @@ fn read(fd: libc::c_int, stop: &AtomicBool) -> std::io::Result<(Vec<Seen>, u64)>
 
 /// The floor under the `hop` figure on this machine: a raw forwarder (no session layer, no
 /// decisions: each datagram in is copied by reference to every child) on the same I/O path as
-/// a relay's (`recvmmsg` into [`RecvBatch`](common::batch::RecvBatch), the copies grouped by
+/// a relay's ([`RecvBatch`](common::batch::RecvBatch) with GRO, the copies grouped by
 /// child, one GSO message each, [`SendBatch`](common::batch::SendBatch) slices as the relay's
 /// driver cuts them), fed bursts of three video-size datagrams every 11 ms as a server's playout
 /// sends them, to `children` receiver threads blocked in `recv` (lighter than viewers: each
-/// only reads). Measured by the same capture and matching as a relay, for `window`. A stand-in,
+/// only reads; with UDP GRO, as viewers' sockets have). Measured by the same capture and matching as a relay, for `window`. A stand-in,
 /// reported beside the relay's figure, never instead of it.
 pub fn raw_floor(
     base: Ipv4Addr,
@@ -433,13 +433,14 @@ pub fn raw_floor(
     for i in 0..children {
         let s = UdpSocket::bind(at(10, 0))?;
         s.set_read_timeout(Some(Duration::from_millis(100)))?;
+        let _ = common::batch::set_gro(&s);
         addrs.push(s.local_addr()?);
         let stop = stop.clone();
         threads.push(
             std::thread::Builder::new()
                 .name(format!("sink{i}"))
                 .spawn(move || {
-                    let mut buf = [0u8; 2048];
+                    let mut buf = vec![0u8; common::batch::GRO_MAX];
                     while !stop.load(Ordering::Relaxed) {
                         let _ = s.recv(&mut buf);
                     }
@@ -454,7 +455,7 @@ pub fn raw_floor(
             std::thread::Builder::new()
                 .name("forwarder".into())
                 .spawn(move || {
-                    let mut rx = RecvBatch::new(2048);
+                    let mut rx = RecvBatch::with_gro(2048, &fwd);
                     let mut tx = SendBatch::default();
                     let mut inputs: Vec<bytes::Bytes> = Vec::new();
                     let mut out: Vec<(std::net::SocketAddr, bytes::Bytes)> = Vec::new();

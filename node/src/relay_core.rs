@@ -23,6 +23,7 @@ use common::feed::{Feed, Role};
 use common::keys::PublicKey;
 use common::link::Incoming;
 use common::link::Link;
+use common::map::Map;
 use common::nack::{Arrival, NackConfig, NackTracker, RetransmitBuffer, RetransmitConfig};
 use common::peers::{Check, PeerTable};
 use common::reliable::ReliableConfig;
@@ -31,7 +32,7 @@ use common::wire::{
     PathHop, VideoFrame, VideoPacket,
 };
 use common::PeerId;
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
@@ -322,14 +323,14 @@ pub struct RelayCore {
     local: Vec<ChannelInfo>,
     /// Per channel heard of, everything we keep about it (see [`Channel`]); its subscribers
     /// and primary upstream are in `subs`.
-    channels: HashMap<ChannelId, Channel>,
+    channels: Map<ChannelId, Channel>,
     /// Overflows of GOP caches since removed (for the stats).
     gop_overflows_removed: u64,
-    link_cost: HashMap<PeerId, Duration>,
+    link_cost: Map<PeerId, Duration>,
     /// Events for the driver ([`Event`]).
     events: VecDeque<Event>,
     /// Rate limit of `Unsubscribe`s to peers that send unwanted video.
-    unwanted: HashMap<(ChannelId, PeerId), Instant>,
+    unwanted: Map<(ChannelId, PeerId), Instant>,
     next_flood: Instant,
     next_ping: Instant,
     next_heartbeat: Instant,
@@ -395,11 +396,11 @@ impl RelayCore {
             subs: Subscriptions::new(cfg.subscriber_timeout),
             origin: FloodOrigin::new(me, first_seq),
             local: Vec::new(),
-            channels: HashMap::new(),
+            channels: Map::default(),
             gop_overflows_removed: 0,
-            link_cost: HashMap::new(),
+            link_cost: Map::default(),
             events: VecDeque::new(),
-            unwanted: HashMap::new(),
+            unwanted: Map::default(),
             next_flood: t,
             next_ping: t,
             next_heartbeat: t,
@@ -1851,6 +1852,7 @@ mod tests {
     //! The core driven directly with a fake clock: no socket, no runtime, no sleeping.
     use super::*;
     use crate::routing::FloodOrigin;
+    use std::collections::HashMap;
 
     use crate::testutil::hop;
 

@@ -18,9 +18,10 @@
 //! [`FloodOrigin`] builds a server's periodic floods.
 
 use common::failure::{FailureConfig, FailureDetector};
+use common::map::{Map, Set};
 use common::wire::{limits, ChannelId, ChannelInfo, Flood, PathHop};
 use common::{NodeId, PeerId};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// The cost of a link whose RTT has not been measured yet (`DEFAULT_LINK_COST` in the protocol).
@@ -195,11 +196,11 @@ pub struct RoutingTable {
     /// Liveness of the neighbours and of the peers watched on request.
     liveness: FailureDetector<PeerId>,
     /// Watched peers heard from at least once.
-    heard: HashSet<PeerId>,
-    origins: HashMap<NodeId, SeqWindow>,
-    routes: HashMap<(ChannelId, PeerId, NodeId), Route>,
+    heard: Set<PeerId>,
+    origins: Map<NodeId, SeqWindow>,
+    routes: Map<(ChannelId, PeerId, NodeId), Route>,
     names: BTreeMap<ChannelId, String>,
-    last_paths: HashMap<(PeerId, ChannelId), LastPath>,
+    last_paths: Map<(PeerId, ChannelId), LastPath>,
     stats: FloodStats,
     /// Our own load, put into the floods we forward.
     load: u32,
@@ -229,11 +230,11 @@ impl RoutingTable {
             cfg,
             neighbours: nbrs,
             liveness,
-            heard: HashSet::new(),
-            origins: HashMap::new(),
-            routes: HashMap::new(),
+            heard: Set::default(),
+            origins: Map::default(),
+            routes: Map::default(),
             names: BTreeMap::new(),
-            last_paths: HashMap::new(),
+            last_paths: Map::default(),
             stats: FloodStats::default(),
             load: 0,
         }
@@ -433,8 +434,7 @@ impl RoutingTable {
         let keep_paths = ttl * 20;
         self.last_paths
             .retain(|_, p| now.saturating_duration_since(p.seen) <= keep_paths);
-        let live: std::collections::HashSet<ChannelId> =
-            self.routes.keys().map(|(c, _, _)| *c).collect();
+        let live: Set<ChannelId> = self.routes.keys().map(|(c, _, _)| *c).collect();
         self.names.retain(|c, _| live.contains(c));
         before - self.routes.len()
     }

@@ -12,9 +12,10 @@
 //! emit [`SubAction`]s for the driver to carry out: subscribe/unsubscribe upstream, or tell the
 //! server that one of its own channels became watched / unwatched.
 
+use common::map::Map;
 use common::wire::ChannelId;
 use common::PeerId;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 /// Where a channel comes from.
@@ -75,7 +76,7 @@ pub struct Expired {
 pub struct Subscriptions {
     timeout: Duration,
     channels: BTreeMap<ChannelId, ChannelState>,
-    peers: HashMap<PeerId, Peer>,
+    peers: Map<PeerId, Peer>,
     local: BTreeSet<ChannelId>,
 }
 
@@ -96,7 +97,7 @@ impl Subscriptions {
         Subscriptions {
             timeout,
             channels: BTreeMap::new(),
-            peers: HashMap::new(),
+            peers: Map::default(),
             local: BTreeSet::new(),
         }
     }
