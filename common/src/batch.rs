@@ -25,6 +25,16 @@ use std::net::SocketAddr;
 /// Datagrams per system call at most.
 pub const BATCH: usize = 64;
 
+/// Datagrams in the first slice of a large fan-out handed to the kernel: a driver that seals
+/// as it sends gives the kernel growing slices (each [`next_slice`] of the previous), so the
+/// first peers' copies leave while the later ones are still being sealed.
+pub const FIRST_SLICE: usize = 8;
+
+/// The slice after one of `slice` datagrams: twice as many, up to [`BATCH`].
+pub fn next_slice(slice: usize) -> usize {
+    (slice * 2).min(BATCH)
+}
+
 /// Reusable buffers of a batched send.
 pub struct SendBatch {
     /// Coalesce runs of datagrams to one peer into one UDP GSO message (`UDP_SEGMENT`);

@@ -421,7 +421,7 @@ pub fn raw_floor(
     children: usize,
     window: std::time::Duration,
 ) -> std::io::Result<(Matched, u64)> {
-    use common::batch::{RecvBatch, SendBatch, BATCH};
+    use common::batch::{RecvBatch, SendBatch};
     use std::net::UdpSocket;
     use std::time::{Duration, Instant};
     let o = base.octets();
@@ -480,8 +480,8 @@ pub fn raw_floor(
                             }
                         }
                         inputs.clear();
-                        // The relay driver's slices: 8 datagrams, then twice as many, up to BATCH.
-                        let (mut done, mut slice) = (0, 8);
+                        // The relay driver's slices.
+                        let (mut done, mut slice) = (0, common::batch::FIRST_SLICE);
                         while done < out.len() {
                             let mut end = (done + slice).min(out.len());
                             while end < out.len() && out[end].0 == out[end - 1].0 {
@@ -495,7 +495,7 @@ pub fn raw_floor(
                                 }
                             }
                             done = end;
-                            slice = (slice * 2).min(BATCH);
+                            slice = common::batch::next_slice(slice);
                         }
                         out.clear();
                     }

@@ -209,10 +209,6 @@ fn now() -> Instant {
 /// its timers and commands again).
 const RECV_BURST: usize = 63;
 
-/// Datagrams in the first slice of a fan-out sent to the kernel (each later slice twice the
-/// previous, up to [`BATCH`](common::batch::BATCH)).
-const FIRST_SLICE: usize = 8;
-
 /// The bootstrapper's member directory as the core takes it.
 fn members(m: &[Member]) -> Vec<(common::PeerId, common::keys::PublicKey)> {
     m.iter().map(|m| (m.id, m.key)).collect()
@@ -349,14 +345,14 @@ impl Engine {
         // polled: a large fan-out goes to the kernel in growing slices, cut between two
         // destinations (a peer's run stays one GSO message), so the first peers' copies leave
         // while the later ones are still being sealed.
-        let mut slice = FIRST_SLICE;
+        let mut slice = common::batch::FIRST_SLICE;
         let mut queued = 0;
         let mut last = None;
         while let Some(tx) = self.core.poll_transmit() {
             if queued >= slice && last != Some(tx.to) {
                 self.port.flush(t).await;
                 queued = 0;
-                slice = (slice * 2).min(common::batch::BATCH);
+                slice = common::batch::next_slice(slice);
             }
             last = Some(tx.to);
             queued += 1;
